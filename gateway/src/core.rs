@@ -1,0 +1,485 @@
+//! The gateway's core: one task that owns the room membership, the de-duplication LRU and the
+//! routing announcements. Connections talk to it by message, the network feeds it by message,
+//! so the fan-out path takes no lock.
+
+use axum::extract::ws::Utf8Bytes;
+use lru::LruCache;
+use pixiu_protocol::client::{Id, ServerFrame};
+use pixiu_protocol::ids::{GatewayMsgId, GatewayMsgIdGen, RouteKey};
+use pixiu_protocol::routing::{pick_replica, target_partitions, BigRooms};
+use pixiu_protocol::wire::{self, GatewayRef, GatewayUpdate, Message, RoomMessage};
+use pixiu_registry::{NodeState, RoleView};
+use pixiu_runtime::{Liveness, RoleMetrics, Shutdown};
+use pixiu_transport::{Inbound, Transport};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub(crate) type ConnId = u64;
+pub(crate) type ConnTx = mpsc::Sender<Utf8Bytes>;
+pub(crate) type JoinReply = oneshot::Sender<Result<(), String>>;
+
+pub(crate) enum Cmd {
+    Join {
+        conn: ConnId,
+        uid: u64,
+        room: u64,
+        tx: ConnTx,
+        reply: JoinReply,
+    },
+    Leave {
+        conn: ConnId,
+        uid: u64,
+        room: u64,
+    },
+}
+
+pub(crate) struct CoreSettings {
+    pub big_rooms: BigRooms,
+    pub join_timeout: Duration,
+    pub refresh_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub dedup_capacity: usize,
+    pub node_addr: SocketAddr,
+}
+
+struct Pending {
+    id: GatewayMsgId,
+    need: HashSet<u64>,
+    deadline: Instant,
+    waiters: Vec<(ConnId, u64, JoinReply)>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    members: usize,
+    confirmed: bool,
+    pending: Option<Pending>,
+}
+
+pub(crate) struct Core {
+    s: CoreSettings,
+    transport: Transport,
+    metrics: RoleMetrics,
+    ids: GatewayMsgIdGen,
+    me: GatewayRef,
+    id_watch: watch::Receiver<u64>,
+    routers_rx: watch::Receiver<Arc<RoleView>>,
+    brokers_rx: watch::Receiver<Arc<RoleView>>,
+    routers: Arc<RoleView>,
+    brokers: Arc<RoleView>,
+    router_live: Liveness,
+    /// room -> local connections (delivery)
+    rooms: HashMap<u64, HashMap<ConnId, (u64, ConnTx)>>,
+    /// route key -> announcement state
+    keys: HashMap<RouteKey, KeyState>,
+    dedup: LruCache<u64, ()>,
+    feedback_sent: HashMap<RouteKey, Instant>,
+}
+
+impl Core {
+    pub(crate) fn new(
+        s: CoreSettings,
+        transport: Transport,
+        metrics: RoleMetrics,
+        id_watch: watch::Receiver<u64>,
+        routers_rx: watch::Receiver<Arc<RoleView>>,
+        brokers_rx: watch::Receiver<Arc<RoleView>>,
+    ) -> Core {
+        let id = *id_watch.borrow();
+        let routers = routers_rx.borrow().clone();
+        let brokers = brokers_rx.borrow().clone();
+        let cap = NonZeroUsize::new(s.dedup_capacity).expect("capacity is at least 16");
+        Core {
+            ids: GatewayMsgIdGen::new(id),
+            me: GatewayRef {
+                instance: id,
+                addr: s.node_addr,
+            },
+            router_live: Liveness::new(s.heartbeat_timeout),
+            s,
+            transport,
+            metrics,
+            id_watch,
+            routers_rx,
+            brokers_rx,
+            routers,
+            brokers,
+            rooms: HashMap::new(),
+            keys: HashMap::new(),
+            dedup: LruCache::new(cap),
+            feedback_sent: HashMap::new(),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        shutdown: Shutdown,
+    ) {
+        let mut heartbeat = tokio::time::interval(self.s.heartbeat_interval);
+        let mut refresh = tokio::time::interval(self.s.refresh_interval);
+        refresh.tick().await;
+        let mut timeouts = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = cmds.recv() => self.on_cmd(cmd),
+                Some(msg) = inbound.recv() => self.on_inbound(msg),
+                _ = heartbeat.tick() => self.heartbeat(),
+                _ = refresh.tick() => self.refresh_all(),
+                _ = timeouts.tick() => self.expire_pending(),
+                Ok(()) = self.routers_rx.changed() => {
+                    self.routers = self.routers_rx.borrow_and_update().clone();
+                }
+                Ok(()) = self.brokers_rx.changed() => {
+                    self.brokers = self.brokers_rx.borrow_and_update().clone();
+                }
+                Ok(()) = self.id_watch.changed() => {
+                    let id = *self.id_watch.borrow_and_update();
+                    tracing::warn!(id, "registered again with a new id (session expired); re-announcing every room");
+                    self.ids = GatewayMsgIdGen::new(id);
+                    self.me.instance = id;
+                    self.refresh_all();
+                }
+            }
+        }
+        // best effort: tell the routers this gateway's rooms are gone
+        let keys: Vec<RouteKey> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.members > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            self.announce(key, false, false);
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Join {
+                conn,
+                uid,
+                room,
+                tx,
+                reply,
+            } => self.join(conn, uid, room, tx, reply),
+            Cmd::Leave { conn, uid, room } => self.leave(conn, uid, room),
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, uid: u64, room: u64, tx: ConnTx, reply: JoinReply) {
+        let members = self.rooms.entry(room).or_default();
+        if members.contains_key(&conn) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        members.insert(conn, (uid, tx));
+        let key = self.s.big_rooms.member_key(room, uid);
+        let state = self.keys.entry(key).or_default();
+        state.members += 1;
+        if state.members > 1 {
+            if state.confirmed {
+                let _ = reply.send(Ok(()));
+            } else if let Some(p) = state.pending.as_mut() {
+                p.waiters.push((conn, room, reply));
+            } else {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
+        // first local member of this key: announce and wait for the brokers to confirm
+        let need = self.brokers_for(&key);
+        if need.is_empty() {
+            self.metrics.drop("join", "no_broker");
+            self.remove_member(conn, uid, room, false);
+            let _ = reply.send(Err("no running broker serves this room".into()));
+            return;
+        }
+        let id = self.announce(key, true, true);
+        let state = self.keys.entry(key).or_default();
+        state.confirmed = false;
+        state.pending = Some(Pending {
+            id,
+            need,
+            deadline: Instant::now() + self.s.join_timeout,
+            waiters: vec![(conn, room, reply)],
+        });
+    }
+
+    fn leave(&mut self, conn: ConnId, uid: u64, room: u64) {
+        self.remove_member(conn, uid, room, true);
+    }
+
+    /// Remove a member; announce the key's end when it was the last one.
+    fn remove_member(&mut self, conn: ConnId, uid: u64, room: u64, announce: bool) {
+        let Some(members) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if members.remove(&conn).is_none() {
+            return;
+        }
+        if members.is_empty() {
+            self.rooms.remove(&room);
+        }
+        let key = self.s.big_rooms.member_key(room, uid);
+        let Some(state) = self.keys.get_mut(&key) else {
+            return;
+        };
+        state.members = state.members.saturating_sub(1);
+        if let Some(p) = state.pending.as_mut() {
+            if let Some(i) = p.waiters.iter().position(|w| w.0 == conn) {
+                let (_, _, reply) = p.waiters.swap_remove(i);
+                let _ = reply.send(Err("left before the join completed".into()));
+            }
+        }
+        if state.members == 0 {
+            self.keys.remove(&key);
+            if announce {
+                self.announce(key, false, true);
+            }
+        }
+    }
+
+    /// Running broker replicas that must confirm a route for `key`.
+    fn brokers_for(&self, key: &RouteKey) -> HashSet<u64> {
+        let parts = target_partitions(
+            key.hash(),
+            self.brokers.partition_num,
+            self.brokers.partitions.keys().copied(),
+        );
+        parts
+            .into_iter()
+            .flat_map(|p| self.brokers.running(p).into_iter().map(|m| m.id))
+            .collect()
+    }
+
+    /// Send a Gateway Message for `key` to the router replica the seed's rules pick (twice,
+    /// 10 ms apart, while the key has fewer than 3 local members).
+    fn announce(&mut self, key: RouteKey, present: bool, allow_double: bool) -> GatewayMsgId {
+        let id = self.ids.next();
+        let msg = Message::Gateway(GatewayUpdate {
+            id,
+            gateway: self.me,
+            key,
+            present,
+            forwarded: false,
+        });
+        let bytes = wire::encode(&msg);
+        let now = Instant::now();
+        let hash = key.hash();
+        let parts = target_partitions(
+            hash,
+            self.routers.partition_num,
+            self.routers.partitions.keys().copied(),
+        );
+        let mut sent = false;
+        for p in parts {
+            let running: Vec<SocketAddr> = self
+                .routers
+                .running(p)
+                .into_iter()
+                .filter_map(|m| m.info.addr.parse().ok())
+                .collect();
+            let alive: Vec<SocketAddr> = running
+                .iter()
+                .copied()
+                .filter(|a| self.router_live.is_alive(a, now))
+                .collect();
+            let candidates = if alive.is_empty() { running } else { alive };
+            let Some(i) = pick_replica(hash, self.routers.partition_num, candidates.len()) else {
+                continue;
+            };
+            let to = candidates[i];
+            if self.transport.send(to, bytes.clone()) {
+                sent = true;
+                self.metrics.inc_out("gateway_update");
+            } else {
+                self.metrics.drop("gateway_update", "send_failed");
+            }
+            let members = self.keys.get(&key).map(|k| k.members).unwrap_or(0);
+            if allow_double && members < 3 {
+                let t = self.transport.clone();
+                let b = bytes.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    t.send(to, b);
+                });
+            }
+        }
+        if !sent {
+            self.metrics.drop("gateway_update", "no_router");
+            tracing::debug!(?key, "no running router for this room; the next refresh retries");
+        }
+        id
+    }
+
+    fn refresh_all(&mut self) {
+        let keys: Vec<RouteKey> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.members > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            self.announce(key, true, false);
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let now = Instant::now();
+        let addrs: HashSet<SocketAddr> = self
+            .routers
+            .all()
+            .filter_map(|(_, m)| m.info.addr.parse().ok())
+            .collect();
+        self.router_live.retain(|a| addrs.contains(a));
+        for a in addrs {
+            let seq = self.router_live.ping_sent(a, now);
+            self.transport.send(a, wire::encode(&Message::Ping { seq }));
+        }
+    }
+
+    fn expire_pending(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<RouteKey> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.pending.as_ref().is_some_and(|p| p.deadline <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let Some(p) = state.pending.take() else {
+                continue;
+            };
+            tracing::warn!(?key, missing = ?p.need, "join not confirmed by every broker replica in time");
+            for (conn, room, reply) in p.waiters {
+                self.metrics.drop("join", "timeout");
+                let _ = reply.send(Err(
+                    "the cluster did not confirm the room's route in time".into(),
+                ));
+                let uid = self
+                    .rooms
+                    .get(&room)
+                    .and_then(|m| m.get(&conn))
+                    .map(|(uid, _)| *uid);
+                if let Some(uid) = uid {
+                    self.remove_member(conn, uid, room, true);
+                }
+            }
+        }
+        self.feedback_sent
+            .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(1));
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let (from, bytes) = match inbound {
+            Inbound::Message { from, bytes } => (from, bytes),
+            Inbound::Request { reply, .. } => {
+                self.metrics.drop("request", "unexpected");
+                reply.send(wire::encode(&Message::Refused {
+                    reason: "a gateway serves no requests".into(),
+                }));
+                return;
+            }
+        };
+        let msg = match wire::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.drop("decode", "bad_frame");
+                tracing::debug!(%from, "bad frame: {e}");
+                return;
+            }
+        };
+        match msg {
+            Message::Room(m) => self.deliver(m),
+            Message::Pong { seq } => self.router_live.pong(from, seq, Instant::now()),
+            Message::RouteApplied { id, key, broker_id, .. } => self.applied(id, key, broker_id),
+            Message::Ping { seq } => {
+                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+            }
+            other => {
+                self.metrics.drop("decode", "unexpected_kind");
+                tracing::debug!(%from, kind = other.kind(), "unexpected message");
+            }
+        }
+    }
+
+    fn applied(&mut self, id: GatewayMsgId, key: RouteKey, broker_id: u64) {
+        let Some(state) = self.keys.get_mut(&key) else {
+            return;
+        };
+        let Some(p) = state.pending.as_mut() else {
+            return;
+        };
+        if id.instance() != p.id.instance() || id < p.id {
+            return;
+        }
+        p.need.remove(&broker_id);
+        // a broker that stopped running no longer needs to confirm
+        let running: HashSet<u64> = self.brokers.all().filter(|(_, m)| m.info.state == NodeState::Running).map(|(_, m)| m.id).collect();
+        p.need.retain(|b| running.contains(b));
+        if p.need.is_empty() {
+            if let Some(p) = state.pending.take() {
+                state.confirmed = true;
+                for (_, _, reply) in p.waiters {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, m: RoomMessage) {
+        self.metrics.inc_in("room");
+        if self.dedup.put(m.id, ()).is_some() {
+            self.metrics.drop("room", "duplicate");
+            return;
+        }
+        let has_key = self.keys.get(&m.key).is_some_and(|k| k.members > 0);
+        if !has_key {
+            self.negative_feedback(m.key);
+        }
+        let Some(members) = self.rooms.get(&m.key.room) else {
+            self.metrics.drop("room", "no_members");
+            return;
+        };
+        let frame = ServerFrame::Room {
+            room: Id(m.key.room),
+            id: Id(m.id),
+            from: Id(m.from),
+            body: m.body,
+            ts: m.ts,
+        };
+        let text = Utf8Bytes::from(frame.to_json());
+        let mut out = 0;
+        for (_, tx) in members.values() {
+            match tx.try_send(text.clone()) {
+                Ok(()) => out += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => self.metrics.drop("deliver", "slow_client"),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        self.metrics.add_out("deliver", out);
+    }
+
+    /// A room message arrived for a key with no local member: tell the routers (and so the
+    /// brokers) to stop sending it here. At most once a second per key.
+    fn negative_feedback(&mut self, key: RouteKey) {
+        let now = Instant::now();
+        if self.feedback_sent.contains_key(&key) {
+            return;
+        }
+        self.feedback_sent.insert(key, now);
+        self.metrics.inc_out("feedback");
+        self.announce(key, false, false);
+    }
+}

@@ -1,0 +1,258 @@
+//! The gateway: where clients connect (WebSocket, `/v1/ws`). It keeps which local connections
+//! are in which room, tells the routers when the first local member of a room arrives and when
+//! the last one leaves (Gateway Messages with increasing `GatewayMsgID`s, seed 7.2 and 7.3),
+//! de-duplicates room messages from brokers by id and fans them out to the local members, and
+//! answers a room message for a room it no longer has members in with negative feedback so the
+//! brokers stop sending it. Client `publish` goes to a proxy.
+
+mod core;
+mod ws;
+
+use pixiu_protocol::routing::BigRooms;
+use pixiu_registry::{NodeInfo, NodeState, Role};
+use pixiu_runtime::{admin, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_transport::{Transport, TransportConfig};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Gateway settings (TOML keys and flags of the same names).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// WebSocket listen address.
+    pub client_listen: SocketAddr,
+    /// The URL clients are told to use (`GET /v1/gateways`); default `ws://<client_listen>/v1/ws`.
+    pub client_url: Option<String>,
+    pub auth_secret_file: Option<PathBuf>,
+    /// The HS256 secret itself (from `PIXIU_AUTH_SECRET` or the file).
+    #[serde(skip)]
+    pub auth_secret: Option<String>,
+    pub insecure_dev_auth: bool,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Room ids `START..END` split into 64 virtual rooms.
+    pub big_rooms: String,
+    /// How long a `join` waits for every running broker replica of the room to confirm the route.
+    pub join_timeout_ms: u64,
+    /// Every this often the gateway re-announces its rooms (repairs lost Gateway Messages).
+    pub refresh_interval_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// Room message ids remembered for de-duplication.
+    pub dedup_capacity: usize,
+    /// Frames queued per client before messages to it are dropped.
+    pub client_queue: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            client_listen: "127.0.0.1:8700".parse().expect("literal address"),
+            client_url: None,
+            auth_secret_file: None,
+            auth_secret: None,
+            insecure_dev_auth: false,
+            idle_timeout_ms: 60_000,
+            big_rooms: String::new(),
+            join_timeout_ms: 3000,
+            refresh_interval_ms: 15_000,
+            heartbeat_interval_ms: 300,
+            heartbeat_timeout_ms: 1500,
+            dedup_capacity: 65_536,
+            client_queue: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub gateway: GatewayConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Runtime(#[from] pixiu_runtime::RuntimeError),
+    #[error("registry: {0}")]
+    Registry(#[from] pixiu_registry::RegistryError),
+    #[error("transport: {0}")]
+    Transport(#[from] pixiu_transport::TransportError),
+    #[error("cannot listen for clients on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let env = NodeEnv::from_common(&config.common).await?;
+    if let Some(addr) = config.common.admin {
+        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
+            .await
+            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+    }
+    let registry = env.registry.clone();
+    let res = run_with(config, env, shutdown).await;
+    registry.close().await;
+    res
+}
+
+/// Where a running gateway can be reached (for tests and the standalone mode).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub client_addr: SocketAddr,
+    pub node_addr: SocketAddr,
+}
+
+/// Run a gateway in a given environment (shared registry and metrics in standalone mode).
+/// `bound` receives the listening addresses once they are known.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    run_reporting(config, env, shutdown, None).await
+}
+
+pub async fn run_reporting(
+    config: Config,
+    env: NodeEnv,
+    shutdown: Shutdown,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), Error> {
+    let g = config.gateway.clone();
+    let secret = g.auth_secret.clone();
+    if secret.is_none() && !g.insecure_dev_auth {
+        return Err(Error::Config(
+            "the gateway needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
+        ));
+    }
+    if g.insecure_dev_auth {
+        tracing::warn!("--insecure-dev-auth: clients may connect with ?uid=..&dev=.. and no token; development only");
+    }
+    let big_rooms = BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
+    let metrics = RoleMetrics::new(&env.metrics, "gateway");
+
+    let (transport, inbound) =
+        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let node_addr = transport.local_addr();
+    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
+
+    let listener = tokio::net::TcpListener::bind(g.client_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: g.client_listen,
+            source,
+        })?;
+    let client_addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: g.client_listen,
+        source,
+    })?;
+    let client_url = g
+        .client_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{client_addr}/v1/ws"));
+
+    let registration = env
+        .registry
+        .register(
+            Role::Gateway,
+            None,
+            NodeInfo {
+                addr: node_addr.to_string(),
+                state: NodeState::Init,
+                admin: config.common.admin.map(|a| a.to_string()),
+                client_url: Some(client_url.clone()),
+                http: None,
+                load: 0,
+            },
+        )
+        .await?;
+    tracing::info!(id = registration.id(), %node_addr, %client_url, "gateway registered");
+
+    let routers = env.registry.watch(Role::Router).await?;
+    let brokers = env.registry.watch(Role::Broker).await?;
+    let proxies = env.registry.watch(Role::Proxy).await?;
+
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(65_536);
+    let core = core::Core::new(
+        core::CoreSettings {
+            big_rooms,
+            join_timeout: Duration::from_millis(g.join_timeout_ms),
+            refresh_interval: Duration::from_millis(g.refresh_interval_ms.max(100)),
+            heartbeat_interval: Duration::from_millis(g.heartbeat_interval_ms.max(10)),
+            heartbeat_timeout: Duration::from_millis(g.heartbeat_timeout_ms.max(10)),
+            dedup_capacity: g.dedup_capacity.max(16),
+            node_addr,
+        },
+        transport.clone(),
+        metrics.clone(),
+        registration.id_watch(),
+        routers,
+        brokers,
+    );
+    let core_task = tokio::spawn(core.run(cmd_rx, inbound, shutdown.clone()));
+
+    let ws_state = Arc::new(ws::WsState::new(
+        ws::WsSettings {
+            secret: secret.map(String::into_bytes),
+            insecure_dev_auth: g.insecure_dev_auth,
+            idle_timeout: Duration::from_millis(g.idle_timeout_ms.max(100)),
+            client_queue: g.client_queue.max(8),
+        },
+        cmd_tx,
+        transport.clone(),
+        proxies,
+        metrics.clone(),
+        registration.id(),
+        shutdown.clone(),
+    ));
+    let app = ws::router(ws_state);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+
+    registration.set_state(NodeState::Running).await?;
+    env.health.set_ready(true);
+    if let Some(b) = bound {
+        let _ = b.send(Bound {
+            client_addr,
+            node_addr,
+        });
+    }
+    tracing::info!("gateway running");
+
+    // keep the registered load (connection count) roughly current, least loaded first in /v1/gateways
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_load = u64::MAX;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let load = metrics.connections.get().max(0) as u64;
+                if load != last_load {
+                    if let Err(e) = registration.update(|i| i.load = load).await {
+                        tracing::warn!("cannot update registered load: {e}");
+                    } else {
+                        last_load = load;
+                    }
+                }
+            }
+        }
+    }
+    env.health.set_ready(false);
+    tracing::info!("gateway draining");
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!("deregistering: {e}");
+    }
+    let _ = server.await;
+    let _ = core_task.await;
+    transport.close().await;
+    Ok(())
+}

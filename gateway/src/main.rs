@@ -1,0 +1,85 @@
+//! `pixiu-gateway`: parse flags, start tracing, run the gateway library.
+
+use anyhow::Context;
+use clap::Parser;
+use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// PiXiu gateway: WebSocket clients in, room messages out.
+#[derive(Parser, Debug)]
+#[command(name = "pixiu-gateway", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// WebSocket listen address.
+    #[arg(long)]
+    client_listen: Option<SocketAddr>,
+    /// URL advertised to clients (default ws://<client-listen>/v1/ws).
+    #[arg(long)]
+    client_url: Option<String>,
+    /// File holding the HS256 secret for client tokens.
+    #[arg(long)]
+    auth_secret_file: Option<PathBuf>,
+    /// Accept ?uid=&dev= with no token (development only).
+    #[arg(long)]
+    insecure_dev_auth: bool,
+    /// Close a client that sends nothing for this many milliseconds.
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Room ids START..END split into 64 virtual rooms.
+    #[arg(long)]
+    big_rooms: Option<String>,
+    /// Re-announce every local room this often (milliseconds).
+    #[arg(long)]
+    refresh_interval_ms: Option<u64>,
+}
+
+fn main() {
+    let args = Args::parse();
+    pixiu_runtime::exit_with("pixiu-gateway", real_main(args));
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    pixiu_runtime::init_tracing();
+    let (mut common, mut g): (_, pixiu_gateway::GatewayConfig) =
+        load_toml(args.common.config.as_deref()).context("loading the config file")?;
+    args.common.apply(&mut common);
+    if let Some(v) = args.client_listen {
+        g.client_listen = v;
+    }
+    if let Some(v) = args.client_url {
+        g.client_url = Some(v);
+    }
+    if let Some(v) = args.auth_secret_file {
+        g.auth_secret_file = Some(v);
+    }
+    if args.insecure_dev_auth {
+        g.insecure_dev_auth = true;
+    }
+    if let Some(v) = args.idle_timeout_ms {
+        g.idle_timeout_ms = v;
+    }
+    if let Some(v) = args.big_rooms {
+        g.big_rooms = v;
+    }
+    if let Some(v) = args.refresh_interval_ms {
+        g.refresh_interval_ms = v;
+    }
+    g.auth_secret = match &g.auth_secret_file {
+        Some(f) => Some(pixiu_runtime::read_secret_file(f).context("reading the auth secret")?),
+        None => std::env::var("PIXIU_AUTH_SECRET").ok().filter(|s| !s.is_empty()),
+    };
+    let drain = Duration::from_millis(common.drain_ms);
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let shutdown = Shutdown::new();
+        pixiu_runtime::shutdown_on_signals(shutdown.clone());
+        let cfg = pixiu_gateway::Config { common, gateway: g };
+        match pixiu_runtime::run_until_drained(pixiu_gateway::run(cfg, shutdown.clone()), shutdown, drain).await {
+            Some(res) => res.context("running the gateway"),
+            None => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,176 @@
+//! The publisher HTTP API: `POST /v1/rooms/{room}/messages`, `GET /v1/gateways`, and the inbox
+//! endpoints, which answer 503 until the inbox store is deployed.
+#![allow(clippy::result_large_err)] // axum responses are the handlers' error type
+
+
+use crate::pipeline::{Job, Pipeline, Routes};
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lru::LruCache;
+use pixiu_protocol::auth;
+use pixiu_protocol::client::{ErrorReply, GatewaysReply, Id, IdReply, PublishBody};
+use pixiu_protocol::ids::SnowflakeGen;
+use pixiu_protocol::routing::BigRooms;
+use pixiu_protocol::MAX_BODY;
+use pixiu_registry::RoleView;
+use pixiu_runtime::RoleMetrics;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+pub(crate) struct HttpState {
+    pub secret: Option<Vec<u8>>,
+    pub insecure_dev_auth: bool,
+    pub pipeline: Pipeline,
+    pub routes: Arc<ArcSwap<Routes>>,
+    pub ids: Arc<SnowflakeGen>,
+    pub sids: Mutex<LruCache<u64, u64>>,
+    pub gateways: watch::Receiver<Arc<RoleView>>,
+    pub metrics: RoleMetrics,
+    pub big_rooms: BigRooms,
+}
+
+/// Largest request body read: a 64 KiB message body plus its JSON envelope.
+const MAX_REQUEST: usize = MAX_BODY + 4096;
+
+pub(crate) fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/rooms/{room}/messages", post(publish_room))
+        .route("/v1/users/{uid}/messages", post(inbox_unavailable))
+        .route("/v1/users/messages", post(inbox_unavailable))
+        .route("/v1/gateways", get(gateways))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+pub(crate) fn error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorReply {
+            error: code.into(),
+            reason: reason.into(),
+        }),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (token, &s.secret) {
+        (Some(t), Some(secret)) => auth::verify_publisher(secret, t)
+            .map_err(|e| error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())),
+        (None, _) if s.insecure_dev_auth => Ok(()),
+        (Some(_), None) if s.insecure_dev_auth => Ok(()),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing publisher token (Authorization: Bearer ...)",
+        )),
+    }
+}
+
+/// Read and parse a JSON body with the size limits of the contract.
+async fn read_json<T: serde::de::DeserializeOwned>(s: &HttpState, req: Request<Body>) -> Result<T, Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_REQUEST).await.map_err(|_| {
+        s.metrics.drop("http", "too_large");
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body over {MAX_REQUEST} bytes"),
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        s.metrics.drop("http", "bad_request");
+        error(StatusCode::BAD_REQUEST, "bad_request", format!("bad JSON body: {e}"))
+    })
+}
+
+async fn publish_room(
+    State(s): State<Arc<HttpState>>,
+    Path(room): Path<String>,
+    req: Request<Body>,
+) -> Response {
+    s.metrics.inc_in("http");
+    if let Err(r) = authorize(&s, req.headers()) {
+        s.metrics.drop("http", "unauthorized");
+        return r;
+    }
+    let Ok(room) = room.parse::<u64>() else {
+        s.metrics.drop("http", "bad_request");
+        return error(StatusCode::BAD_REQUEST, "bad_request", format!("room {room:?} is not a decimal u64"));
+    };
+    let body: PublishBody = match read_json(&s, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if body.body.len() > MAX_BODY {
+        s.metrics.drop("http", "too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body is {} bytes, the limit is {MAX_BODY}", body.body.len()),
+        );
+    }
+    let routes = s.routes.load();
+    if !s.big_rooms.publish_keys(room).iter().any(|k| routes.pick(k).is_some()) {
+        s.metrics.drop("http", "no_broker");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no running broker replica serves this room");
+    }
+    let id = match body.sid {
+        Some(Id(sid)) => {
+            let mut sids = s.sids.lock().unwrap_or_else(|p| p.into_inner());
+            if sids.put(sid, sid).is_some() {
+                s.metrics.drop("http", "duplicate_sid");
+                return (StatusCode::ACCEPTED, Json(IdReply { id: Id(sid) })).into_response();
+            }
+            sid
+        }
+        None => s.ids.next(),
+    };
+    let job = Job {
+        id,
+        room,
+        from: body.from.map(|f| f.0).unwrap_or(0),
+        body: body.body,
+        ts: pixiu_protocol::now_ms(),
+    };
+    if !s.pipeline.submit(job) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the proxy is overloaded; retry");
+    }
+    (StatusCode::ACCEPTED, Json(IdReply { id: Id(id) })).into_response()
+}
+
+async fn inbox_unavailable(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    s.metrics.drop("http", "inbox_unavailable");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "personal inboxes are not available in this cluster",
+    )
+}
+
+async fn gateways(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let view = s.gateways.borrow().clone();
+    let mut running: Vec<_> = view.running(0).into_iter().filter(|m| m.info.client_url.is_some()).collect();
+    running.sort_by_key(|m| (m.info.load, m.id));
+    let gateways = running.into_iter().filter_map(|m| m.info.client_url.clone()).collect();
+    (StatusCode::OK, Json(GatewaysReply { gateways })).into_response()
+}

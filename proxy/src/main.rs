@@ -1,0 +1,67 @@
+//! `pixiu-proxy`: parse flags, start tracing, run the proxy library.
+
+use anyhow::Context;
+use clap::Parser;
+use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// PiXiu proxy: publisher HTTP API in, room messages to brokers out.
+#[derive(Parser, Debug)]
+#[command(name = "pixiu-proxy", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Publisher HTTP API address.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// File holding the HS256 secret for publisher tokens.
+    #[arg(long)]
+    auth_secret_file: Option<PathBuf>,
+    /// Accept publishers with no token (development only).
+    #[arg(long)]
+    insecure_dev_auth: bool,
+    /// Room ids START..END split into 64 virtual rooms (must match the gateways').
+    #[arg(long)]
+    big_rooms: Option<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    pixiu_runtime::exit_with("pixiu-proxy", real_main(args));
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    pixiu_runtime::init_tracing();
+    let (mut common, mut r): (_, pixiu_proxy::ProxyConfig) =
+        load_toml(args.common.config.as_deref()).context("loading the config file")?;
+    args.common.apply(&mut common);
+    if let Some(v) = args.http {
+        r.http = v;
+    }
+    if let Some(v) = args.auth_secret_file {
+        r.auth_secret_file = Some(v);
+    }
+    if args.insecure_dev_auth {
+        r.insecure_dev_auth = true;
+    }
+    if let Some(v) = args.big_rooms {
+        r.big_rooms = v;
+    }
+    r.auth_secret = match &r.auth_secret_file {
+        Some(f) => Some(pixiu_runtime::read_secret_file(f).context("reading the auth secret")?),
+        None => std::env::var("PIXIU_AUTH_SECRET").ok().filter(|s| !s.is_empty()),
+    };
+    let drain = Duration::from_millis(common.drain_ms);
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let shutdown = Shutdown::new();
+        pixiu_runtime::shutdown_on_signals(shutdown.clone());
+        let cfg = pixiu_proxy::Config { common, proxy: r };
+        match pixiu_runtime::run_until_drained(pixiu_proxy::run(cfg, shutdown.clone()), shutdown, drain).await {
+            Some(res) => res.context("running the proxy"),
+            None => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,339 @@
+//! The router: partitioned by room (`RoomID % N == PartitionID % N`), replicas without a
+//! leader. A Gateway Message from a gateway is applied to the partition's routing table (kept
+//! in RocksDB so a restarted router, and a starting broker, can load it), passed to the peer
+//! replicas of the partition and to every broker that subscribed by heartbeat (seed 7.3).
+//! Updates older than what the table holds for that gateway are dropped.
+
+mod store;
+
+use pixiu_protocol::routing::partition_matches;
+use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
+use pixiu_protocol::wire::{self, GatewayUpdate, Message};
+use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_runtime::{admin, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_transport::{Inbound, Transport, TransportConfig};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub use store::Store;
+
+/// Router settings (TOML keys and flags of the same names).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    pub partition: u32,
+    pub data_dir: PathBuf,
+    /// A broker that has not sent a heartbeat for this long is no longer forwarded to.
+    pub subscriber_ttl_ms: u64,
+    /// How often rows of gateways gone from the registry are looked for.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            partition: 0,
+            data_dir: PathBuf::from("./data/router"),
+            subscriber_ttl_ms: 3000,
+            sweep_interval_ms: 5000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub router: RouterConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Runtime(#[from] pixiu_runtime::RuntimeError),
+    #[error("registry: {0}")]
+    Registry(#[from] pixiu_registry::RegistryError),
+    #[error("transport: {0}")]
+    Transport(#[from] pixiu_transport::TransportError),
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+}
+
+/// Run a router against ZooKeeper until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let env = NodeEnv::from_common(&config.common).await?;
+    if let Some(addr) = config.common.admin {
+        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
+            .await
+            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+    }
+    let registry = env.registry.clone();
+    let res = run_with(config, env, shutdown).await;
+    registry.close().await;
+    res
+}
+
+struct Subscriber {
+    partition: u32,
+    partition_num: u32,
+    last_seen: Instant,
+}
+
+struct Router {
+    partition: u32,
+    my_id: watch::Receiver<u64>,
+    transport: Transport,
+    metrics: RoleMetrics,
+    store: Store,
+    table: RouteTable,
+    subscribers: HashMap<SocketAddr, Subscriber>,
+    routers: Arc<RoleView>,
+    subscriber_ttl: Duration,
+}
+
+/// Run a router in a given environment.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    let rc = config.router.clone();
+    let metrics = RoleMetrics::new(&env.metrics, "router");
+    let store = Store::open(&rc.data_dir.join(format!("routes-p{}", rc.partition)))?;
+    let mut table = RouteTable::new();
+    for row in store.load()? {
+        table.apply(row);
+    }
+    tracing::info!(rows = table.len(), "loaded the routing table from RocksDB");
+
+    let (transport, mut inbound) =
+        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let node_addr = transport.local_addr();
+    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
+    let mut routers_rx = env.registry.watch(Role::Router).await?;
+    let mut gateways_rx = env.registry.watch(Role::Gateway).await?;
+    let registration = env
+        .registry
+        .register(
+            Role::Router,
+            Some(rc.partition),
+            NodeInfo {
+                addr: node_addr.to_string(),
+                state: NodeState::Init,
+                admin: config.common.admin.map(|a| a.to_string()),
+                client_url: None,
+                http: None,
+                load: 0,
+            },
+        )
+        .await?;
+    tracing::info!(id = registration.id(), partition = rc.partition, %node_addr, "router registered (init)");
+
+    let routers = routers_rx.borrow_and_update().clone();
+    let mut r = Router {
+        partition: rc.partition,
+        my_id: registration.id_watch(),
+        transport: transport.clone(),
+        metrics,
+        store,
+        table,
+        subscribers: HashMap::new(),
+        routers,
+        subscriber_ttl: Duration::from_millis(rc.subscriber_ttl_ms),
+    };
+
+    // catch up from a running peer replica: what this replica missed while it was down
+    let (sync_tx, mut sync_rx) = tokio::sync::mpsc::channel(1);
+    {
+        let peers = r.peers(true);
+        let transport = transport.clone();
+        let (partition, num) = (r.partition, r.routers.partition_num);
+        tokio::spawn(async move {
+            let rows = sync_from_peers(&transport, &peers, partition, num).await;
+            let _ = sync_tx.send(rows).await;
+        });
+    }
+
+    let mut sweeper = GatewaySweeper::default();
+    let mut sweep = tokio::time::interval(Duration::from_millis(rc.sweep_interval_ms.max(100)));
+    let mut running = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(msg) = inbound.recv() => r.on_inbound(msg),
+            Some(rows) = sync_rx.recv(), if !running => {
+                let n = rows.len();
+                for row in rows {
+                    r.apply_row(row);
+                }
+                registration.set_state(NodeState::Running).await?;
+                env.health.set_ready(true);
+                running = true;
+                tracing::info!(synced_rows = n, rows = r.table.len(), "router running");
+            }
+            Ok(()) = routers_rx.changed() => {
+                r.routers = routers_rx.borrow_and_update().clone();
+            }
+            _ = sweep.tick() => {
+                let live: HashSet<u64> = gateways_rx.borrow_and_update().all().map(|(_, m)| m.id).collect();
+                let gone = sweeper.sweep(&mut r.table, &live);
+                if !gone.is_empty() {
+                    tracing::info!(rows = gone.len(), "forgot rows of gateways that left the registry");
+                    if let Err(e) = r.store.delete_rows(&gone) {
+                        tracing::error!("deleting rows of departed gateways: {e}");
+                    }
+                }
+                let ttl = r.subscriber_ttl;
+                r.subscribers.retain(|_, s| s.last_seen.elapsed() <= ttl);
+                r.metrics.set_queue("subscribers", r.subscribers.len() as i64);
+                r.metrics.set_queue("table_rows", r.table.len() as i64);
+            }
+        }
+    }
+    env.health.set_ready(false);
+    tracing::info!("router draining");
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!("deregistering: {e}");
+    }
+    if let Err(e) = r.store.flush() {
+        tracing::error!("flushing RocksDB: {e}");
+    }
+    transport.close().await;
+    Ok(())
+}
+
+async fn sync_from_peers(
+    transport: &Transport,
+    peers: &[SocketAddr],
+    partition: u32,
+    partition_num: u32,
+) -> Vec<pixiu_protocol::wire::RouteRow> {
+    let req = wire::encode(&Message::SnapshotRequest {
+        partition,
+        partition_num,
+    });
+    for peer in peers {
+        match transport.request(*peer, req.clone(), Duration::from_secs(5)).await {
+            Ok(bytes) => match wire::decode(&bytes) {
+                Ok(Message::Snapshot { rows }) => {
+                    tracing::info!(%peer, rows = rows.len(), "synced the routing table from a peer replica");
+                    return rows;
+                }
+                Ok(other) => tracing::warn!(%peer, kind = other.kind(), "peer refused the snapshot"),
+                Err(e) => tracing::warn!(%peer, "bad snapshot: {e}"),
+            },
+            Err(e) => tracing::warn!(%peer, "snapshot request failed: {e}"),
+        }
+    }
+    if !peers.is_empty() {
+        tracing::warn!("no peer replica answered; starting from the local table only");
+    }
+    Vec::new()
+}
+
+impl Router {
+    /// Peer replicas of this partition (running only when `running_only`).
+    fn peers(&self, running_only: bool) -> Vec<SocketAddr> {
+        let me = *self.my_id.borrow();
+        self.routers
+            .members(self.partition)
+            .iter()
+            .filter(|m| m.id != me)
+            .filter(|m| !running_only || m.info.state == NodeState::Running)
+            .filter_map(|m| m.info.addr.parse().ok())
+            .collect()
+    }
+
+    fn apply_row(&mut self, row: pixiu_protocol::wire::RouteRow) -> bool {
+        if !self.table.apply(row.clone()) {
+            return false;
+        }
+        if let Err(e) = self.store.put(&row) {
+            self.metrics.drop("store", "write_failed");
+            tracing::error!("writing a route to RocksDB: {e}");
+        }
+        true
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let (from, bytes, reply) = match inbound {
+            Inbound::Message { from, bytes } => (from, bytes, None),
+            Inbound::Request { from, bytes, reply } => (from, bytes, Some(reply)),
+        };
+        let msg = match wire::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.drop("decode", "bad_frame");
+                tracing::debug!(%from, "bad frame: {e}");
+                return;
+            }
+        };
+        match (msg, reply) {
+            (Message::SnapshotRequest { partition, partition_num }, Some(reply)) => {
+                self.metrics.inc_in("snapshot_request");
+                let rows = self.table.rows_for(partition, partition_num);
+                reply.send(wire::encode(&Message::Snapshot { rows }));
+            }
+            (other, Some(reply)) => {
+                self.metrics.drop("request", "unexpected_kind");
+                reply.send(wire::encode(&Message::Refused {
+                    reason: format!("a router serves no {} requests", other.kind()),
+                }));
+            }
+            (Message::Ping { seq }, None) => {
+                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+            }
+            (Message::Subscribe { seq, broker_partition, broker_partition_num }, None) => {
+                self.metrics.inc_in("subscribe");
+                self.subscribers.insert(
+                    from,
+                    Subscriber {
+                        partition: broker_partition,
+                        partition_num: broker_partition_num,
+                        last_seen: Instant::now(),
+                    },
+                );
+                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+            }
+            (Message::Gateway(u), None) => self.on_gateway_update(u),
+            (other, None) => {
+                self.metrics.drop("decode", "unexpected_kind");
+                tracing::debug!(%from, kind = other.kind(), "unexpected message");
+            }
+        }
+    }
+
+    fn on_gateway_update(&mut self, u: GatewayUpdate) {
+        let stage = if u.forwarded { "peer_update" } else { "gateway_update" };
+        self.metrics.inc_in(stage);
+        if !partition_matches(u.key.hash(), self.partition, self.routers.partition_num) {
+            self.metrics.drop(stage, "wrong_partition");
+            return;
+        }
+        if !self.apply_row(row_of(&u)) {
+            self.metrics.drop(stage, "stale");
+            return;
+        }
+        if !u.forwarded {
+            let fwd = wire::encode(&Message::Gateway(GatewayUpdate {
+                forwarded: true,
+                ..u.clone()
+            }));
+            for peer in self.peers(false) {
+                self.transport.send(peer, fwd.clone());
+                self.metrics.inc_out("peer_update");
+            }
+        }
+        let hash = u.key.hash();
+        let bytes = wire::encode(&Message::Gateway(u));
+        let ttl = self.subscriber_ttl;
+        for (addr, s) in &self.subscribers {
+            if s.last_seen.elapsed() <= ttl && partition_matches(hash, s.partition, s.partition_num) {
+                self.transport.send(*addr, bytes.clone());
+                self.metrics.inc_out("broker_update");
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! What every PiXiu service shares and nothing protocol-specific: the common flags and TOML
+//! config, the node environment (registry, TLS, metrics, health), the admin HTTP server
+//! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup and
+//! signal-driven shutdown.
+
+pub mod admin;
+pub mod config;
+pub mod liveness;
+pub mod metrics;
+
+pub use config::{CommonArgs, CommonConfig};
+pub use liveness::Liveness;
+pub use metrics::RoleMetrics;
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+use pixiu_registry::{Registry, ZkConfig};
+use pixiu_transport::TlsMaterial;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("registry: {0}")]
+    Registry(#[from] pixiu_registry::RegistryError),
+    #[error("transport: {0}")]
+    Transport(#[from] pixiu_transport::TransportError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Readiness of one role: `/healthz` answers 200 only while every role of the process is ready.
+#[derive(Clone, Default, Debug)]
+pub struct Health(Arc<AtomicBool>);
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a role needs from its surroundings. `run` builds it from flags; the standalone mode
+/// builds one shared embedded registry and metrics registry for all roles in one process.
+#[derive(Clone)]
+pub struct NodeEnv {
+    pub registry: Registry,
+    pub metrics: prometheus::Registry,
+    pub tls: Arc<TlsMaterial>,
+    pub health: Health,
+}
+
+impl NodeEnv {
+    /// Connect to ZooKeeper and load the TLS material named by the common config.
+    pub async fn from_common(common: &CommonConfig) -> Result<NodeEnv, RuntimeError> {
+        let hosts = common
+            .zk
+            .clone()
+            .ok_or_else(|| RuntimeError::Config("--zk (or PIXIU_ZK) is required".into()))?;
+        let tls_dir = common.tls_dir.clone().ok_or_else(|| {
+            RuntimeError::Config(
+                "--tls-dir is required (create one with `pixiu-ctl init --tls-dir DIR`)".into(),
+            )
+        })?;
+        let tls = TlsMaterial::load(&tls_dir)?;
+        let registry = Registry::zookeeper(ZkConfig {
+            hosts,
+            cluster: common.cluster.clone(),
+            session_timeout: Duration::from_millis(common.zk_session_timeout_ms),
+            refresh_interval: Duration::from_millis(common.zk_refresh_ms),
+        })
+        .await?;
+        Ok(NodeEnv {
+            registry,
+            metrics: prometheus::Registry::new(),
+            tls: Arc::new(tls),
+            health: Health::default(),
+        })
+    }
+}
+
+/// Start tracing with `RUST_LOG` filtering (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .try_init();
+}
+
+/// Cancel `shutdown` on SIGINT or SIGTERM.
+pub fn shutdown_on_signals(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        shutdown.cancel();
+    });
+}
+
+/// Run a role's future until it ends; once `shutdown` fires it gets `drain` to finish.
+pub async fn run_until_drained<F>(fut: F, shutdown: Shutdown, drain: Duration) -> Option<F::Output>
+where
+    F: std::future::Future,
+{
+    tokio::pin!(fut);
+    tokio::select! {
+        out = &mut fut => return Some(out),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(drain, fut).await {
+        Ok(out) => Some(out),
+        Err(_) => {
+            tracing::warn!(?drain, "drain time limit reached; stopping anyway");
+            None
+        }
+    }
+}
+
+/// Read a secret file (trailing whitespace trimmed); a clear error names the file.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, RuntimeError> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| RuntimeError::Config(format!("cannot read auth secret file {}: {e}", path.display())))?;
+    let s = s.trim_end().to_string();
+    if s.is_empty() {
+        return Err(RuntimeError::Config(format!("auth secret file {} is empty", path.display())));
+    }
+    Ok(s)
+}
+
+/// Copy the transport's counters into gauges every second until shutdown.
+pub fn export_transport_stats(
+    transport: pixiu_transport::Transport,
+    metrics: RoleMetrics,
+    shutdown: Shutdown,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => metrics.set_transport(&transport.stats()),
+            }
+        }
+    });
+}
+
+/// End a binary: on error print one line naming the reason (the whole cause chain) and exit 2.
+pub fn exit_with(name: &str, res: anyhow::Result<()>) {
+    if let Err(e) = res {
+        eprintln!("{name}: {e:#}");
+        tracing::error!("{e:#}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,234 @@
+//! The end-to-end test harness: a [`Cluster`] starts a real ZooKeeper, initialises the layout
+//! with `pixiu-ctl init` (which also writes the development CA and node certificate), and starts
+//! real processes of the role binaries, each with its own data dir, log file and admin port.
+//! Readiness is polled on `/healthz`; children are killed when the cluster is dropped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_client::{Auth, Client, Publisher};
+pub use pixiu_testkit::{assert_eventually, metric, wait_healthy, Proc, TestDir, ZkServer};
+use pixiu_testkit::{bin_path, free_tcp_port};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const SECRET: &str = "pixiu-test-secret-0123456789";
+
+/// A started role process.
+pub struct Node {
+    pub role: &'static str,
+    pub proc: Proc,
+    pub admin: String,
+    /// gateway: ws://127.0.0.1:port/v1/ws; proxy: http://127.0.0.1:port
+    pub url: Option<String>,
+}
+
+pub struct Cluster {
+    pub zk: ZkServer,
+    pub dir: TestDir,
+    pub tls_dir: PathBuf,
+    pub secret_file: PathBuf,
+    pub nodes: BTreeMap<String, Node>,
+    /// extra arguments given to every gateway and proxy (e.g. --big-rooms)
+    pub extra_edge_args: Vec<String>,
+    pub zk_session_timeout_ms: u64,
+}
+
+impl Cluster {
+    /// ZooKeeper plus `pixiu-ctl init` of the layout.
+    pub async fn start(name: &str, broker_partitions: u32, router_partitions: u32) -> Cluster {
+        let dir = TestDir::new(name);
+        let zk = ZkServer::start().expect("starting ZooKeeper");
+        let tls_dir = dir.sub("tls");
+        let secret_file = dir.path().join("auth-secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        let c = Cluster {
+            zk,
+            dir,
+            tls_dir,
+            secret_file,
+            nodes: BTreeMap::new(),
+            extra_edge_args: Vec::new(),
+            zk_session_timeout_ms: 4000,
+        };
+        let out = std::process::Command::new(bin_path("pixiu-ctl"))
+            .args([
+                "init",
+                "--zk",
+                &c.zk.connect_string(),
+                "--cluster",
+                "test",
+                "--broker-partitions",
+                &broker_partitions.to_string(),
+                "--router-partitions",
+                &router_partitions.to_string(),
+                "--tls-dir",
+                c.tls_dir.to_str().unwrap(),
+            ])
+            .output()
+            .expect("running pixiu-ctl init");
+        assert!(
+            out.status.success(),
+            "pixiu-ctl init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    }
+
+    fn common_args(&self, admin: &str) -> Vec<String> {
+        vec![
+            "--zk".into(),
+            self.zk.connect_string(),
+            "--cluster".into(),
+            "test".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin".into(),
+            admin.into(),
+            "--tls-dir".into(),
+            self.tls_dir.to_str().unwrap().into(),
+            "--zk-session-timeout-ms".into(),
+            self.zk_session_timeout_ms.to_string(),
+        ]
+    }
+
+    fn spawn(&mut self, name: &str, role: &'static str, mut extra: Vec<String>, url: Option<String>) {
+        let admin = format!("127.0.0.1:{}", free_tcp_port());
+        let mut args = self.common_args(&admin);
+        args.append(&mut extra);
+        let proc = Proc::spawn(
+            name,
+            &bin_path(&format!("pixiu-{role}")),
+            &args,
+            &[],
+            self.dir.path(),
+        )
+        .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        self.nodes.insert(name.to_string(), Node { role, proc, admin, url });
+    }
+
+    pub fn spawn_router(&mut self, name: &str, partition: u32) {
+        let data = self.dir.sub(&format!("{name}-data"));
+        self.spawn(
+            name,
+            "router",
+            vec![
+                "--partition".into(),
+                partition.to_string(),
+                "--data-dir".into(),
+                data.to_str().unwrap().into(),
+            ],
+            None,
+        );
+    }
+
+    pub fn spawn_broker(&mut self, name: &str, partition: u32) {
+        self.spawn(name, "broker", vec!["--partition".into(), partition.to_string()], None);
+    }
+
+    pub fn spawn_gateway(&mut self, name: &str, extra: &[&str]) {
+        let port = free_tcp_port();
+        let mut args = vec![
+            "--client-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--auth-secret-file".into(),
+            self.secret_file.to_str().unwrap().into(),
+        ];
+        args.extend(self.extra_edge_args.iter().cloned());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, "gateway", args, Some(format!("ws://127.0.0.1:{port}/v1/ws")));
+    }
+
+    pub fn spawn_proxy(&mut self, name: &str, extra: &[&str]) {
+        let port = free_tcp_port();
+        let mut args = vec![
+            "--http".into(),
+            format!("127.0.0.1:{port}"),
+            "--auth-secret-file".into(),
+            self.secret_file.to_str().unwrap().into(),
+        ];
+        args.extend(self.extra_edge_args.iter().cloned());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, "proxy", args, Some(format!("http://127.0.0.1:{port}")));
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn admin(&self, name: &str) -> String {
+        self.nodes[name].admin.clone()
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        self.nodes[name].url.clone().expect("node has a URL")
+    }
+
+    /// Wait until every node answers `/healthz` 200; on timeout print the logs of the
+    /// ones that do not.
+    pub async fn wait_all_healthy(&self) {
+        for (name, n) in &self.nodes {
+            if let Err(e) = wait_healthy(&n.admin, Duration::from_secs(30)).await {
+                panic!("{name} not healthy: {e}\n--- log ---\n{}", n.proc.log());
+            }
+        }
+    }
+
+    pub async fn wait_healthy(&self, name: &str) {
+        let n = &self.nodes[name];
+        if let Err(e) = wait_healthy(&n.admin, Duration::from_secs(30)).await {
+            panic!("{name} not healthy: {e}\n--- log ---\n{}", n.proc.log());
+        }
+    }
+
+    pub fn client_token(&self, uid: u64, dev: &str) -> String {
+        pixiu_protocol::auth::issue(SECRET.as_bytes(), uid, Some(dev), false, 3600)
+    }
+
+    pub fn publisher(&self, proxy: &str) -> Publisher {
+        let token = pixiu_protocol::auth::issue(SECRET.as_bytes(), 0, None, true, 3600);
+        Publisher::new(&self.url(proxy), Some(token))
+    }
+
+    pub async fn client(&self, gateway: &str, uid: u64) -> Client {
+        let auth = Auth::Token(self.client_token(uid, "test"));
+        Client::connect(&self.url(gateway), &auth)
+            .await
+            .unwrap_or_else(|e| panic!("connecting uid {uid} to {gateway}: {e}"))
+    }
+
+    /// `pixiu-ctl status --json`
+    pub fn status(&self) -> serde_json::Value {
+        let out = std::process::Command::new(bin_path("pixiu-ctl"))
+            .args(["status", "--json", "--zk", &self.zk.connect_string(), "--cluster", "test"])
+            .output()
+            .expect("running pixiu-ctl status");
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Logs of every node, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for (name, n) in &self.nodes {
+            let log = n.proc.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            s.push_str(&format!("--- {name} (last 40 lines) ---\n"));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+/// Collect room events from a client until none arrives for `quiet`.
+pub async fn drain_events(c: &mut Client, quiet: Duration) -> Vec<pixiu_protocol::client::ServerFrame> {
+    let mut out = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(quiet, c.next_event()).await {
+        out.push(ev);
+    }
+    out
+}

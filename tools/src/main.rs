@@ -1,0 +1,171 @@
+//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `standalone`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pixiu_registry::{Layout, Registry, ZkConfig};
+use pixiu_runtime::Shutdown;
+use pixiu_tools::standalone::{self, StandaloneConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "pixiu-ctl", version, about = "Operate a PiXiu cluster")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ZkArgs {
+    /// ZooKeeper connect string.
+    #[arg(long, env = "PIXIU_ZK")]
+    zk: String,
+    /// Cluster name.
+    #[arg(long, env = "PIXIU_CLUSTER", default_value = "default")]
+    cluster: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the cluster's layout (partition counts are powers of two); with --tls-dir also a
+    /// development CA and node certificate when the folder has none.
+    Init {
+        #[command(flatten)]
+        zk: ZkArgs,
+        #[arg(long)]
+        broker_partitions: u32,
+        #[arg(long)]
+        router_partitions: u32,
+        #[arg(long, default_value_t = 1)]
+        xiu_partitions: u32,
+        #[arg(long, default_value_t = 1)]
+        pi_partitions: u32,
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+    },
+    /// Every node: role, partition, replica id, state, address.
+    Status {
+        #[command(flatten)]
+        zk: ZkArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a client (or publisher) token.
+    Token {
+        #[arg(long)]
+        uid: u64,
+        #[arg(long)]
+        dev: Option<String>,
+        #[arg(long)]
+        publisher: bool,
+        #[arg(long)]
+        auth_secret_file: PathBuf,
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+    /// One of every role in one process, no ZooKeeper.
+    Standalone {
+        #[arg(long, default_value = "127.0.0.1:8700")]
+        client_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8701")]
+        http: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8702")]
+        admin: SocketAddr,
+        #[arg(long, default_value = "./.pixiu")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        insecure_dev_auth: bool,
+        /// Room ids START..END split into 64 virtual rooms.
+        #[arg(long, default_value = "")]
+        big_rooms: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    pixiu_runtime::exit_with("pixiu-ctl", real_main(cli));
+}
+
+async fn connect(zk: &ZkArgs) -> anyhow::Result<Registry> {
+    Registry::zookeeper(ZkConfig {
+        hosts: zk.zk.clone(),
+        cluster: zk.cluster.clone(),
+        session_timeout: Duration::from_secs(6),
+        refresh_interval: Duration::from_secs(2),
+    })
+    .await
+    .with_context(|| format!("connecting to ZooKeeper at {}", zk.zk))
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    pixiu_runtime::init_tracing();
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Init { zk, broker_partitions, router_partitions, xiu_partitions, pi_partitions, tls_dir } => {
+                if let Some(dir) = &tls_dir {
+                    let wrote = pixiu_transport::generate_dev_tls(dir)
+                        .with_context(|| format!("writing TLS material into {}", dir.display()))?;
+                    println!("{} {}", if wrote { "wrote a new CA and node certificate in" } else { "kept the TLS material already in" }, dir.display());
+                }
+                let registry = connect(&zk).await?;
+                let layout = Layout { broker_partitions, router_partitions, xiu_partitions, pi_partitions };
+                pixiu_tools::init(&registry, &layout).await?;
+                registry.close().await;
+                println!("cluster {:?} initialised: {layout:?}", zk.cluster);
+                Ok(())
+            }
+            Cmd::Status { zk, json } => {
+                let registry = connect(&zk).await?;
+                let s = pixiu_tools::status(&registry).await?;
+                registry.close().await;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).context("rendering JSON")?);
+                } else {
+                    print!("{}", pixiu_tools::render_status(&s));
+                }
+                Ok(())
+            }
+            Cmd::Token { uid, dev, publisher, auth_secret_file, ttl } => {
+                if let Some(d) = &dev {
+                    anyhow::ensure!(pixiu_protocol::auth::valid_device(d), "device {d:?} must be 1..=64 bytes of [A-Za-z0-9_.-]");
+                }
+                let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
+                println!("{}", pixiu_protocol::auth::issue(secret.as_bytes(), uid, dev.as_deref(), publisher, ttl));
+                Ok(())
+            }
+            Cmd::Standalone { client_listen, http, admin, data_dir, insecure_dev_auth, big_rooms } => {
+                pixiu_protocol::routing::BigRooms::parse(&big_rooms).map_err(anyhow::Error::msg)?;
+                let shutdown = Shutdown::new();
+                pixiu_runtime::shutdown_on_signals(shutdown.clone());
+                let cfg = StandaloneConfig { client_listen, http, admin, data_dir, insecure_dev_auth, big_rooms };
+                let (started, handle) = standalone::start(cfg, shutdown.clone()).await?;
+                print_started(&started);
+                shutdown.cancelled().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+                Ok(())
+            }
+        }
+    })
+}
+
+fn print_started(s: &standalone::Started) {
+    println!("PiXiu standalone: proxy, broker, router and gateway are running in this process.");
+    match &s.secret {
+        None => {
+            println!("  WebSocket (insecure dev auth): {}?uid=1&dev=web", s.ws_url);
+            println!("  publish into room 42:");
+            println!("    curl -s -X POST {}/v1/rooms/42/messages -d '{{\"body\":\"hello\"}}'", s.http_url);
+        }
+        Some(secret) => {
+            let client = pixiu_protocol::auth::issue(secret.as_bytes(), 1, Some("web"), false, 86_400);
+            let publisher = pixiu_protocol::auth::issue(secret.as_bytes(), 0, None, true, 86_400);
+            println!("  WebSocket (uid 1, token valid 24 h): {}?token={client}", s.ws_url);
+            println!("  publish into room 42:");
+            println!("    curl -s -X POST {}/v1/rooms/42/messages -H 'Authorization: Bearer {publisher}' -d '{{\"body\":\"hello\"}}'", s.http_url);
+        }
+    }
+    println!("  then send {{\"op\":\"join\",\"room\":\"42\"}} on the WebSocket to receive it");
+    println!("  admin: http://{}/healthz and /metrics; Ctrl-C stops", s.admin);
+}
