@@ -85,9 +85,29 @@ struct Broker {
     router_live: Liveness,
     /// router partition -> the replica currently subscribed to
     subscribed: HashMap<u32, SocketAddr>,
+    /// router partition -> the replica whose snapshot was merged after it acknowledged our
+    /// subscription (anything it applies later reaches us by forwarding)
+    synced: HashMap<u32, SocketAddr>,
+    syncing: HashSet<u32>,
+    /// router partitions that carry this broker's rooms
+    targets: Vec<u32>,
+    sync_tx: mpsc::Sender<SyncResult>,
+}
+
+/// A snapshot fetched from a router replica after it acknowledged the subscription.
+struct SyncResult {
+    router_partition: u32,
+    replica: SocketAddr,
+    rows: Option<Vec<RouteRow>>,
 }
 
 /// Run a broker in a given environment.
+///
+/// Start-up (seed 4.6 and 7.4): register `init`; heartbeat-subscribe to a replica of every router
+/// partition that carries our rooms; once a replica acknowledges, merge its snapshot (updates
+/// forwarded meanwhile are buffered, then replayed); `running` once every such partition is
+/// merged. The same merge happens whenever the broker moves to another router replica, so the
+/// updates applied while it was switching are not lost.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
     let bc = config.broker.clone();
     let metrics = RoleMetrics::new(&env.metrics, "broker");
@@ -115,6 +135,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         .await?;
     tracing::info!(id = registration.id(), partition = bc.partition, %node_addr, "broker registered (init)");
 
+    let (sync_tx, mut sync_rx) = mpsc::channel::<SyncResult>(16);
     let mut b = Broker {
         partition: bc.partition,
         my_id: registration.id_watch(),
@@ -126,11 +147,12 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         routers: routers_rx.borrow_and_update().clone(),
         router_live: Liveness::new(Duration::from_millis(bc.heartbeat_timeout_ms)),
         subscribed: HashMap::new(),
+        synced: HashMap::new(),
+        syncing: HashSet::new(),
+        targets: Vec::new(),
+        sync_tx,
     };
     b.subscribe();
-
-    let (load_tx, mut load_rx) = mpsc::channel::<Vec<RouteRow>>(1);
-    spawn_loader(&b, routers_rx.clone(), load_tx.clone(), shutdown.clone());
 
     let mut heartbeat = tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms.max(10)));
     let mut sweep = tokio::time::interval(Duration::from_millis(bc.sweep_interval_ms.max(100)));
@@ -139,19 +161,26 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(msg) = inbound.recv() => b.on_inbound(msg),
-            Some(rows) = load_rx.recv() => {
+            Some(r) = sync_rx.recv() => {
+                b.syncing.remove(&r.router_partition);
+                let Some(rows) = r.rows else { continue };
                 let n = rows.len();
                 for row in rows {
                     b.apply_row(row);
                 }
-                let buffered = b.buffered.take().unwrap_or_default();
-                let replayed = buffered.len();
-                for u in buffered {
-                    b.on_update(u);
+                b.synced.insert(r.router_partition, r.replica);
+                tracing::info!(router_partition = r.router_partition, replica = %r.replica, rows = n, "merged the routing table of a router replica");
+                let complete = !b.targets.is_empty() && b.targets.iter().all(|p| b.synced.contains_key(p));
+                if complete && b.buffered.is_some() {
+                    let buffered = b.buffered.take().unwrap_or_default();
+                    let replayed = buffered.len();
+                    for u in buffered {
+                        b.on_update(u);
+                    }
+                    registration.set_state(NodeState::Running).await?;
+                    env.health.set_ready(true);
+                    tracing::info!(replayed, live_keys = b.table.live_keys(), "broker running");
                 }
-                registration.set_state(NodeState::Running).await?;
-                env.health.set_ready(true);
-                tracing::info!(loaded = n, replayed, live_keys = b.table.live_keys(), "broker running");
             }
             _ = heartbeat.tick() => b.subscribe(),
             Ok(()) = routers_rx.changed() => {
@@ -184,69 +213,6 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     Ok(())
 }
 
-/// Load this partition's table from one running replica of each router partition that carries
-/// its rooms; retries until every one answered.
-fn spawn_loader(
-    b: &Broker,
-    mut routers_rx: watch::Receiver<Arc<RoleView>>,
-    out: mpsc::Sender<Vec<RouteRow>>,
-    shutdown: Shutdown,
-) {
-    let transport = b.transport.clone();
-    let partition = b.partition;
-    let broker_num = b.brokers.partition_num;
-    tokio::spawn(async move {
-        let mut attempt = 0u32;
-        loop {
-            let routers = routers_rx.borrow_and_update().clone();
-            let parts = router_partitions_for_broker(
-                partition,
-                broker_num,
-                routers.partition_num,
-                routers.partitions.keys().copied(),
-            );
-            let mut rows = Vec::new();
-            let mut complete = !parts.is_empty();
-            for rp in parts {
-                let mut got = false;
-                for m in routers.running(rp) {
-                    let Ok(addr) = m.info.addr.parse::<SocketAddr>() else { continue };
-                    let req = wire::encode(&Message::SnapshotRequest {
-                        partition,
-                        partition_num: broker_num,
-                    });
-                    match transport.request(addr, req, Duration::from_secs(5)).await {
-                        Ok(bytes) => match wire::decode(&bytes) {
-                            Ok(Message::Snapshot { rows: r }) => {
-                                rows.extend(r);
-                                got = true;
-                                break;
-                            }
-                            Ok(other) => tracing::warn!(%addr, kind = other.kind(), "router refused the snapshot"),
-                            Err(e) => tracing::warn!(%addr, "bad snapshot: {e}"),
-                        },
-                        Err(e) => tracing::warn!(%addr, "snapshot request failed: {e}"),
-                    }
-                }
-                complete &= got;
-            }
-            if complete {
-                let _ = out.send(rows).await;
-                return;
-            }
-            attempt += 1;
-            if attempt % 10 == 1 {
-                tracing::warn!("waiting for a running router replica of every partition to load the table from");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                _ = routers_rx.changed() => {}
-            }
-        }
-    });
-}
-
 impl Broker {
     fn my_index(&self) -> usize {
         let me = *self.my_id.borrow();
@@ -269,6 +235,7 @@ impl Broker {
         );
         let idx = self.my_index();
         let mut all = HashSet::new();
+        self.targets = parts.clone();
         for rp in parts {
             let replicas: Vec<SocketAddr> = self
                 .routers
@@ -292,6 +259,7 @@ impl Broker {
             if current != Some(chosen) {
                 tracing::info!(router_partition = rp, replica = %chosen, "subscribing to router replica");
                 self.subscribed.insert(rp, chosen);
+                self.synced.remove(&rp);
             }
             let seq = self.router_live.ping_sent(chosen, now);
             self.transport.send(
@@ -304,6 +272,50 @@ impl Broker {
             );
         }
         self.router_live.retain(|a| all.contains(a));
+    }
+
+    /// `from` acknowledged our subscription: if we have not merged its table since subscribing
+    /// to it, fetch it now. Updates it applied before our subscription reached it are in the
+    /// snapshot; later ones are forwarded to us; the table's versioning makes the overlap harmless.
+    fn sync_if_new(&mut self, from: SocketAddr) {
+        let Some(rp) = self.subscribed.iter().find(|(_, a)| **a == from).map(|(p, _)| *p) else {
+            return;
+        };
+        if self.synced.get(&rp) == Some(&from) || !self.syncing.insert(rp) {
+            return;
+        }
+        let transport = self.transport.clone();
+        let tx = self.sync_tx.clone();
+        let req = wire::encode(&Message::SnapshotRequest {
+            partition: self.partition,
+            partition_num: self.brokers.partition_num,
+        });
+        tokio::spawn(async move {
+            let rows = match transport.request(from, req, Duration::from_secs(5)).await {
+                Ok(bytes) => match wire::decode(&bytes) {
+                    Ok(Message::Snapshot { rows }) => Some(rows),
+                    Ok(other) => {
+                        tracing::warn!(%from, kind = other.kind(), "router refused the snapshot");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(%from, "bad snapshot: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(%from, "snapshot request failed: {e}");
+                    None
+                }
+            };
+            let _ = tx
+                .send(SyncResult {
+                    router_partition: rp,
+                    replica: from,
+                    rows,
+                })
+                .await;
+        });
     }
 
     fn apply_row(&mut self, row: RouteRow) {
@@ -358,7 +370,10 @@ impl Broker {
             Message::Ping { seq } => {
                 self.transport.send(from, wire::encode(&Message::Pong { seq }));
             }
-            Message::Pong { seq } => self.router_live.pong(from, seq, Instant::now()),
+            Message::Pong { seq } => {
+                self.router_live.pong(from, seq, Instant::now());
+                self.sync_if_new(from);
+            }
             other => {
                 self.metrics.drop("decode", "unexpected_kind");
                 tracing::debug!(%from, kind = other.kind(), "unexpected message");

@@ -8,7 +8,7 @@ use pixiu_protocol::client::{Id, ServerFrame};
 use pixiu_protocol::ids::{GatewayMsgId, GatewayMsgIdGen, RouteKey};
 use pixiu_protocol::routing::{pick_replica, target_partitions, BigRooms};
 use pixiu_protocol::wire::{self, GatewayRef, GatewayUpdate, Message, RoomMessage};
-use pixiu_registry::{NodeState, RoleView};
+use pixiu_registry::RoleView;
 use pixiu_runtime::{Liveness, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport};
 use std::collections::{HashMap, HashSet};
@@ -48,8 +48,12 @@ pub(crate) struct CoreSettings {
 }
 
 struct Pending {
+    /// the first announcement; acks for it or any later re-announcement count
     id: GatewayMsgId,
-    need: HashSet<u64>,
+    last_sent: Instant,
+    /// broker replicas that confirmed; done when they include every running replica that
+    /// serves the key (re-checked as the broker view changes)
+    acked: HashSet<u64>,
     deadline: Instant,
     waiters: Vec<(ConnId, u64, JoinReply)>,
 }
@@ -139,6 +143,10 @@ impl Core {
                 }
                 Ok(()) = self.brokers_rx.changed() => {
                     self.brokers = self.brokers_rx.borrow_and_update().clone();
+                    let pending: Vec<RouteKey> = self.keys.iter().filter(|(_, k)| k.pending.is_some()).map(|(k, _)| *k).collect();
+                    for key in pending {
+                        self.confirm_if_done(key);
+                    }
                 }
                 Ok(()) = self.id_watch.changed() => {
                     let id = *self.id_watch.borrow_and_update();
@@ -195,19 +203,13 @@ impl Core {
             return;
         }
         // first local member of this key: announce and wait for the brokers to confirm
-        let need = self.brokers_for(&key);
-        if need.is_empty() {
-            self.metrics.drop("join", "no_broker");
-            self.remove_member(conn, uid, room, false);
-            let _ = reply.send(Err("no running broker serves this room".into()));
-            return;
-        }
         let id = self.announce(key, true, true);
         let state = self.keys.entry(key).or_default();
         state.confirmed = false;
         state.pending = Some(Pending {
             id,
-            need,
+            last_sent: Instant::now(),
+            acked: HashSet::new(),
             deadline: Instant::now() + self.s.join_timeout,
             waiters: vec![(conn, room, reply)],
         });
@@ -348,6 +350,23 @@ impl Core {
 
     fn expire_pending(&mut self) {
         let now = Instant::now();
+        // re-announce joins not yet confirmed (the update or its forwarding may have been lost)
+        let resend: Vec<RouteKey> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| {
+                k.pending
+                    .as_ref()
+                    .is_some_and(|p| now.saturating_duration_since(p.last_sent) >= Duration::from_millis(500))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in resend {
+            self.announce(key, true, false);
+            if let Some(p) = self.keys.get_mut(&key).and_then(|k| k.pending.as_mut()) {
+                p.last_sent = now;
+            }
+        }
         let expired: Vec<RouteKey> = self
             .keys
             .iter()
@@ -361,7 +380,8 @@ impl Core {
             let Some(p) = state.pending.take() else {
                 continue;
             };
-            tracing::warn!(?key, missing = ?p.need, "join not confirmed by every broker replica in time");
+            let missing: Vec<u64> = self.brokers_for(&key).difference(&p.acked).copied().collect();
+            tracing::warn!(?key, ?missing, "join not confirmed by every broker replica in time");
             for (conn, room, reply) in p.waiters {
                 self.metrics.drop("join", "timeout");
                 let _ = reply.send(Err(
@@ -424,11 +444,21 @@ impl Core {
         if id.instance() != p.id.instance() || id < p.id {
             return;
         }
-        p.need.remove(&broker_id);
-        // a broker that stopped running no longer needs to confirm
-        let running: HashSet<u64> = self.brokers.all().filter(|(_, m)| m.info.state == NodeState::Running).map(|(_, m)| m.id).collect();
-        p.need.retain(|b| running.contains(b));
-        if p.need.is_empty() {
+        p.acked.insert(broker_id);
+        self.confirm_if_done(key);
+    }
+
+    /// A join is confirmed once every running broker replica serving its key applied it.
+    fn confirm_if_done(&mut self, key: RouteKey) {
+        let required = self.brokers_for(&key);
+        let Some(state) = self.keys.get_mut(&key) else {
+            return;
+        };
+        let done = state
+            .pending
+            .as_ref()
+            .is_some_and(|p| !required.is_empty() && required.is_subset(&p.acked));
+        if done {
             if let Some(p) = state.pending.take() {
                 state.confirmed = true;
                 for (_, _, reply) in p.waiters {
