@@ -62,9 +62,14 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::from_common(&config.common).await?;
     if let Some(addr) = config.common.admin {
-        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
-            .await
-            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+        admin::serve(
+            addr,
+            vec![env.health.clone()],
+            env.metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
     }
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
@@ -111,8 +116,11 @@ struct SyncResult {
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
     let bc = config.broker.clone();
     let metrics = RoleMetrics::new(&env.metrics, "broker");
-    let (transport, mut inbound) =
-        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
     let node_addr = transport.local_addr();
     pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
     let mut routers_rx = env.registry.watch(Role::Router).await?;
@@ -154,7 +162,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     };
     b.subscribe();
 
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms.max(10)));
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms.max(10)));
     let mut sweep = tokio::time::interval(Duration::from_millis(bc.sweep_interval_ms.max(100)));
     let mut sweeper = GatewaySweeper::default();
     loop {
@@ -248,7 +257,8 @@ impl Broker {
             }
             all.extend(replicas.iter().copied());
             let current = self.subscribed.get(&rp).copied();
-            let keep = current.filter(|a| replicas.contains(a) && self.router_live.is_alive(a, now));
+            let keep =
+                current.filter(|a| replicas.contains(a) && self.router_live.is_alive(a, now));
             let chosen = keep.unwrap_or_else(|| {
                 // start at our own index (spreads brokers over replicas), skip dead ones
                 (0..replicas.len())
@@ -278,7 +288,12 @@ impl Broker {
     /// to it, fetch it now. Updates it applied before our subscription reached it are in the
     /// snapshot; later ones are forwarded to us; the table's versioning makes the overlap harmless.
     fn sync_if_new(&mut self, from: SocketAddr) {
-        let Some(rp) = self.subscribed.iter().find(|(_, a)| **a == from).map(|(p, _)| *p) else {
+        let Some(rp) = self
+            .subscribed
+            .iter()
+            .find(|(_, a)| **a == from)
+            .map(|(p, _)| *p)
+        else {
             return;
         };
         if self.synced.get(&rp) == Some(&from) || !self.syncing.insert(rp) {
@@ -368,7 +383,8 @@ impl Broker {
                 }
             }
             Message::Ping { seq } => {
-                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+                self.transport
+                    .send(from, wire::encode(&Message::Pong { seq }));
             }
             Message::Pong { seq } => {
                 self.router_live.pong(from, seq, Instant::now());

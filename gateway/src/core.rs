@@ -317,7 +317,10 @@ impl Core {
         }
         if !sent {
             self.metrics.drop("gateway_update", "no_router");
-            tracing::debug!(?key, "no running router for this room; the next refresh retries");
+            tracing::debug!(
+                ?key,
+                "no running router for this room; the next refresh retries"
+            );
         }
         id
     }
@@ -355,9 +358,9 @@ impl Core {
             .keys
             .iter()
             .filter(|(_, k)| {
-                k.pending
-                    .as_ref()
-                    .is_some_and(|p| now.saturating_duration_since(p.last_sent) >= Duration::from_millis(500))
+                k.pending.as_ref().is_some_and(|p| {
+                    now.saturating_duration_since(p.last_sent) >= Duration::from_millis(500)
+                })
             })
             .map(|(k, _)| *k)
             .collect();
@@ -380,12 +383,20 @@ impl Core {
             let Some(p) = state.pending.take() else {
                 continue;
             };
-            let missing: Vec<u64> = self.brokers_for(&key).difference(&p.acked).copied().collect();
-            tracing::warn!(?key, ?missing, "join not confirmed by every broker replica in time");
+            let missing: Vec<u64> = self
+                .brokers_for(&key)
+                .difference(&p.acked)
+                .copied()
+                .collect();
+            tracing::warn!(
+                ?key,
+                ?missing,
+                "join not confirmed by every broker replica in time"
+            );
             for (conn, room, reply) in p.waiters {
                 self.metrics.drop("join", "timeout");
                 let _ = reply.send(Err(
-                    "the cluster did not confirm the room's route in time".into(),
+                    "the cluster did not confirm the room's route in time".into()
                 ));
                 let uid = self
                     .rooms
@@ -423,9 +434,12 @@ impl Core {
         match msg {
             Message::Room(m) => self.deliver(m),
             Message::Pong { seq } => self.router_live.pong(from, seq, Instant::now()),
-            Message::RouteApplied { id, key, broker_id, .. } => self.applied(id, key, broker_id),
+            Message::RouteApplied {
+                id, key, broker_id, ..
+            } => self.applied(id, key, broker_id),
             Message::Ping { seq } => {
-                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+                self.transport
+                    .send(from, wire::encode(&Message::Pong { seq }));
             }
             other => {
                 self.metrics.drop("decode", "unexpected_kind");
@@ -494,7 +508,9 @@ impl Core {
         for (_, tx) in members.values() {
             match tx.try_send(text.clone()) {
                 Ok(()) => out += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => self.metrics.drop("deliver", "slow_client"),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.drop("deliver", "slow_client")
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }

@@ -94,9 +94,14 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::from_common(&config.common).await?;
     if let Some(addr) = config.common.admin {
-        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
-            .await
-            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+        admin::serve(
+            addr,
+            vec![env.health.clone()],
+            env.metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
     }
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
@@ -136,8 +141,11 @@ pub async fn run_reporting(
     let big_rooms = BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
     let metrics = RoleMetrics::new(&env.metrics, "gateway");
 
-    let (transport, inbound) =
-        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let (transport, inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
     let node_addr = transport.local_addr();
     pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
 

@@ -69,7 +69,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     }
     g.auth_secret = match &g.auth_secret_file {
         Some(f) => Some(pixiu_runtime::read_secret_file(f).context("reading the auth secret")?),
-        None => std::env::var("PIXIU_AUTH_SECRET").ok().filter(|s| !s.is_empty()),
+        None => std::env::var("PIXIU_AUTH_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty()),
     };
     let drain = Duration::from_millis(common.drain_ms);
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -77,7 +79,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let shutdown = Shutdown::new();
         pixiu_runtime::shutdown_on_signals(shutdown.clone());
         let cfg = pixiu_gateway::Config { common, gateway: g };
-        match pixiu_runtime::run_until_drained(pixiu_gateway::run(cfg, shutdown.clone()), shutdown, drain).await {
+        match pixiu_runtime::run_until_drained(
+            pixiu_gateway::run(cfg, shutdown.clone()),
+            shutdown,
+            drain,
+        )
+        .await
+        {
             Some(res) => res.context("running the gateway"),
             None => Ok(()),
         }

@@ -10,7 +10,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use pixiu_protocol::auth::{self, Identity};
-use pixiu_protocol::client::{codes, parse_client_frame, ClientRequest, ErrorReply, FrameError, Id, ServerFrame};
+use pixiu_protocol::client::{
+    codes, parse_client_frame, ClientRequest, ErrorReply, FrameError, Id, ServerFrame,
+};
 use pixiu_protocol::ids::{IdSource, RouteKey, SnowflakeGen};
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
@@ -69,7 +71,9 @@ impl WsState {
 const MAX_FRAME: usize = 256 * 1024;
 
 pub(crate) fn router(state: Arc<WsState>) -> Router {
-    Router::new().route("/v1/ws", get(upgrade)).with_state(state)
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .with_state(state)
 }
 
 fn unauthorized(reason: String) -> Response {
@@ -83,7 +87,11 @@ fn unauthorized(reason: String) -> Response {
         .into_response()
 }
 
-fn authenticate(s: &WsSettings, headers: &HeaderMap, q: &HashMap<String, String>) -> Result<Identity, String> {
+fn authenticate(
+    s: &WsSettings,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<Identity, String> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -103,9 +111,14 @@ fn authenticate(s: &WsSettings, headers: &HeaderMap, q: &HashMap<String, String>
             .ok_or("missing token (or ?uid= in insecure dev mode)")?
             .parse::<u64>()
             .map_err(|_| "uid must be a decimal u64".to_string())?;
-        let device = q.get("dev").cloned().unwrap_or_else(|| auth::DEFAULT_DEVICE.into());
+        let device = q
+            .get("dev")
+            .cloned()
+            .unwrap_or_else(|| auth::DEFAULT_DEVICE.into());
         if !auth::valid_device(&device) {
-            return Err(format!("device {device:?} must be 1..=64 bytes of [A-Za-z0-9_.-]"));
+            return Err(format!(
+                "device {device:?} must be 1..=64 bytes of [A-Za-z0-9_.-]"
+            ));
         }
         return Ok(Identity { uid, device });
     }
@@ -131,7 +144,11 @@ async fn upgrade(
 }
 
 enum Event {
-    Joined { room: u64, cid: Option<String>, result: Result<(), String> },
+    Joined {
+        room: u64,
+        cid: Option<String>,
+        result: Result<(), String>,
+    },
 }
 
 async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
@@ -243,7 +260,14 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
         }
     }
     for room in joined.into_iter().chain(joining) {
-        let _ = state.cmds.send(Cmd::Leave { conn, uid: who.uid, room }).await;
+        let _ = state
+            .cmds
+            .send(Cmd::Leave {
+                conn,
+                uid: who.uid,
+                room,
+            })
+            .await;
     }
     drop(tx);
     let _ = writer.await;
@@ -251,7 +275,9 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
 }
 
 async fn reply(tx: &mpsc::Sender<Utf8Bytes>, frame: ServerFrame) -> Result<(), ()> {
-    tx.send(Utf8Bytes::from(frame.to_json())).await.map_err(|_| ())
+    tx.send(Utf8Bytes::from(frame.to_json()))
+        .await
+        .map_err(|_| ())
 }
 
 fn publish(state: &WsState, uid: u64, room: u64, body: String, cid: Option<String>) -> ServerFrame {
@@ -263,7 +289,11 @@ fn publish(state: &WsState, uid: u64, room: u64, body: String, cid: Option<Strin
         .collect();
     if running.is_empty() {
         state.metrics.drop("publish", "no_proxy");
-        return ServerFrame::Error { code: codes::UNAVAILABLE.into(), reason: "no running proxy".into(), cid };
+        return ServerFrame::Error {
+            code: codes::UNAVAILABLE.into(),
+            reason: "no running proxy".into(),
+            cid,
+        };
     }
     // seed 8.4: ProxyID = UIN % ProxyNum
     let to = running[(uid % running.len() as u64) as usize];
@@ -277,9 +307,17 @@ fn publish(state: &WsState, uid: u64, room: u64, body: String, cid: Option<Strin
     });
     if state.transport.send(to, wire::encode(&msg)) {
         state.metrics.inc_out("publish");
-        ServerFrame::Published { room: Id(room), id: Id(id), cid }
+        ServerFrame::Published {
+            room: Id(room),
+            id: Id(id),
+            cid,
+        }
     } else {
         state.metrics.drop("publish", "send_failed");
-        ServerFrame::Error { code: codes::UNAVAILABLE.into(), reason: "the proxy cannot be reached".into(), cid }
+        ServerFrame::Error {
+            code: codes::UNAVAILABLE.into(),
+            reason: "the proxy cannot be reached".into(),
+            cid,
+        }
     }
 }

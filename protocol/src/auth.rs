@@ -48,15 +48,25 @@ pub fn valid_device(dev: &str) -> bool {
 }
 
 /// Issue a token valid for `ttl_secs` from now.
-pub fn issue(secret: &[u8], uid: u64, device: Option<&str>, publisher: bool, ttl_secs: u64) -> String {
+pub fn issue(
+    secret: &[u8],
+    uid: u64,
+    device: Option<&str>,
+    publisher: bool,
+    ttl_secs: u64,
+) -> String {
     let claims = Claims {
         sub: uid.to_string(),
         dev: device.map(str::to_string),
         exp: crate::now_ms() / 1000 + ttl_secs,
         role: publisher.then(|| "publisher".to_string()),
     };
-    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
-        .expect("HS256 encoding of plain claims cannot fail")
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 encoding of plain claims cannot fail")
 }
 
 fn claims(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
@@ -74,7 +84,10 @@ fn claims(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
 /// Check a client token and say who it is.
 pub fn verify_client(secret: &[u8], token: &str) -> Result<Identity, AuthError> {
     let c = claims(secret, token)?;
-    let uid = c.sub.parse::<u64>().map_err(|_| AuthError::BadSubject(c.sub.clone()))?;
+    let uid = c
+        .sub
+        .parse::<u64>()
+        .map_err(|_| AuthError::BadSubject(c.sub.clone()))?;
     let device = c.dev.unwrap_or_else(|| DEFAULT_DEVICE.to_string());
     if !valid_device(&device) {
         return Err(AuthError::BadDevice(device));
@@ -100,17 +113,39 @@ mod tests {
     fn roundtrip_and_failures() {
         let s = b"secret";
         let t = issue(s, 42, Some("phone"), false, 60);
-        assert_eq!(verify_client(s, &t).unwrap(), Identity { uid: 42, device: "phone".into() });
-        assert!(matches!(verify_client(b"other", &t), Err(AuthError::Invalid(_))));
+        assert_eq!(
+            verify_client(s, &t).unwrap(),
+            Identity {
+                uid: 42,
+                device: "phone".into()
+            }
+        );
+        assert!(matches!(
+            verify_client(b"other", &t),
+            Err(AuthError::Invalid(_))
+        ));
         assert_eq!(verify_publisher(s, &t), Err(AuthError::NotPublisher));
         let p = issue(s, 0, None, true, 60);
         assert!(verify_publisher(s, &p).is_ok());
         assert_eq!(verify_client(s, &p).unwrap().device, "default");
-        assert!(matches!(verify_client(s, "garbage"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            verify_client(s, "garbage"),
+            Err(AuthError::Invalid(_))
+        ));
         assert_eq!(verify_client(s, ""), Err(AuthError::Missing));
         // expired
-        let claims = Claims { sub: "1".into(), dev: None, exp: 1000, role: None };
-        let old = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(s)).unwrap();
+        let claims = Claims {
+            sub: "1".into(),
+            dev: None,
+            exp: 1000,
+            role: None,
+        };
+        let old = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(s),
+        )
+        .unwrap();
         assert!(matches!(verify_client(s, &old), Err(AuthError::Invalid(_))));
         // bad device
         let t = issue(s, 1, Some("bad device!"), false, 60);

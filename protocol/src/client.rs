@@ -45,13 +45,35 @@ pub mod codes {
 /// A frame from a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientRequest {
-    Join { room: u64, cid: Option<String> },
-    Leave { room: u64, cid: Option<String> },
-    Publish { room: u64, body: String, cid: Option<String> },
-    Send { to: u64, body: String, sid: Option<u64>, cid: Option<String> },
-    Ack { id: u64 },
-    Sync { after: u64, cid: Option<String> },
-    Ping { cid: Option<String> },
+    Join {
+        room: u64,
+        cid: Option<String>,
+    },
+    Leave {
+        room: u64,
+        cid: Option<String>,
+    },
+    Publish {
+        room: u64,
+        body: String,
+        cid: Option<String>,
+    },
+    Send {
+        to: u64,
+        body: String,
+        sid: Option<u64>,
+        cid: Option<String>,
+    },
+    Ack {
+        id: u64,
+    },
+    Sync {
+        after: u64,
+        cid: Option<String>,
+    },
+    Ping {
+        cid: Option<String>,
+    },
 }
 
 /// Why a client frame was refused; becomes an `error` frame.
@@ -89,12 +111,19 @@ fn field<'a, T: Deserialize<'a>>(
     })
 }
 
-fn body_field(obj: &serde_json::Map<String, Value>, cid: &Option<String>) -> Result<String, FrameError> {
+fn body_field(
+    obj: &serde_json::Map<String, Value>,
+    cid: &Option<String>,
+) -> Result<String, FrameError> {
     let body: String = field(obj, "body", cid)?;
     if body.len() > crate::MAX_BODY {
         return Err(FrameError {
             code: codes::TOO_LARGE,
-            reason: format!("body is {} bytes, the limit is {}", body.len(), crate::MAX_BODY),
+            reason: format!(
+                "body is {} bytes, the limit is {}",
+                body.len(),
+                crate::MAX_BODY
+            ),
             cid: cid.clone(),
         });
     }
@@ -117,7 +146,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientRequest, FrameError> {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.len() <= 128 => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(bad("cid must be a string of at most 128 bytes".into(), None)),
+        Some(_) => {
+            return Err(bad(
+                "cid must be a string of at most 128 bytes".into(),
+                None,
+            ))
+        }
     };
     let op = match obj.get("op") {
         Some(Value::String(op)) => op.as_str(),
@@ -268,26 +302,50 @@ mod tests {
     fn parses_every_op() {
         assert_eq!(
             parse_client_frame(r#"{"op":"join","room":"42","cid":"1"}"#).unwrap(),
-            ClientRequest::Join { room: 42, cid: Some("1".into()) }
+            ClientRequest::Join {
+                room: 42,
+                cid: Some("1".into())
+            }
         );
         assert_eq!(
             parse_client_frame(r#"{"op":"leave","room":42}"#).unwrap(),
-            ClientRequest::Leave { room: 42, cid: None }
+            ClientRequest::Leave {
+                room: 42,
+                cid: None
+            }
         );
         assert_eq!(
-            parse_client_frame(r#"{"op":"publish","room":"18446744073709551615","body":"hi"}"#).unwrap(),
-            ClientRequest::Publish { room: u64::MAX, body: "hi".into(), cid: None }
+            parse_client_frame(r#"{"op":"publish","room":"18446744073709551615","body":"hi"}"#)
+                .unwrap(),
+            ClientRequest::Publish {
+                room: u64::MAX,
+                body: "hi".into(),
+                cid: None
+            }
         );
         assert!(matches!(
             parse_client_frame(r#"{"op":"send","to":"7","body":"x","sid":"9"}"#).unwrap(),
-            ClientRequest::Send { to: 7, sid: Some(9), .. }
+            ClientRequest::Send {
+                to: 7,
+                sid: Some(9),
+                ..
+            }
         ));
-        assert_eq!(parse_client_frame(r#"{"op":"ack","id":"5"}"#).unwrap(), ClientRequest::Ack { id: 5 });
+        assert_eq!(
+            parse_client_frame(r#"{"op":"ack","id":"5"}"#).unwrap(),
+            ClientRequest::Ack { id: 5 }
+        );
         assert_eq!(
             parse_client_frame(r#"{"op":"sync","after":"0"}"#).unwrap(),
-            ClientRequest::Sync { after: 0, cid: None }
+            ClientRequest::Sync {
+                after: 0,
+                cid: None
+            }
         );
-        assert_eq!(parse_client_frame(r#"{"op":"ping"}"#).unwrap(), ClientRequest::Ping { cid: None });
+        assert_eq!(
+            parse_client_frame(r#"{"op":"ping"}"#).unwrap(),
+            ClientRequest::Ping { cid: None }
+        );
     }
 
     #[test]
@@ -300,14 +358,23 @@ mod tests {
             (r#"{"op":"join"}"#, codes::BAD_REQUEST),
             (r#"{"op":"join","room":"-1"}"#, codes::BAD_REQUEST),
             (r#"{"op":"join","room":1.5}"#, codes::BAD_REQUEST),
-            (r#"{"op":"join","room":"18446744073709551616"}"#, codes::BAD_REQUEST),
-            (r#"{"op":"publish","room":"1","body":7}"#, codes::BAD_REQUEST),
+            (
+                r#"{"op":"join","room":"18446744073709551616"}"#,
+                codes::BAD_REQUEST,
+            ),
+            (
+                r#"{"op":"publish","room":"1","body":7}"#,
+                codes::BAD_REQUEST,
+            ),
         ] {
             let e = parse_client_frame(text).unwrap_err();
             assert_eq!(e.code, code, "{text}");
             assert!(!e.reason.is_empty());
         }
-        let big = format!(r#"{{"op":"publish","room":"1","body":"{}","cid":"c"}}"#, "x".repeat(crate::MAX_BODY + 1));
+        let big = format!(
+            r#"{{"op":"publish","room":"1","body":"{}","cid":"c"}}"#,
+            "x".repeat(crate::MAX_BODY + 1)
+        );
         let e = parse_client_frame(&big).unwrap_err();
         assert_eq!(e.code, codes::TOO_LARGE);
         assert_eq!(e.cid.as_deref(), Some("c"));
@@ -317,11 +384,23 @@ mod tests {
 
     #[test]
     fn server_frames_use_decimal_strings() {
-        let f = ServerFrame::Room { room: Id(42), id: Id(u64::MAX), from: Id(7), body: "hi".into(), ts: 1 };
+        let f = ServerFrame::Room {
+            room: Id(42),
+            id: Id(u64::MAX),
+            from: Id(7),
+            body: "hi".into(),
+            ts: 1,
+        };
         let s = f.to_json();
-        assert_eq!(s, r#"{"op":"room","room":"42","id":"18446744073709551615","from":"7","body":"hi","ts":1}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"room","room":"42","id":"18446744073709551615","from":"7","body":"hi","ts":1}"#
+        );
         let back: ServerFrame = serde_json::from_str(&s).unwrap();
         assert_eq!(back, f);
-        assert_eq!(ServerFrame::Pong { cid: None }.to_json(), r#"{"op":"pong"}"#);
+        assert_eq!(
+            ServerFrame::Pong { cid: None }.to_json(),
+            r#"{"op":"pong"}"#
+        );
     }
 }

@@ -150,8 +150,10 @@ mod tests {
         assert_eq!(pick_replica(7, 1, 2), Some(1));
         assert_eq!(pick_replica(8, 1, 2), Some(0));
         // 2 partitions, 2 replicas: the even rooms of partition 0 use both replicas
-        let used: std::collections::HashSet<usize> =
-            (0..100u64).step_by(2).filter_map(|h| pick_replica(h, 2, 2)).collect();
+        let used: std::collections::HashSet<usize> = (0..100u64)
+            .step_by(2)
+            .filter_map(|h| pick_replica(h, 2, 2))
+            .collect();
         assert_eq!(used.len(), 2);
     }
 

@@ -181,7 +181,10 @@ mod tests {
         assert!(t.apply(row(1, 1, 1, true)));
         assert!(!t.apply(row(1, 1, 1, true)), "duplicate");
         assert!(t.apply(row(1, 1, 3, false)));
-        assert!(!t.apply(row(1, 1, 2, true)), "late older join cannot resurrect");
+        assert!(
+            !t.apply(row(1, 1, 2, true)),
+            "late older join cannot resurrect"
+        );
         assert_eq!(t.gateways(&RouteKey::room(1)).count(), 0);
         // a retransmitted update for room 2 older than room 1's still applies
         assert!(t.apply(row(2, 1, 2, true)));

@@ -56,8 +56,12 @@ pub struct RoomMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Liveness probe (proxy to broker, gateway to router); answered with `Pong`.
-    Ping { seq: u64 },
-    Pong { seq: u64 },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
     /// A broker's heartbeat to one router replica: "forward me the gateway updates of my
     /// partition". Answered with `Pong`.
     Subscribe {
@@ -79,11 +83,18 @@ pub enum Message {
     /// Gateway to proxy: a client's `publish`.
     Publish(RoomMessage),
     /// Request: every row whose key hash satisfies `hash % partition_num == partition % partition_num`.
-    SnapshotRequest { partition: u32, partition_num: u32 },
+    SnapshotRequest {
+        partition: u32,
+        partition_num: u32,
+    },
     /// Response to `SnapshotRequest`.
-    Snapshot { rows: Vec<RouteRow> },
+    Snapshot {
+        rows: Vec<RouteRow>,
+    },
     /// Response to a request that could not be served.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 impl Message {
@@ -118,8 +129,8 @@ pub enum WireError {
 
 /// Encode a message as one frame.
 pub fn encode(msg: &Message) -> Bytes {
-    let out = postcard::to_extend(msg, vec![MAGIC, VERSION])
-        .expect("serializing into a Vec cannot fail");
+    let out =
+        postcard::to_extend(msg, vec![MAGIC, VERSION]).expect("serializing into a Vec cannot fail");
     Bytes::from(out)
 }
 
@@ -189,9 +200,15 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         assert_eq!(decode(&[]), Err(WireError::Empty));
         assert_eq!(decode(&[1, 2, 3]), Err(WireError::BadMagic(1)));
-        assert_eq!(decode(&[MAGIC]), Err(WireError::Decode("truncated header".into())));
+        assert_eq!(
+            decode(&[MAGIC]),
+            Err(WireError::Decode("truncated header".into()))
+        );
         assert_eq!(decode(&[MAGIC, 99, 0]), Err(WireError::BadVersion(99)));
-        assert!(matches!(decode(&[MAGIC, VERSION, 250, 250, 250]), Err(WireError::Decode(_))));
+        assert!(matches!(
+            decode(&[MAGIC, VERSION, 250, 250, 250]),
+            Err(WireError::Decode(_))
+        ));
         // every truncation of a valid frame is refused
         for m in sample() {
             let b = encode(&m);

@@ -2,7 +2,6 @@
 //! endpoints, which answer 503 until the inbox store is deployed.
 #![allow(clippy::result_large_err)] // axum responses are the handlers' error type
 
-
 use crate::pipeline::{Job, Pipeline, Routes};
 use arc_swap::ArcSwap;
 use axum::body::Body;
@@ -68,32 +67,40 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match (token, &s.secret) {
-        (Some(t), Some(secret)) => auth::verify_publisher(secret, t)
-            .map_err(|e| error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())),
+    let res = match (token, &s.secret) {
+        (Some(t), Some(secret)) => auth::verify_publisher(secret, t).map_err(|e| e.to_string()),
         (None, _) if s.insecure_dev_auth => Ok(()),
         (Some(_), None) if s.insecure_dev_auth => Ok(()),
-        _ => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing publisher token (Authorization: Bearer ...)",
-        )),
-    }
+        _ => Err("missing publisher token (Authorization: Bearer ...)".to_string()),
+    };
+    res.map_err(|reason| {
+        s.metrics.drop("http", "unauthorized");
+        error(StatusCode::UNAUTHORIZED, "unauthorized", reason)
+    })
 }
 
 /// Read and parse a JSON body with the size limits of the contract.
-async fn read_json<T: serde::de::DeserializeOwned>(s: &HttpState, req: Request<Body>) -> Result<T, Response> {
-    let bytes = axum::body::to_bytes(req.into_body(), MAX_REQUEST).await.map_err(|_| {
-        s.metrics.drop("http", "too_large");
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body over {MAX_REQUEST} bytes"),
-        )
-    })?;
+async fn read_json<T: serde::de::DeserializeOwned>(
+    s: &HttpState,
+    req: Request<Body>,
+) -> Result<T, Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_REQUEST)
+        .await
+        .map_err(|_| {
+            s.metrics.drop("http", "too_large");
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body over {MAX_REQUEST} bytes"),
+            )
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         s.metrics.drop("http", "bad_request");
-        error(StatusCode::BAD_REQUEST, "bad_request", format!("bad JSON body: {e}"))
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("bad JSON body: {e}"),
+        )
     })
 }
 
@@ -104,12 +111,15 @@ async fn publish_room(
 ) -> Response {
     s.metrics.inc_in("http");
     if let Err(r) = authorize(&s, req.headers()) {
-        s.metrics.drop("http", "unauthorized");
         return r;
     }
     let Ok(room) = room.parse::<u64>() else {
         s.metrics.drop("http", "bad_request");
-        return error(StatusCode::BAD_REQUEST, "bad_request", format!("room {room:?} is not a decimal u64"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("room {room:?} is not a decimal u64"),
+        );
     };
     let body: PublishBody = match read_json(&s, req).await {
         Ok(b) => b,
@@ -124,9 +134,18 @@ async fn publish_room(
         );
     }
     let routes = s.routes.load();
-    if !s.big_rooms.publish_keys(room).iter().any(|k| routes.pick(k).is_some()) {
+    if !s
+        .big_rooms
+        .publish_keys(room)
+        .iter()
+        .any(|k| routes.pick(k).is_some())
+    {
         s.metrics.drop("http", "no_broker");
-        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no running broker replica serves this room");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no running broker replica serves this room",
+        );
     }
     let id = match body.sid {
         Some(Id(sid)) => {
@@ -147,12 +166,17 @@ async fn publish_room(
         ts: pixiu_protocol::now_ms(),
     };
     if !s.pipeline.submit(job) {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the proxy is overloaded; retry");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the proxy is overloaded; retry",
+        );
     }
     (StatusCode::ACCEPTED, Json(IdReply { id: Id(id) })).into_response()
 }
 
 async fn inbox_unavailable(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    s.metrics.inc_in("http");
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
@@ -169,8 +193,15 @@ async fn gateways(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Respon
         return r;
     }
     let view = s.gateways.borrow().clone();
-    let mut running: Vec<_> = view.running(0).into_iter().filter(|m| m.info.client_url.is_some()).collect();
+    let mut running: Vec<_> = view
+        .running(0)
+        .into_iter()
+        .filter(|m| m.info.client_url.is_some())
+        .collect();
     running.sort_by_key(|m| (m.info.load, m.id));
-    let gateways = running.into_iter().filter_map(|m| m.info.client_url.clone()).collect();
+    let gateways = running
+        .into_iter()
+        .filter_map(|m| m.info.client_url.clone())
+        .collect();
     (StatusCode::OK, Json(GatewaysReply { gateways })).into_response()
 }

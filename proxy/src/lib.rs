@@ -10,13 +10,13 @@ mod http;
 mod pipeline;
 
 use arc_swap::ArcSwap;
+use pipeline::{Job, Pipeline, Routes};
 use pixiu_protocol::ids::{IdSource, SnowflakeGen};
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role};
 use pixiu_runtime::{admin, CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
-use pipeline::{Job, Pipeline, Routes};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -91,9 +91,14 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::from_common(&config.common).await?;
     if let Some(addr) = config.common.admin {
-        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
-            .await
-            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+        admin::serve(
+            addr,
+            vec![env.health.clone()],
+            env.metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
     }
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
@@ -114,8 +119,11 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     }
     let big_rooms = BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
     let metrics = RoleMetrics::new(&env.metrics, "proxy");
-    let (transport, mut inbound) =
-        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
     let node_addr = transport.local_addr();
     pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
 
@@ -138,8 +146,14 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
 
     let listener = tokio::net::TcpListener::bind(pc.http)
         .await
-        .map_err(|source| Error::Listen { addr: pc.http, source })?;
-    let http_addr = listener.local_addr().map_err(|source| Error::Listen { addr: pc.http, source })?;
+        .map_err(|source| Error::Listen {
+            addr: pc.http,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: pc.http,
+        source,
+    })?;
     let registration = env
         .registry
         .register(
@@ -184,7 +198,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     env.health.set_ready(true);
     tracing::info!(id = registration.id(), %node_addr, %http_addr, convert_queues = n, "proxy running");
 
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(pc.heartbeat_interval_ms.max(10)));
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(pc.heartbeat_interval_ms.max(10)));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

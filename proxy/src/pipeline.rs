@@ -48,7 +48,10 @@ impl Routes {
                     .collect()
             })
             .collect();
-        Routes { partition_num: n, partitions }
+        Routes {
+            partition_num: n,
+            partitions,
+        }
     }
 
     /// The broker replica for a key: partition `hash % N`, replica `(hash / N) % replicas`.
@@ -172,7 +175,12 @@ fn convert_loop(
     }
 }
 
-fn send_loop(rx: Receiver<(SocketAddr, Bytes)>, transport: Transport, metrics: RoleMetrics, rt: tokio::runtime::Handle) {
+fn send_loop(
+    rx: Receiver<(SocketAddr, Bytes)>,
+    transport: Transport,
+    metrics: RoleMetrics,
+    rt: tokio::runtime::Handle,
+) {
     // the transport may start a connection task: that needs the runtime's context
     let _guard = rt.enter();
     while let Ok((to, bytes)) = rx.recv() {
@@ -193,12 +201,18 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
-        let r = Routes { partition_num: 2, partitions: vec![vec![a, b], vec![c]] };
+        let r = Routes {
+            partition_num: 2,
+            partitions: vec![vec![a, b], vec![c]],
+        };
         assert_eq!(r.pick(&RouteKey::room(4)), Some(a)); // partition 0, replica (4 / 2) % 2 = 0
         assert_eq!(r.pick(&RouteKey::room(6)), Some(b)); // (6 / 2) % 2 = 1
         assert_eq!(r.pick(&RouteKey::room(2)), Some(b));
         assert_eq!(r.pick(&RouteKey::room(5)), Some(c));
-        let r = Routes { partition_num: 2, partitions: vec![vec![a, b], vec![]] };
+        let r = Routes {
+            partition_num: 2,
+            partitions: vec![vec![a, b], vec![]],
+        };
         assert_eq!(r.pick(&RouteKey::room(5)), None);
         assert_eq!(Routes::default().pick(&RouteKey::room(1)), None);
     }

@@ -69,9 +69,14 @@ pub enum Error {
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::from_common(&config.common).await?;
     if let Some(addr) = config.common.admin {
-        admin::serve(addr, vec![env.health.clone()], env.metrics.clone(), shutdown.clone())
-            .await
-            .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
+        admin::serve(
+            addr,
+            vec![env.health.clone()],
+            env.metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
     }
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
@@ -108,8 +113,11 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     }
     tracing::info!(rows = table.len(), "loaded the routing table from RocksDB");
 
-    let (transport, mut inbound) =
-        Transport::bind(TransportConfig::new(config.common.listen, (*env.tls).clone())).await?;
+    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
     let node_addr = transport.local_addr();
     pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
     let mut routers_rx = env.registry.watch(Role::Router).await?;
@@ -215,13 +223,18 @@ async fn sync_from_peers(
         partition_num,
     });
     for peer in peers {
-        match transport.request(*peer, req.clone(), Duration::from_secs(5)).await {
+        match transport
+            .request(*peer, req.clone(), Duration::from_secs(5))
+            .await
+        {
             Ok(bytes) => match wire::decode(&bytes) {
                 Ok(Message::Snapshot { rows }) => {
                     tracing::info!(%peer, rows = rows.len(), "synced the routing table from a peer replica");
                     return rows;
                 }
-                Ok(other) => tracing::warn!(%peer, kind = other.kind(), "peer refused the snapshot"),
+                Ok(other) => {
+                    tracing::warn!(%peer, kind = other.kind(), "peer refused the snapshot")
+                }
                 Err(e) => tracing::warn!(%peer, "bad snapshot: {e}"),
             },
             Err(e) => tracing::warn!(%peer, "snapshot request failed: {e}"),
@@ -271,7 +284,13 @@ impl Router {
             }
         };
         match (msg, reply) {
-            (Message::SnapshotRequest { partition, partition_num }, Some(reply)) => {
+            (
+                Message::SnapshotRequest {
+                    partition,
+                    partition_num,
+                },
+                Some(reply),
+            ) => {
                 self.metrics.inc_in("snapshot_request");
                 let rows = self.table.rows_for(partition, partition_num);
                 reply.send(wire::encode(&Message::Snapshot { rows }));
@@ -283,9 +302,17 @@ impl Router {
                 }));
             }
             (Message::Ping { seq }, None) => {
-                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+                self.transport
+                    .send(from, wire::encode(&Message::Pong { seq }));
             }
-            (Message::Subscribe { seq, broker_partition, broker_partition_num }, None) => {
+            (
+                Message::Subscribe {
+                    seq,
+                    broker_partition,
+                    broker_partition_num,
+                },
+                None,
+            ) => {
                 self.metrics.inc_in("subscribe");
                 self.subscribers.insert(
                     from,
@@ -295,7 +322,8 @@ impl Router {
                         last_seen: Instant::now(),
                     },
                 );
-                self.transport.send(from, wire::encode(&Message::Pong { seq }));
+                self.transport
+                    .send(from, wire::encode(&Message::Pong { seq }));
             }
             (Message::Gateway(u), None) => self.on_gateway_update(u),
             (other, None) => {
@@ -306,7 +334,11 @@ impl Router {
     }
 
     fn on_gateway_update(&mut self, u: GatewayUpdate) {
-        let stage = if u.forwarded { "peer_update" } else { "gateway_update" };
+        let stage = if u.forwarded {
+            "peer_update"
+        } else {
+            "gateway_update"
+        };
         self.metrics.inc_in(stage);
         if !partition_matches(u.key.hash(), self.partition, self.routers.partition_num) {
             self.metrics.drop(stage, "wrong_partition");
@@ -330,7 +362,8 @@ impl Router {
         let bytes = wire::encode(&Message::Gateway(u));
         let ttl = self.subscriber_ttl;
         for (addr, s) in &self.subscribers {
-            if s.last_seen.elapsed() <= ttl && partition_matches(hash, s.partition, s.partition_num) {
+            if s.last_seen.elapsed() <= ttl && partition_matches(hash, s.partition, s.partition_num)
+            {
                 self.transport.send(*addr, bytes.clone());
                 self.metrics.inc_out("broker_update");
             }

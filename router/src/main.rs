@@ -42,7 +42,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let shutdown = Shutdown::new();
         pixiu_runtime::shutdown_on_signals(shutdown.clone());
         let cfg = pixiu_router::Config { common, router: r };
-        match pixiu_runtime::run_until_drained(pixiu_router::run(cfg, shutdown.clone()), shutdown, drain).await {
+        match pixiu_runtime::run_until_drained(
+            pixiu_router::run(cfg, shutdown.clone()),
+            shutdown,
+            drain,
+        )
+        .await
+        {
             Some(res) => res.context("running the router"),
             None => Ok(()),
         }

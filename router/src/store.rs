@@ -10,7 +10,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("rocksdb at {path}: {source}")]
-    Open { path: String, source: rocksdb::Error },
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
 }
@@ -84,7 +87,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let row = RouteRow {
             key: RouteKey::virtual_room(9, 3),
-            gateway: GatewayRef { instance: 4, addr: "127.0.0.1:9".parse().unwrap() },
+            gateway: GatewayRef {
+                instance: 4,
+                addr: "127.0.0.1:9".parse().unwrap(),
+            },
             version: GatewayMsgId::new(4, 7),
             present: true,
         };

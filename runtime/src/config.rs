@@ -105,7 +105,8 @@ pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
     let Some(path) = path else {
         return Ok((CommonConfig::default(), T::default()));
     };
-    let err = |e: String| crate::RuntimeError::Config(format!("config file {}: {e}", path.display()));
+    let err =
+        |e: String| crate::RuntimeError::Config(format!("config file {}: {e}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| {
         crate::RuntimeError::Config(format!("cannot read config file {}: {e}", path.display()))
     })?;
@@ -116,8 +117,12 @@ pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
             common.insert((*k).to_string(), v);
         }
     }
-    let common: CommonConfig = common.try_into().map_err(|e: toml::de::Error| err(e.to_string()))?;
-    let role: T = table.try_into().map_err(|e: toml::de::Error| err(e.to_string()))?;
+    let common: CommonConfig = common
+        .try_into()
+        .map_err(|e: toml::de::Error| err(e.to_string()))?;
+    let role: T = table
+        .try_into()
+        .map_err(|e: toml::de::Error| err(e.to_string()))?;
     Ok((common, role))
 }
 
@@ -136,7 +141,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pixiu-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("c.toml");
-        std::fs::write(&f, "zk = \"127.0.0.1:2181\"\ncluster = \"a\"\npartition = 3\n").unwrap();
+        std::fs::write(
+            &f,
+            "zk = \"127.0.0.1:2181\"\ncluster = \"a\"\npartition = 3\n",
+        )
+        .unwrap();
         let (mut common, c): (CommonConfig, RoleCfg) = load_toml(Some(&f)).unwrap();
         assert_eq!(c.partition, 3);
         assert_eq!(common.cluster, "a");

@@ -100,9 +100,10 @@ pub fn shutdown_on_signals(shutdown: Shutdown) {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-            else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
@@ -140,11 +141,18 @@ where
 
 /// Read a secret file (trailing whitespace trimmed); a clear error names the file.
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, RuntimeError> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| RuntimeError::Config(format!("cannot read auth secret file {}: {e}", path.display())))?;
+    let s = std::fs::read_to_string(path).map_err(|e| {
+        RuntimeError::Config(format!(
+            "cannot read auth secret file {}: {e}",
+            path.display()
+        ))
+    })?;
     let s = s.trim_end().to_string();
     if s.is_empty() {
-        return Err(RuntimeError::Config(format!("auth secret file {} is empty", path.display())));
+        return Err(RuntimeError::Config(format!(
+            "auth secret file {} is empty",
+            path.display()
+        )));
     }
     Ok(s)
 }

@@ -22,12 +22,20 @@ impl RoleMetrics {
     pub fn new(registry: &Registry, role: &str) -> RoleMetrics {
         let m = RoleMetrics {
             messages_in: IntCounterVec::new(
-                opts("pixiu_messages_in_total", "Messages received, by stage", role),
+                opts(
+                    "pixiu_messages_in_total",
+                    "Messages received, by stage",
+                    role,
+                ),
                 &["stage"],
             )
             .expect("valid metric"),
             messages_out: IntCounterVec::new(
-                opts("pixiu_messages_out_total", "Messages sent on, by stage", role),
+                opts(
+                    "pixiu_messages_out_total",
+                    "Messages sent on, by stage",
+                    role,
+                ),
                 &["stage"],
             )
             .expect("valid metric"),
@@ -52,7 +60,11 @@ impl RoleMetrics {
             ))
             .expect("valid metric"),
             transport: IntGaugeVec::new(
-                opts("pixiu_transport", "Node-to-node QUIC transport counters", role),
+                opts(
+                    "pixiu_transport",
+                    "Node-to-node QUIC transport counters",
+                    role,
+                ),
                 &["counter"],
             )
             .expect("valid metric"),
@@ -133,7 +145,15 @@ mod tests {
         b.inc_in("room");
         b.drop("decode", "bad_frame");
         let text = render(&r);
-        assert!(text.contains(r#"pixiu_messages_in_total{role="gateway",stage="room"} 1"#), "{text}");
-        assert!(text.contains(r#"pixiu_messages_dropped_total{reason="bad_frame",role="broker",stage="decode"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"pixiu_messages_in_total{role="gateway",stage="room"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pixiu_messages_dropped_total{reason="bad_frame",role="broker",stage="decode"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -91,7 +91,13 @@ impl Cluster {
         ]
     }
 
-    fn spawn(&mut self, name: &str, role: &'static str, mut extra: Vec<String>, url: Option<String>) {
+    fn spawn(
+        &mut self,
+        name: &str,
+        role: &'static str,
+        mut extra: Vec<String>,
+        url: Option<String>,
+    ) {
         let admin = format!("127.0.0.1:{}", free_tcp_port());
         let mut args = self.common_args(&admin);
         args.append(&mut extra);
@@ -103,7 +109,15 @@ impl Cluster {
             self.dir.path(),
         )
         .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        self.nodes.insert(name.to_string(), Node { role, proc, admin, url });
+        self.nodes.insert(
+            name.to_string(),
+            Node {
+                role,
+                proc,
+                admin,
+                url,
+            },
+        );
     }
 
     pub fn spawn_router(&mut self, name: &str, partition: u32) {
@@ -122,7 +136,12 @@ impl Cluster {
     }
 
     pub fn spawn_broker(&mut self, name: &str, partition: u32) {
-        self.spawn(name, "broker", vec!["--partition".into(), partition.to_string()], None);
+        self.spawn(
+            name,
+            "broker",
+            vec!["--partition".into(), partition.to_string()],
+            None,
+        );
     }
 
     pub fn spawn_gateway(&mut self, name: &str, extra: &[&str]) {
@@ -135,7 +154,12 @@ impl Cluster {
         ];
         args.extend(self.extra_edge_args.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn(name, "gateway", args, Some(format!("ws://127.0.0.1:{port}/v1/ws")));
+        self.spawn(
+            name,
+            "gateway",
+            args,
+            Some(format!("ws://127.0.0.1:{port}/v1/ws")),
+        );
     }
 
     pub fn spawn_proxy(&mut self, name: &str, extra: &[&str]) {
@@ -148,7 +172,12 @@ impl Cluster {
         ];
         args.extend(self.extra_edge_args.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn(name, "proxy", args, Some(format!("http://127.0.0.1:{port}")));
+        self.spawn(
+            name,
+            "proxy",
+            args,
+            Some(format!("http://127.0.0.1:{port}")),
+        );
     }
 
     pub fn node(&mut self, name: &str) -> &mut Node {
@@ -201,10 +230,21 @@ impl Cluster {
     /// `pixiu-ctl status --json`
     pub fn status(&self) -> serde_json::Value {
         let out = std::process::Command::new(bin_path("pixiu-ctl"))
-            .args(["status", "--json", "--zk", &self.zk.connect_string(), "--cluster", "test"])
+            .args([
+                "status",
+                "--json",
+                "--zk",
+                &self.zk.connect_string(),
+                "--cluster",
+                "test",
+            ])
             .output()
             .expect("running pixiu-ctl status");
-        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -225,7 +265,10 @@ impl Cluster {
 }
 
 /// Collect room events from a client until none arrives for `quiet`.
-pub async fn drain_events(c: &mut Client, quiet: Duration) -> Vec<pixiu_protocol::client::ServerFrame> {
+pub async fn drain_events(
+    c: &mut Client,
+    quiet: Duration,
+) -> Vec<pixiu_protocol::client::ServerFrame> {
     let mut out = Vec::new();
     while let Ok(Some(ev)) = tokio::time::timeout(quiet, c.next_event()).await {
         out.push(ev);

@@ -82,8 +82,8 @@ fn assert_refused<T: std::fmt::Debug>(r: Result<T, ClientError>, want_code: &str
 fn assert_http(r: (u16, String), status: u16, code: &str, what: &str) {
     let (s, body) = r;
     assert_eq!(s, status, "{what}: {body}");
-    let v: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: body {body:?} is not JSON: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{what}: body {body:?} is not JSON: {e}"));
     assert_eq!(v["error"], code, "{what}: {body}");
     assert!(v["reason"].is_string(), "{what}: no reason: {body}");
 }
@@ -201,22 +201,48 @@ async fn bad_input_is_refused_counted_and_harmless() {
     let base_nj = read_metric(&gw_a, &dropped("publish", "not_joined")).await;
     let base_inbox = read_metric(&gw_a, &dropped("frame", "inbox_unavailable")).await;
 
-    for (i, junk) in ["{not json", "", "[1,2,3]", "\"op\"", "{\"op\":42}", "null"].iter().enumerate() {
+    for (i, junk) in ["{not json", "", "[1,2,3]", "\"op\"", "{\"op\":42}", "null"]
+        .iter()
+        .enumerate()
+    {
         prober.send_raw(junk).await.unwrap();
         let f = next(&mut prober, &format!("junk frame {junk:?}")).await;
         assert_error(&f, "bad_request", None, &format!("junk frame {junk:?}"));
         // the connection stays usable
-        prober.ping().await.unwrap_or_else(|e| panic!("ping after junk {i}: {e}"));
+        prober
+            .ping()
+            .await
+            .unwrap_or_else(|e| panic!("ping after junk {i}: {e}"));
     }
-    prober.send_raw(r#"{"op":"frobnicate","room":"7","cid":"u1"}"#).await.unwrap();
-    assert_error(&next(&mut prober, "unknown op").await, "bad_request", Some("u1"), "unknown op");
-    prober.send_raw(r#"{"op":"join","room":"seven","cid":"u2"}"#).await.unwrap();
-    assert_error(&next(&mut prober, "bad room id").await, "bad_request", Some("u2"), "bad room id");
+    prober
+        .send_raw(r#"{"op":"frobnicate","room":"7","cid":"u1"}"#)
+        .await
+        .unwrap();
+    assert_error(
+        &next(&mut prober, "unknown op").await,
+        "bad_request",
+        Some("u1"),
+        "unknown op",
+    );
+    prober
+        .send_raw(r#"{"op":"join","room":"seven","cid":"u2"}"#)
+        .await
+        .unwrap();
+    assert_error(
+        &next(&mut prober, "bad room id").await,
+        "bad_request",
+        Some("u2"),
+        "bad room id",
+    );
     prober.ping().await.expect("ping after unknown op");
 
     // bodies: 64 KiB is fine, one byte more is too large
     let big = "x".repeat(MAX_BODY + 1);
-    assert_refused(prober.publish(PROBE_ROOM, &big).await, "too_large", "65537-byte publish");
+    assert_refused(
+        prober.publish(PROBE_ROOM, &big).await,
+        "too_large",
+        "65537-byte publish",
+    );
     prober
         .publish(PROBE_ROOM, &big[..MAX_BODY])
         .await
@@ -231,16 +257,37 @@ async fn bad_input_is_refused_counted_and_harmless() {
     }
     prober.ping().await.expect("ping after too_large");
 
-    assert_refused(prober.publish(ROOM + 1000, "hi").await, "not_joined", "publish to an unjoined room");
+    assert_refused(
+        prober.publish(ROOM + 1000, "hi").await,
+        "not_joined",
+        "publish to an unjoined room",
+    );
     assert_refused(prober.send(1, "hi").await, "unavailable", "send");
-    prober.send_raw(r#"{"op":"sync","after":"0","cid":"s1"}"#).await.unwrap();
-    assert_error(&next(&mut prober, "sync").await, "unavailable", Some("s1"), "sync");
+    prober
+        .send_raw(r#"{"op":"sync","after":"0","cid":"s1"}"#)
+        .await
+        .unwrap();
+    assert_error(
+        &next(&mut prober, "sync").await,
+        "unavailable",
+        Some("s1"),
+        "sync",
+    );
     prober.ping().await.expect("ping after inbox ops");
     // The SDK sends text frames only: binary frames are not tested here.
 
-    assert!(read_metric(&gw_a, &bad_request).await >= base_bad + 8.0, "bad_request counted");
-    assert!(read_metric(&gw_a, &dropped("frame", "too_large")).await > base_large, "too_large counted");
-    assert!(read_metric(&gw_a, &dropped("publish", "not_joined")).await > base_nj, "not_joined counted");
+    assert!(
+        read_metric(&gw_a, &bad_request).await >= base_bad + 8.0,
+        "bad_request counted"
+    );
+    assert!(
+        read_metric(&gw_a, &dropped("frame", "too_large")).await > base_large,
+        "too_large counted"
+    );
+    assert!(
+        read_metric(&gw_a, &dropped("publish", "not_joined")).await > base_nj,
+        "not_joined counted"
+    );
     assert!(
         read_metric(&gw_a, &dropped("frame", "inbox_unavailable")).await >= base_inbox + 2.0,
         "send/sync counted"
@@ -249,12 +296,16 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // ---- bad tokens ----------------------------------------------------------------------
     let unauthorized = dropped("connect", "unauthorized");
     let base_unauth = read_metric(&gw_b, &unauthorized).await;
-    let other_secret = pixiu_protocol::auth::issue(b"some-other-secret-0123456789", 1, Some("x"), false, 3600);
+    let other_secret =
+        pixiu_protocol::auth::issue(b"some-other-secret-0123456789", 1, Some("x"), false, 3600);
     let bad_tokens = [
         ("garbage", "not.a.jwt".to_string()),
         ("empty", String::new()),
         ("other secret", other_secret),
-        ("bad device", pixiu_protocol::auth::issue(SECRET.as_bytes(), 1, Some("bad device!"), false, 3600)),
+        (
+            "bad device",
+            pixiu_protocol::auth::issue(SECRET.as_bytes(), 1, Some("bad device!"), false, 3600),
+        ),
     ];
     for (what, token) in &bad_tokens {
         match Client::connect(&c.url("gw-b"), &Auth::Token(token.clone())).await {
@@ -264,7 +315,15 @@ async fn bad_input_is_refused_counted_and_harmless() {
         }
     }
     // no token at all (and no --insecure-dev-auth)
-    match Client::connect(&c.url("gw-b"), &Auth::InsecureDev { uid: 1, device: "d".into() }).await {
+    match Client::connect(
+        &c.url("gw-b"),
+        &Auth::InsecureDev {
+            uid: 1,
+            device: "d".into(),
+        },
+    )
+    .await
+    {
         Err(ClientError::Unauthorized) => {}
         other => panic!("no token: expected 401, got {:?}", other.map(|_| ())),
     }
@@ -282,47 +341,114 @@ async fn bad_input_is_refused_counted_and_harmless() {
     let base_http_large = read_metric(&proxy, &dropped("http", "too_large")).await;
     let base_http_unauth = read_metric(&proxy, &dropped("http", "unauthorized")).await;
 
-    assert_http(p.raw_post(&path, b"{\"body\": oops".to_vec(), json).await.unwrap(), 400, "bad_request", "malformed JSON");
-    assert_http(p.raw_post(&path, b"[1,2]".to_vec(), json).await.unwrap(), 400, "bad_request", "JSON not an object");
-    assert_http(p.raw_post(&path, br#"{"from":"1"}"#.to_vec(), json).await.unwrap(), 400, "bad_request", "no body field");
+    assert_http(
+        p.raw_post(&path, b"{\"body\": oops".to_vec(), json)
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+        "malformed JSON",
+    );
+    assert_http(
+        p.raw_post(&path, b"[1,2]".to_vec(), json).await.unwrap(),
+        400,
+        "bad_request",
+        "JSON not an object",
+    );
+    assert_http(
+        p.raw_post(&path, br#"{"from":"1"}"#.to_vec(), json)
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+        "no body field",
+    );
     let valid = br#"{"body":"never delivered","from":"1"}"#.to_vec();
     assert_http(
-        p.raw_post("/v1/rooms/seven/messages", valid.clone(), json).await.unwrap(),
+        p.raw_post("/v1/rooms/seven/messages", valid.clone(), json)
+            .await
+            .unwrap(),
         400,
         "bad_request",
         "room id not a number",
     );
     assert_http(
-        p.raw_post("/v1/rooms/-1/messages", valid.clone(), json).await.unwrap(),
+        p.raw_post("/v1/rooms/-1/messages", valid.clone(), json)
+            .await
+            .unwrap(),
         400,
         "bad_request",
         "negative room id",
     );
     let over = serde_json::json!({"body": "y".repeat(MAX_BODY + 1), "from": "1"}).to_string();
-    assert_http(p.raw_post(&path, over.into_bytes(), json).await.unwrap(), 413, "too_large", "65537-byte body");
+    assert_http(
+        p.raw_post(&path, over.into_bytes(), json).await.unwrap(),
+        413,
+        "too_large",
+        "65537-byte body",
+    );
     let huge = serde_json::json!({"body": "y".repeat(4 * MAX_BODY), "from": "1"}).to_string();
-    assert_http(p.raw_post(&path, huge.into_bytes(), json).await.unwrap(), 413, "too_large", "256 KiB request");
+    assert_http(
+        p.raw_post(&path, huge.into_bytes(), json).await.unwrap(),
+        413,
+        "too_large",
+        "256 KiB request",
+    );
     let (s, body) = p
         .raw_post(
             &format!("/v1/rooms/{PROBE_ROOM}/messages"),
-            serde_json::json!({"body": "z".repeat(MAX_BODY), "from": "1"}).to_string().into_bytes(),
+            serde_json::json!({"body": "z".repeat(MAX_BODY), "from": "1"})
+                .to_string()
+                .into_bytes(),
             json,
         )
         .await
         .unwrap();
     assert_eq!(s, 202, "a 65536-byte body is accepted: {body}");
     let none = Publisher::new(&purl, None);
-    assert_http(none.raw_post(&path, valid.clone(), json).await.unwrap(), 401, "unauthorized", "no token");
+    assert_http(
+        none.raw_post(&path, valid.clone(), json).await.unwrap(),
+        401,
+        "unauthorized",
+        "no token",
+    );
     let as_client = Publisher::new(&purl, Some(c.client_token(1, "test")));
-    assert_http(as_client.raw_post(&path, valid.clone(), json).await.unwrap(), 401, "unauthorized", "client token");
+    assert_http(
+        as_client
+            .raw_post(&path, valid.clone(), json)
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+        "client token",
+    );
     let garbage = Publisher::new(&purl, Some("garbage".into()));
-    assert_http(garbage.raw_post(&path, valid.clone(), json).await.unwrap(), 401, "unauthorized", "garbage token");
+    assert_http(
+        garbage.raw_post(&path, valid.clone(), json).await.unwrap(),
+        401,
+        "unauthorized",
+        "garbage token",
+    );
     let foreign = Publisher::new(
         &purl,
-        Some(pixiu_protocol::auth::issue(b"some-other-secret-0123456789", 0, None, true, 3600)),
+        Some(pixiu_protocol::auth::issue(
+            b"some-other-secret-0123456789",
+            0,
+            None,
+            true,
+            3600,
+        )),
     );
-    assert_http(foreign.raw_post(&path, valid.clone(), json).await.unwrap(), 401, "unauthorized", "other secret");
-    assert!(matches!(none.publish_room(ROOM, "x", 1, None).await, Err(ClientError::Unauthorized)));
+    assert_http(
+        foreign.raw_post(&path, valid.clone(), json).await.unwrap(),
+        401,
+        "unauthorized",
+        "other secret",
+    );
+    assert!(matches!(
+        none.publish_room(ROOM, "x", 1, None).await,
+        Err(ClientError::Unauthorized)
+    ));
 
     assert!(read_metric(&proxy, &dropped("http", "bad_request")).await >= base_http_bad + 5.0);
     assert!(read_metric(&proxy, &dropped("http", "too_large")).await >= base_http_large + 2.0);
@@ -350,7 +476,11 @@ async fn bad_input_is_refused_counted_and_harmless() {
             .find(|(_, node)| node.admin == admin)
             .map(|(name, _)| name.clone())
             .unwrap_or_else(|| panic!("status row {n} is none of our nodes"));
-        let addr: SocketAddr = n["addr"].as_str().expect("addr").parse().expect("addr parses");
+        let addr: SocketAddr = n["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("addr parses");
         targets.push((name, admin.to_string(), addr));
     }
     assert_eq!(targets.len(), 5, "every node is registered: {status}");
@@ -378,9 +508,10 @@ async fn bad_input_is_refused_counted_and_harmless() {
         base_bad_frame.insert(name.clone(), read_metric(admin, &bad_frame).await);
     }
     let tls = TlsMaterial::load(&c.tls_dir).expect("loading the cluster TLS material");
-    let (transport, _inbound) = Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
-        .await
-        .expect("binding a test transport");
+    let (transport, _inbound) =
+        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
+            .await
+            .expect("binding a test transport");
     let samples = sample_frames();
     let mut sent: HashMap<String, u32> = HashMap::new();
     for (name, _, addr) in &targets {
@@ -410,32 +541,45 @@ async fn bad_input_is_refused_counted_and_harmless() {
     }
     eprintln!("bad frames sent: {sent:?}");
     for (name, admin, _) in &targets {
-        let want = base_bad_frame[name] + 1.0;
+        // datagrams are best effort: most, not necessarily all, arrive
+        let want =
+            base_bad_frame[name] + (f64::from(sent.get(name).copied().unwrap_or(0)) / 2.0).max(1.0);
         metric_reaches(admin, &bad_frame, want).await;
         let got = read_metric(admin, &bad_frame).await - base_bad_frame[name];
-        eprintln!("{name}: {got} of {} bad frames counted", sent.get(name).copied().unwrap_or(0));
+        eprintln!(
+            "{name}: {got} of {} bad frames counted",
+            sent.get(name).copied().unwrap_or(0)
+        );
     }
 
     // ---- the expired token is refused now --------------------------------------------------
-    assert_eventually("the expired token is refused", Duration::from_secs(15), || {
-        let (url, token) = (c.url("gw-b"), expiring.clone());
-        async move {
-            match Client::connect(&url, &Auth::Token(token)).await {
-                Err(ClientError::Unauthorized) => Ok(()),
-                Err(e) => Err(format!("expected 401, got {e}")),
-                Ok(client) => {
-                    drop(client);
-                    Err("still accepted".into())
+    assert_eventually(
+        "the expired token is refused",
+        Duration::from_secs(15),
+        || {
+            let (url, token) = (c.url("gw-b"), expiring.clone());
+            async move {
+                match Client::connect(&url, &Auth::Token(token)).await {
+                    Err(ClientError::Unauthorized) => Ok(()),
+                    Err(e) => Err(format!("expected 401, got {e}")),
+                    Ok(client) => {
+                        drop(client);
+                        Err("still accepted".into())
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
 
     // ---- nothing crashed; the bystanders got everything exactly once -----------------------
     stop.store(true, Ordering::Relaxed);
     let ids = background.await.expect("background publisher");
     assert!(ids.len() >= 50, "only {} background messages", ids.len());
+    eprintln!(
+        "{} background messages, each to {BYSTANDERS} bystanders",
+        ids.len()
+    );
     let want: HashSet<u64> = ids.iter().copied().collect();
     assert_eq!(want.len(), ids.len(), "ids are unique");
     for (uid, b) in bystanders.iter_mut() {
@@ -454,7 +598,10 @@ async fn bad_input_is_refused_counted_and_harmless() {
                 panic!("bystander {uid}: unexpected frame {ev:?}");
             };
             assert_eq!(room.0, ROOM, "bystander {uid}: {ev:?}");
-            assert!(body.starts_with("bg:"), "bystander {uid}: foreign message {ev:?}");
+            assert!(
+                body.starts_with("bg:"),
+                "bystander {uid}: foreign message {ev:?}"
+            );
             assert!(seen.insert(id.0), "bystander {uid}: id {} twice", id.0);
             assert!(want.contains(&id.0), "bystander {uid}: unknown id {}", id.0);
         }
@@ -467,8 +614,13 @@ async fn bad_input_is_refused_counted_and_harmless() {
             c.logs()
         );
     }
-    assert!(drain_events(&mut prober, Duration::from_millis(200)).await.is_empty());
-    prober.ping().await.expect("the prober's connection still works");
+    assert!(drain_events(&mut prober, Duration::from_millis(200))
+        .await
+        .is_empty());
+    prober
+        .ping()
+        .await
+        .expect("the prober's connection still works");
 
     for name in ["router", "broker", "gw-a", "gw-b", "proxy"] {
         assert!(

@@ -49,20 +49,29 @@ async fn eventually_whole(c: &Cluster, clients: &mut [(u64, Client)], tag: &str)
         round += 1;
         let mut want = HashMap::new();
         for (room, _) in clients.iter() {
-            if let Ok(id) = p.publish_room(*room, &format!("{tag}:{round}"), 1, None).await {
+            if let Ok(id) = p
+                .publish_room(*room, &format!("{tag}:{round}"), 1, None)
+                .await
+            {
                 want.insert(*room, id);
             }
         }
         let mut all = want.len() == clients.len();
         for (room, client) in clients.iter_mut() {
             let got = drain_events(client, Duration::from_millis(400)).await;
-            let ok = got.iter().any(|f| matches!(f, ServerFrame::Room { id, .. } if Some(&id.0) == want.get(room)));
+            let ok = got.iter().any(
+                |f| matches!(f, ServerFrame::Room { id, .. } if Some(&id.0) == want.get(room)),
+            );
             all &= ok;
         }
         if all {
             return;
         }
-        assert!(Instant::now() < deadline, "{tag}: routing not whole after 30 s\n{}", c.logs());
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: routing not whole after 30 s\n{}",
+            c.logs()
+        );
     }
 }
 
@@ -81,7 +90,10 @@ async fn broker_kill_loses_a_bounded_window_and_restarts_heal() {
     let mut clients = Vec::new();
     for room in 1..=8u64 {
         let client = c.client("gw", 100 + room).await;
-        client.join(room).await.unwrap_or_else(|e| panic!("join {room}: {e}\n{}", c.logs()));
+        client
+            .join(room)
+            .await
+            .unwrap_or_else(|e| panic!("join {room}: {e}\n{}", c.logs()));
         clients.push((room, client));
     }
     publish_round(&c, &mut clients, "warmup").await;
@@ -110,7 +122,10 @@ async fn broker_kill_loses_a_bounded_window_and_restarts_heal() {
     for (room, client) in clients.iter_mut() {
         for f in drain_events(client, Duration::from_secs(1)).await {
             if let ServerFrame::Room { id, .. } = f {
-                assert!(got.entry(*room).or_default().insert(id.0), "duplicate delivery");
+                assert!(
+                    got.entry(*room).or_default().insert(id.0),
+                    "duplicate delivery"
+                );
             }
         }
     }
@@ -137,7 +152,11 @@ async fn broker_kill_loses_a_bounded_window_and_restarts_heal() {
             c.logs()
         );
     }
-    assert!(sent.len() > 200, "publishing continued: {} sent", sent.len());
+    assert!(
+        sent.len() > 200,
+        "publishing continued: {} sent",
+        sent.len()
+    );
 
     // restart the killed broker: it loads the table from a router and serves again
     c.node("broker-a").proc.respawn().unwrap();
@@ -150,19 +169,34 @@ async fn broker_kill_loses_a_bounded_window_and_restarts_heal() {
     c.node("router-a").proc.respawn().unwrap();
     c.wait_healthy("router-a").await;
     let (a, b) = (c.admin("router-a"), c.admin("router-b"));
-    assert_eventually("the restarted router has the whole table", Duration::from_secs(20), || {
-        let (a, b) = (a.clone(), b.clone());
-        async move {
-            let ra = metric(&a, "pixiu_queue_depth{queue=\"table_rows\"}").await.map_err(|e| e.to_string())?;
-            let rb = metric(&b, "pixiu_queue_depth{queue=\"table_rows\"}").await.map_err(|e| e.to_string())?;
-            if ra == rb && ra >= 8.0 { Ok(()) } else { Err(format!("router-a {ra} rows, router-b {rb}")) }
-        }
-    })
+    assert_eventually(
+        "the restarted router has the whole table",
+        Duration::from_secs(20),
+        || {
+            let (a, b) = (a.clone(), b.clone());
+            async move {
+                let ra = metric(&a, "pixiu_queue_depth{queue=\"table_rows\"}")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let rb = metric(&b, "pixiu_queue_depth{queue=\"table_rows\"}")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if ra == rb && ra >= 8.0 {
+                    Ok(())
+                } else {
+                    Err(format!("router-a {ra} rows, router-b {rb}"))
+                }
+            }
+        },
+    )
     .await;
     eventually_whole(&c, &mut clients, "after-router-restart").await;
     // and a new member can join through the restarted routers
     let newcomer = c.client("gw", 999).await;
-    newcomer.join(50).await.unwrap_or_else(|e| panic!("join after router restart: {e}\n{}", c.logs()));
+    newcomer
+        .join(50)
+        .await
+        .unwrap_or_else(|e| panic!("join after router restart: {e}\n{}", c.logs()));
     clients.push((50, newcomer));
     publish_round(&c, &mut clients, "router-restarted").await;
 
@@ -198,16 +232,26 @@ async fn leaving_stops_delivery_and_lost_leaves_are_repaired_by_feedback() {
     b.leave(7).await.unwrap();
     let gw_b = c.admin("gw-b");
     let room_in = "pixiu_messages_in_total{stage=\"room\"}";
-    assert_eventually("gw-b stops receiving room 7", Duration::from_secs(15), || {
-        let (p, gw_b) = (&p, gw_b.clone());
-        async move {
-            let before = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
-            p.publish_room(7, "after-leave", 0, None).await.map_err(|e| e.to_string())?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let after = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
-            if after == before { Ok(()) } else { Err(format!("gw-b still receives room 7 ({before} -> {after})")) }
-        }
-    })
+    assert_eventually(
+        "gw-b stops receiving room 7",
+        Duration::from_secs(15),
+        || {
+            let (p, gw_b) = (&p, gw_b.clone());
+            async move {
+                let before = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
+                p.publish_room(7, "after-leave", 0, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let after = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
+                if after == before {
+                    Ok(())
+                } else {
+                    Err(format!("gw-b still receives room 7 ({before} -> {after})"))
+                }
+            }
+        },
+    )
     .await;
     let on_a = drain_events(&mut a, Duration::from_millis(500)).await;
     assert!(!on_a.is_empty(), "A keeps receiving");
@@ -228,21 +272,29 @@ async fn leaving_stops_delivery_and_lost_leaves_are_repaired_by_feedback() {
     tokio::time::sleep(Duration::from_millis(300)).await; // let gw-b send its (lost) leave
     c.node("router").proc.respawn().unwrap();
     c.wait_healthy("router").await;
-    assert_eventually("gw-b sends negative feedback and stops receiving room 8", Duration::from_secs(30), || {
-        let (p, gw_b) = (&p, gw_b.clone());
-        async move {
-            let before = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
-            p.publish_room(8, "probe", 0, None).await.map_err(|e| e.to_string())?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let after = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
-            let fb = metric(&gw_b, feedback).await.map_err(|e| e.to_string())?;
-            if fb > fb_before && after == before {
-                Ok(())
-            } else {
-                Err(format!("feedback {fb_before} -> {fb}, gw-b room messages {before} -> {after}"))
+    assert_eventually(
+        "gw-b sends negative feedback and stops receiving room 8",
+        Duration::from_secs(30),
+        || {
+            let (p, gw_b) = (&p, gw_b.clone());
+            async move {
+                let before = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
+                p.publish_room(8, "probe", 0, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let after = metric(&gw_b, room_in).await.map_err(|e| e.to_string())?;
+                let fb = metric(&gw_b, feedback).await.map_err(|e| e.to_string())?;
+                if fb > fb_before && after == before {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "feedback {fb_before} -> {fb}, gw-b room messages {before} -> {after}"
+                    ))
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     // the member on gw-a still gets room 8
     let got = drain_events(&mut watcher, Duration::from_millis(500)).await;
@@ -281,22 +333,36 @@ async fn expired_sessions_register_again_and_serve() {
         assert_eq!(before.len(), 1, "{role}: {before:?}");
         // pause the process well past the session timeout: ZooKeeper expires its session
         c.node(name).proc.sigstop();
-        assert_eventually(&format!("{role}'s node expires"), Duration::from_secs(20), || {
-            let ids = id_of(&c, role);
-            async move { if ids.is_empty() { Ok(()) } else { Err(format!("still {ids:?}")) } }
-        })
+        assert_eventually(
+            &format!("{role}'s node expires"),
+            Duration::from_secs(20),
+            || {
+                let ids = id_of(&c, role);
+                async move {
+                    if ids.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("still {ids:?}"))
+                    }
+                }
+            },
+        )
         .await;
         c.node(name).proc.sigcont();
-        assert_eventually(&format!("{role} registers again"), Duration::from_secs(20), || {
-            let ids = id_of(&c, role);
-            let before = before.clone();
-            async move {
-                match ids.as_slice() {
-                    [id] if *id > before[0] => Ok(()),
-                    other => Err(format!("{role} ids now {other:?}, before {before:?}")),
+        assert_eventually(
+            &format!("{role} registers again"),
+            Duration::from_secs(20),
+            || {
+                let ids = id_of(&c, role);
+                let before = before.clone();
+                async move {
+                    match ids.as_slice() {
+                        [id] if *id > before[0] => Ok(()),
+                        other => Err(format!("{role} ids now {other:?}, before {before:?}")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         eventually_whole(&c, &mut clients, &format!("after-{role}-expiry")).await;
     }

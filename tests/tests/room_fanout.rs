@@ -28,7 +28,10 @@ async fn every_member_gets_every_message_once_in_order() {
         let gw = if uid % 2 == 0 { "gw-a" } else { "gw-b" };
         let room = ROOMS[(uid % 3) as usize];
         let client = c.client(gw, uid).await;
-        client.join(room).await.unwrap_or_else(|e| panic!("uid {uid} join {room}: {e}\n{}", c.logs()));
+        client
+            .join(room)
+            .await
+            .unwrap_or_else(|e| panic!("uid {uid} join {room}: {e}\n{}", c.logs()));
         clients.push((uid, room, client));
     }
 
@@ -84,7 +87,13 @@ async fn every_member_gets_every_message_once_in_order() {
         }
         // and nothing more arrives
         got.extend(drain_events(client, Duration::from_millis(300)).await);
-        assert_eq!(got.len(), want, "uid {uid} in room {room}: got {} of {want}\n{}", got.len(), c.logs());
+        assert_eq!(
+            got.len(),
+            want,
+            "uid {uid} in room {room}: got {} of {want}\n{}",
+            got.len(),
+            c.logs()
+        );
     }
 
     for (uid, room, _) in &clients {
@@ -93,7 +102,10 @@ async fn every_member_gets_every_message_once_in_order() {
         let mut last_http: Option<u32> = None;
         let mut last_client: HashMap<u64, u32> = HashMap::new();
         for ev in got {
-            let ServerFrame::Room { room: r, id, body, .. } = ev else {
+            let ServerFrame::Room {
+                room: r, id, body, ..
+            } = ev
+            else {
                 panic!("uid {uid}: unexpected frame {ev:?}");
             };
             assert_eq!(r.0, *room, "uid {uid} got a message of another room");
@@ -103,13 +115,19 @@ async fn every_member_gets_every_message_once_in_order() {
             let k: u32 = parts[2].parse().unwrap();
             match parts[0] {
                 "h" => {
-                    assert!(last_http.is_none_or(|l| k > l), "uid {uid}: HTTP message {k} after {last_http:?}");
+                    assert!(
+                        last_http.is_none_or(|l| k > l),
+                        "uid {uid}: HTTP message {k} after {last_http:?}"
+                    );
                     last_http = Some(k);
                 }
                 "c" => {
                     let from: u64 = parts[1].parse().unwrap();
                     let prev = last_client.insert(from, k);
-                    assert!(prev.is_none_or(|l| k > l), "uid {uid}: client {from} message {k} after {prev:?}");
+                    assert!(
+                        prev.is_none_or(|l| k > l),
+                        "uid {uid}: client {from} message {k} after {prev:?}"
+                    );
                 }
                 other => panic!("unexpected body kind {other}"),
             }
@@ -118,16 +136,26 @@ async fn every_member_gets_every_message_once_in_order() {
 
     // the metrics saw it: every gateway fanned out, nothing was dropped as undecodable
     for gw in ["gw-a", "gw-b"] {
-        let out = pixiu_tests::metric(&c.admin(gw), "pixiu_messages_out_total{stage=\"deliver\"}").await.unwrap();
+        let out = pixiu_tests::metric(&c.admin(gw), "pixiu_messages_out_total{stage=\"deliver\"}")
+            .await
+            .unwrap();
         assert!(out >= 10_000.0, "{gw} delivered {out}");
     }
-    assert_eventually("status lists every node running", Duration::from_secs(10), || {
-        let s = c.status();
-        async move {
-            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-            let running = nodes.iter().filter(|n| n["state"] == "running").count();
-            if running == 7 { Ok(()) } else { Err(format!("{running} running: {s}")) }
-        }
-    })
+    assert_eventually(
+        "status lists every node running",
+        Duration::from_secs(10),
+        || {
+            let s = c.status();
+            async move {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                let running = nodes.iter().filter(|n| n["state"] == "running").count();
+                if running == 7 {
+                    Ok(())
+                } else {
+                    Err(format!("{running} running: {s}"))
+                }
+            }
+        },
+    )
     .await;
 }

@@ -84,7 +84,9 @@ pub fn render_status(s: &Status) -> String {
         out.push_str(&format!(
             "{:<8} {:>9} {:>11} {:<8} {:<22} {}\n",
             n.role,
-            n.partition.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            n.partition
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             n.id,
             n.state,
             n.addr,

@@ -103,14 +103,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Init { zk, broker_partitions, router_partitions, xiu_partitions, pi_partitions, tls_dir } => {
+            Cmd::Init {
+                zk,
+                broker_partitions,
+                router_partitions,
+                xiu_partitions,
+                pi_partitions,
+                tls_dir,
+            } => {
                 if let Some(dir) = &tls_dir {
                     let wrote = pixiu_transport::generate_dev_tls(dir)
                         .with_context(|| format!("writing TLS material into {}", dir.display()))?;
-                    println!("{} {}", if wrote { "wrote a new CA and node certificate in" } else { "kept the TLS material already in" }, dir.display());
+                    println!(
+                        "{} {}",
+                        if wrote {
+                            "wrote a new CA and node certificate in"
+                        } else {
+                            "kept the TLS material already in"
+                        },
+                        dir.display()
+                    );
                 }
                 let registry = connect(&zk).await?;
-                let layout = Layout { broker_partitions, router_partitions, xiu_partitions, pi_partitions };
+                let layout = Layout {
+                    broker_partitions,
+                    router_partitions,
+                    xiu_partitions,
+                    pi_partitions,
+                };
                 pixiu_tools::init(&registry, &layout).await?;
                 registry.close().await;
                 println!("cluster {:?} initialised: {layout:?}", zk.cluster);
@@ -121,25 +141,60 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let s = pixiu_tools::status(&registry).await?;
                 registry.close().await;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&s).context("rendering JSON")?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&s).context("rendering JSON")?
+                    );
                 } else {
                     print!("{}", pixiu_tools::render_status(&s));
                 }
                 Ok(())
             }
-            Cmd::Token { uid, dev, publisher, auth_secret_file, ttl } => {
+            Cmd::Token {
+                uid,
+                dev,
+                publisher,
+                auth_secret_file,
+                ttl,
+            } => {
                 if let Some(d) = &dev {
-                    anyhow::ensure!(pixiu_protocol::auth::valid_device(d), "device {d:?} must be 1..=64 bytes of [A-Za-z0-9_.-]");
+                    anyhow::ensure!(
+                        pixiu_protocol::auth::valid_device(d),
+                        "device {d:?} must be 1..=64 bytes of [A-Za-z0-9_.-]"
+                    );
                 }
                 let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
-                println!("{}", pixiu_protocol::auth::issue(secret.as_bytes(), uid, dev.as_deref(), publisher, ttl));
+                println!(
+                    "{}",
+                    pixiu_protocol::auth::issue(
+                        secret.as_bytes(),
+                        uid,
+                        dev.as_deref(),
+                        publisher,
+                        ttl
+                    )
+                );
                 Ok(())
             }
-            Cmd::Standalone { client_listen, http, admin, data_dir, insecure_dev_auth, big_rooms } => {
+            Cmd::Standalone {
+                client_listen,
+                http,
+                admin,
+                data_dir,
+                insecure_dev_auth,
+                big_rooms,
+            } => {
                 pixiu_protocol::routing::BigRooms::parse(&big_rooms).map_err(anyhow::Error::msg)?;
                 let shutdown = Shutdown::new();
                 pixiu_runtime::shutdown_on_signals(shutdown.clone());
-                let cfg = StandaloneConfig { client_listen, http, admin, data_dir, insecure_dev_auth, big_rooms };
+                let cfg = StandaloneConfig {
+                    client_listen,
+                    http,
+                    admin,
+                    data_dir,
+                    insecure_dev_auth,
+                    big_rooms,
+                };
                 let (started, handle) = standalone::start(cfg, shutdown.clone()).await?;
                 print_started(&started);
                 shutdown.cancelled().await;
@@ -154,18 +209,31 @@ fn print_started(s: &standalone::Started) {
     println!("PiXiu standalone: proxy, broker, router and gateway are running in this process.");
     match &s.secret {
         None => {
-            println!("  WebSocket (insecure dev auth): {}?uid=1&dev=web", s.ws_url);
+            println!(
+                "  WebSocket (insecure dev auth): {}?uid=1&dev=web",
+                s.ws_url
+            );
             println!("  publish into room 42:");
-            println!("    curl -s -X POST {}/v1/rooms/42/messages -d '{{\"body\":\"hello\"}}'", s.http_url);
+            println!(
+                "    curl -s -X POST {}/v1/rooms/42/messages -d '{{\"body\":\"hello\"}}'",
+                s.http_url
+            );
         }
         Some(secret) => {
-            let client = pixiu_protocol::auth::issue(secret.as_bytes(), 1, Some("web"), false, 86_400);
+            let client =
+                pixiu_protocol::auth::issue(secret.as_bytes(), 1, Some("web"), false, 86_400);
             let publisher = pixiu_protocol::auth::issue(secret.as_bytes(), 0, None, true, 86_400);
-            println!("  WebSocket (uid 1, token valid 24 h): {}?token={client}", s.ws_url);
+            println!(
+                "  WebSocket (uid 1, token valid 24 h): {}?token={client}",
+                s.ws_url
+            );
             println!("  publish into room 42:");
             println!("    curl -s -X POST {}/v1/rooms/42/messages -H 'Authorization: Bearer {publisher}' -d '{{\"body\":\"hello\"}}'", s.http_url);
         }
     }
     println!("  then send {{\"op\":\"join\",\"room\":\"42\"}} on the WebSocket to receive it");
-    println!("  admin: http://{}/healthz and /metrics; Ctrl-C stops", s.admin);
+    println!(
+        "  admin: http://{}/healthz and /metrics; Ctrl-C stops",
+        s.admin
+    );
 }

@@ -76,8 +76,7 @@ pub async fn start(
                     .take(40)
                     .map(char::from)
                     .collect();
-                std::fs::write(&path, &s)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, &s).with_context(|| format!("writing {}", path.display()))?;
                 s
             }
         };
@@ -91,9 +90,14 @@ pub async fn start(
         proxy_env.health.clone(),
         gateway_env.health.clone(),
     ];
-    let admin_addr = admin::serve(cfg.admin, healths.clone(), metrics.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("serving admin on {}", cfg.admin))?;
+    let admin_addr = admin::serve(
+        cfg.admin,
+        healths.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("serving admin on {}", cfg.admin))?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let router_cfg = pixiu_router::Config {
