@@ -246,12 +246,21 @@ impl Broker {
         let mut all = HashSet::new();
         self.targets = parts.clone();
         for rp in parts {
-            let replicas: Vec<SocketAddr> = self
-                .routers
-                .members(rp)
+            // prefer running replicas: one still in `init` may not have its whole table yet
+            let members = self.routers.members(rp);
+            let running: Vec<SocketAddr> = members
                 .iter()
+                .filter(|m| m.info.state == NodeState::Running)
                 .filter_map(|m| m.info.addr.parse().ok())
                 .collect();
+            let replicas: Vec<SocketAddr> = if running.is_empty() {
+                members
+                    .iter()
+                    .filter_map(|m| m.info.addr.parse().ok())
+                    .collect()
+            } else {
+                running
+            };
             if replicas.is_empty() {
                 continue;
             }

@@ -53,7 +53,7 @@ struct Pending {
     last_sent: Instant,
     /// broker replicas that confirmed; done when they include every running replica that
     /// serves the key (re-checked as the broker view changes)
-    acked: HashSet<u64>,
+    acked: HashSet<(u32, u64)>,
     deadline: Instant,
     waiters: Vec<(ConnId, u64, JoinReply)>,
 }
@@ -154,6 +154,20 @@ impl Core {
                     self.ids = GatewayMsgIdGen::new(id);
                     self.me.instance = id;
                     self.refresh_all();
+                    // joins still waiting now wait for acks of the new instance's updates
+                    let pending: Vec<RouteKey> = self
+                        .keys
+                        .iter()
+                        .filter(|(_, k)| k.pending.is_some())
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for key in pending {
+                        let first = self.announce(key, true, false);
+                        if let Some(p) = self.keys.get_mut(&key).and_then(|k| k.pending.as_mut()) {
+                            p.id = first;
+                            p.acked.clear();
+                        }
+                    }
                 }
             }
         }
@@ -250,7 +264,7 @@ impl Core {
     }
 
     /// Running broker replicas that must confirm a route for `key`.
-    fn brokers_for(&self, key: &RouteKey) -> HashSet<u64> {
+    fn brokers_for(&self, key: &RouteKey) -> HashSet<(u32, u64)> {
         let parts = target_partitions(
             key.hash(),
             self.brokers.partition_num,
@@ -258,7 +272,7 @@ impl Core {
         );
         parts
             .into_iter()
-            .flat_map(|p| self.brokers.running(p).into_iter().map(|m| m.id))
+            .flat_map(|p| self.brokers.running(p).into_iter().map(move |m| (p, m.id)))
             .collect()
     }
 
@@ -306,6 +320,7 @@ impl Core {
                 self.metrics.drop("gateway_update", "send_failed");
             }
             let members = self.keys.get(&key).map(|k| k.members).unwrap_or(0);
+            // seed 7.3: while fewer than 3 local members, send it twice (first join, last leave)
             if allow_double && members < 3 {
                 let t = self.transport.clone();
                 let b = bytes.clone();
@@ -383,7 +398,7 @@ impl Core {
             let Some(p) = state.pending.take() else {
                 continue;
             };
-            let missing: Vec<u64> = self
+            let missing: Vec<(u32, u64)> = self
                 .brokers_for(&key)
                 .difference(&p.acked)
                 .copied()
@@ -435,8 +450,11 @@ impl Core {
             Message::Room(m) => self.deliver(m),
             Message::Pong { seq } => self.router_live.pong(from, seq, Instant::now()),
             Message::RouteApplied {
-                id, key, broker_id, ..
-            } => self.applied(id, key, broker_id),
+                id,
+                key,
+                broker_partition,
+                broker_id,
+            } => self.applied(id, key, broker_partition, broker_id),
             Message::Ping { seq } => {
                 self.transport
                     .send(from, wire::encode(&Message::Pong { seq }));
@@ -448,7 +466,7 @@ impl Core {
         }
     }
 
-    fn applied(&mut self, id: GatewayMsgId, key: RouteKey, broker_id: u64) {
+    fn applied(&mut self, id: GatewayMsgId, key: RouteKey, broker_partition: u32, broker_id: u64) {
         let Some(state) = self.keys.get_mut(&key) else {
             return;
         };
@@ -458,7 +476,7 @@ impl Core {
         if id.instance() != p.id.instance() || id < p.id {
             return;
         }
-        p.acked.insert(broker_id);
+        p.acked.insert((broker_partition, broker_id));
         self.confirm_if_done(key);
     }
 

@@ -138,8 +138,12 @@ async fn upgrade(
             return unauthorized(reason);
         }
     };
+    // small per-connection buffers: most frames are small, and memory per connection is what
+    // limits how many clients one gateway holds (the buffers grow on demand up to MAX_FRAME)
     ws.max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
+        .read_buffer_size(4096)
+        .write_buffer_size(4096)
         .on_upgrade(move |socket| connection(state, who, socket))
 }
 

@@ -147,17 +147,17 @@ async fn publish_room(
             "no running broker replica serves this room",
         );
     }
-    let id = match body.sid {
-        Some(Id(sid)) => {
-            let mut sids = s.sids.lock().unwrap_or_else(|p| p.into_inner());
-            if sids.put(sid, sid).is_some() {
-                s.metrics.drop("http", "duplicate_sid");
-                return (StatusCode::ACCEPTED, Json(IdReply { id: Id(sid) })).into_response();
-            }
-            sid
+    let sid = body.sid.map(|Id(sid)| sid);
+    if let Some(sid) = sid {
+        let mut sids = s.sids.lock().unwrap_or_else(|p| p.into_inner());
+        if sids.get(&sid).is_some() {
+            s.metrics.drop("http", "duplicate_sid");
+            return (StatusCode::ACCEPTED, Json(IdReply { id: Id(sid) })).into_response();
         }
-        None => s.ids.next(),
-    };
+    }
+    // a publisher's snowflake id is the message id, so gateways de-duplicate retries sent
+    // through different proxies too
+    let id = sid.unwrap_or_else(|| s.ids.next());
     let job = Job {
         id,
         room,
@@ -171,6 +171,13 @@ async fn publish_room(
             "unavailable",
             "the proxy is overloaded; retry",
         );
+    }
+    if let Some(sid) = sid {
+        // remembered only once accepted: a refused request may be retried with the same sid
+        s.sids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(sid, id);
     }
     (StatusCode::ACCEPTED, Json(IdReply { id: Id(id) })).into_response()
 }

@@ -1,10 +1,12 @@
 //! The proxy: the cluster's front door for publishers. Room messages come in from the HTTP API
 //! and from gateways (client `publish`); each goes to broker partition `RoomID % N` and to the
-//! running replica `RoomID % replicas` of it (seed 4.3). Replicas that stop answering heartbeats
-//! are skipped within a bounded time, even while ZooKeeper still lists them (the seed's "fake
-//! death"). Receive, convert and send run as the seed's pipeline (seed 4.4): one receiver,
-//! N convert queues, 3N send queues, over lock-free queues, with the queue picked by room so one
-//! room's messages keep their order.
+//! running replica `(RoomID / N) % replicas` of it (seed 4.3, with the partition bits divided
+//! out so that every replica gets a share; see `pixiu_protocol::routing::pick_replica`).
+//! Replicas that stop answering heartbeats are skipped within a bounded time, even while
+//! ZooKeeper still lists them (the seed's "fake death"). Receive, convert and send run as the
+//! seed's pipeline (seed 4.4): the receivers (HTTP handlers and the QUIC inbound task) feed
+//! N convert queues, which feed 3N send queues, over lock-free queues, with the queue picked by
+//! room so one room's messages keep their order.
 
 mod http;
 mod pipeline;

@@ -115,6 +115,10 @@ impl RoleMetrics {
             ("connect_failures", s.connect_failures),
             ("handshake_failures", s.handshake_failures),
             ("peers", s.peers),
+            ("dropped_no_connection", s.dropped_no_connection),
+            ("dropped_closed", s.dropped_closed),
+            ("recv_errors", s.recv_errors),
+            ("open_connections", s.open_connections),
         ] {
             self.transport.with_label_values(&[name]).set(v as i64);
         }

@@ -45,6 +45,14 @@ pub async fn start(
 ) -> anyhow::Result<(Started, tokio::task::JoinHandle<()>)> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating the data dir {}", cfg.data_dir.display()))?;
+    // The embedded registry starts afresh each run, so gateway ids (and their GatewayMsgIDs)
+    // start over too: a routing table kept from an earlier run would hold newer versions for
+    // them and refuse their updates. Start the router from an empty table.
+    let router_dir = cfg.data_dir.join("router");
+    if router_dir.exists() {
+        std::fs::remove_dir_all(&router_dir)
+            .with_context(|| format!("clearing {}", router_dir.display()))?;
+    }
     let registry = Registry::embedded("standalone");
     registry
         .init_layout(&Layout {
@@ -160,10 +168,12 @@ pub async fn start(
     // wait until every role runs, or one of them fails
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !healths.iter().all(Health::is_ready) {
-        if tasks.len() < 4 {
-            if let Some(Ok(Err(e))) = tasks.join_next().await {
-                shutdown.cancel();
-                return Err(e.context("starting the standalone cluster"));
+        if let Some(res) = tasks.try_join_next() {
+            shutdown.cancel();
+            match res {
+                Ok(Err(e)) => return Err(e.context("starting the standalone cluster")),
+                Ok(Ok(())) => anyhow::bail!("a role stopped while the standalone cluster started"),
+                Err(e) => anyhow::bail!("a role task failed while starting: {e}"),
             }
         }
         if tokio::time::Instant::now() > deadline {
