@@ -8,7 +8,7 @@ use pixiu_protocol::routing::{partition_matches, router_partitions_for_broker};
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message, RouteRow};
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::{admin, CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -60,17 +60,7 @@ pub enum Error {
 
 /// Run a broker against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::from_common(&config.common).await?;
-    if let Some(addr) = config.common.admin {
-        admin::serve(
-            addr,
-            vec![env.health.clone()],
-            env.metrics.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
-    }
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
     registry.close().await;

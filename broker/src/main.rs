@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use pixiu_runtime::{config::load_toml, CommonArgs};
 use std::time::Duration;
 
 /// PiXiu broker: forwards each room message once to every gateway with members in the room.
@@ -30,20 +30,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         b.partition = v;
     }
     let drain = Duration::from_millis(common.drain_ms);
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let shutdown = Shutdown::new();
-        pixiu_runtime::shutdown_on_signals(shutdown.clone());
-        let cfg = pixiu_broker::Config { common, broker: b };
-        match pixiu_runtime::run_until_drained(
-            pixiu_broker::run(cfg, shutdown.clone()),
-            shutdown,
-            drain,
-        )
-        .await
-        {
-            Some(res) => res.context("running the broker"),
-            None => Ok(()),
-        }
+    let cfg = pixiu_broker::Config { common, broker: b };
+    pixiu_runtime::serve_until_signalled("broker", drain, |shutdown| {
+        pixiu_broker::run(cfg, shutdown)
     })
 }

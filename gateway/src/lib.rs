@@ -10,7 +10,7 @@ mod ws;
 
 use pixiu_protocol::routing::BigRooms;
 use pixiu_registry::{NodeInfo, NodeState, Role};
-use pixiu_runtime::{admin, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Transport, TransportConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -92,17 +92,7 @@ pub enum Error {
 
 /// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::from_common(&config.common).await?;
-    if let Some(addr) = config.common.admin {
-        admin::serve(
-            addr,
-            vec![env.health.clone()],
-            env.metrics.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
-    }
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
     registry.close().await;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use pixiu_runtime::{config::load_toml, CommonArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,27 +67,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if let Some(v) = args.refresh_interval_ms {
         g.refresh_interval_ms = v;
     }
-    g.auth_secret = match &g.auth_secret_file {
-        Some(f) => Some(pixiu_runtime::read_secret_file(f).context("reading the auth secret")?),
-        None => std::env::var("PIXIU_AUTH_SECRET")
-            .ok()
-            .filter(|s| !s.is_empty()),
-    };
+    g.auth_secret = pixiu_runtime::auth_secret(g.auth_secret_file.as_deref())
+        .context("reading the auth secret")?;
     let drain = Duration::from_millis(common.drain_ms);
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let shutdown = Shutdown::new();
-        pixiu_runtime::shutdown_on_signals(shutdown.clone());
-        let cfg = pixiu_gateway::Config { common, gateway: g };
-        match pixiu_runtime::run_until_drained(
-            pixiu_gateway::run(cfg, shutdown.clone()),
-            shutdown,
-            drain,
-        )
-        .await
-        {
-            Some(res) => res.context("running the gateway"),
-            None => Ok(()),
-        }
+    let cfg = pixiu_gateway::Config { common, gateway: g };
+    pixiu_runtime::serve_until_signalled("gateway", drain, |shutdown| {
+        pixiu_gateway::run(cfg, shutdown)
     })
 }

@@ -17,7 +17,7 @@ use pixiu_protocol::ids::{IdSource, SnowflakeGen};
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role};
-use pixiu_runtime::{admin, CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -91,17 +91,7 @@ pub enum Error {
 
 /// Run a proxy against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::from_common(&config.common).await?;
-    if let Some(addr) = config.common.admin {
-        admin::serve(
-            addr,
-            vec![env.health.clone()],
-            env.metrics.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
-    }
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
     registry.close().await;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use pixiu_runtime::{config::load_toml, CommonArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,27 +49,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if let Some(v) = args.big_rooms {
         r.big_rooms = v;
     }
-    r.auth_secret = match &r.auth_secret_file {
-        Some(f) => Some(pixiu_runtime::read_secret_file(f).context("reading the auth secret")?),
-        None => std::env::var("PIXIU_AUTH_SECRET")
-            .ok()
-            .filter(|s| !s.is_empty()),
-    };
+    r.auth_secret = pixiu_runtime::auth_secret(r.auth_secret_file.as_deref())
+        .context("reading the auth secret")?;
     let drain = Duration::from_millis(common.drain_ms);
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let shutdown = Shutdown::new();
-        pixiu_runtime::shutdown_on_signals(shutdown.clone());
-        let cfg = pixiu_proxy::Config { common, proxy: r };
-        match pixiu_runtime::run_until_drained(
-            pixiu_proxy::run(cfg, shutdown.clone()),
-            shutdown,
-            drain,
-        )
-        .await
-        {
-            Some(res) => res.context("running the proxy"),
-            None => Ok(()),
-        }
-    })
+    let cfg = pixiu_proxy::Config { common, proxy: r };
+    pixiu_runtime::serve_until_signalled("proxy", drain, |shutdown| pixiu_proxy::run(cfg, shutdown))
 }

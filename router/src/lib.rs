@@ -10,7 +10,7 @@ use pixiu_protocol::routing::partition_matches;
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::{admin, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -67,17 +67,7 @@ pub enum Error {
 
 /// Run a router against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::from_common(&config.common).await?;
-    if let Some(addr) = config.common.admin {
-        admin::serve(
-            addr,
-            vec![env.health.clone()],
-            env.metrics.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| Error::Config(format!("cannot serve admin on {addr}: {e}")))?;
-    }
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
     let registry = env.registry.clone();
     let res = run_with(config, env, shutdown).await;
     registry.close().await;

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs, Shutdown};
+use pixiu_runtime::{config::load_toml, CommonArgs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,20 +37,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         r.data_dir = v;
     }
     let drain = Duration::from_millis(common.drain_ms);
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        let shutdown = Shutdown::new();
-        pixiu_runtime::shutdown_on_signals(shutdown.clone());
-        let cfg = pixiu_router::Config { common, router: r };
-        match pixiu_runtime::run_until_drained(
-            pixiu_router::run(cfg, shutdown.clone()),
-            shutdown,
-            drain,
-        )
-        .await
-        {
-            Some(res) => res.context("running the router"),
-            None => Ok(()),
-        }
+    let cfg = pixiu_router::Config { common, router: r };
+    pixiu_runtime::serve_until_signalled("router", drain, |shutdown| {
+        pixiu_router::run(cfg, shutdown)
     })
 }

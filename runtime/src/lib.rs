@@ -182,3 +182,55 @@ pub fn exit_with(name: &str, res: anyhow::Result<()>) {
         std::process::exit(2);
     }
 }
+
+impl NodeEnv {
+    /// The environment of a service running as its own process: connect to ZooKeeper, load
+    /// the TLS material and, when `admin` is set, serve `/healthz` and `/metrics` on it.
+    pub async fn for_service(
+        common: &CommonConfig,
+        shutdown: &Shutdown,
+    ) -> Result<NodeEnv, RuntimeError> {
+        let env = NodeEnv::from_common(common).await?;
+        if let Some(addr) = common.admin {
+            admin::serve(
+                addr,
+                vec![env.health.clone()],
+                env.metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| RuntimeError::Config(format!("cannot serve admin on {addr}: {e}")))?;
+        }
+        Ok(env)
+    }
+}
+
+/// The body of every service binary's `main` after flag parsing: a tokio runtime, SIGINT and
+/// SIGTERM start a drain, the role runs until it ends or the drain time limit passes.
+pub fn serve_until_signalled<F, Fut, E>(what: &str, drain: Duration, role: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use anyhow::Context;
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let shutdown = Shutdown::new();
+        shutdown_on_signals(shutdown.clone());
+        match run_until_drained(role(shutdown.clone()), shutdown, drain).await {
+            Some(res) => res.with_context(|| format!("running the {what}")),
+            None => Ok(()),
+        }
+    })
+}
+
+/// The auth secret: from the file when one is named, else `PIXIU_AUTH_SECRET`.
+pub fn auth_secret(file: Option<&std::path::Path>) -> Result<Option<String>, RuntimeError> {
+    match file {
+        Some(f) => read_secret_file(f).map(Some),
+        None => Ok(std::env::var("PIXIU_AUTH_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty())),
+    }
+}
