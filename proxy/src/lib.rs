@@ -232,6 +232,10 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
                     transport.send(a, wire::encode(&Message::Ping { seq }));
                 }
                 let new = Routes::build(&brokers, &live, now);
+                metrics
+                    .peers
+                    .with_label_values(&["broker_routable"])
+                    .set(new.partitions.iter().map(Vec::len).sum::<usize>() as i64);
                 if **routes.load() != new {
                     tracing::info!(routes = ?new, "broker routes changed");
                     routes.store(Arc::new(new));

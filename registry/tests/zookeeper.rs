@@ -1,16 +1,14 @@
 //! Integration tests against a real ZooKeeper server.
 
-mod zk_server;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use pixiu_registry::{
     Layout, NodeInfo, NodeState, Registry, RegistryError, Role, RoleView, ZkConfig,
 };
+use pixiu_testkit::{TcpProxy, ZkServer};
 use tokio::sync::watch;
 use tokio::time::timeout;
-use zk_server::{TcpProxy, ZkServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -48,7 +46,7 @@ fn layout(brokers: u32) -> Layout {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layout_registration_and_views() {
-    let server = ZkServer::start();
+    let server = ZkServer::start().expect("ZooKeeper starts");
     let a = Registry::zookeeper(config(&server, "c1")).await.unwrap();
     let b = Registry::zookeeper(config(&server, "c1")).await.unwrap();
     assert_eq!(a.cluster(), "c1");
@@ -212,8 +210,8 @@ async fn layout_registration_and_views() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_expiry_reregisters() {
-    let server = ZkServer::start();
-    let proxy = TcpProxy::start(&server.connect_string());
+    let server = ZkServer::start().expect("ZooKeeper starts");
+    let proxy = TcpProxy::start(&server.connect_string()).expect("proxy starts");
     // `a` reaches ZooKeeper through a proxy whose network we cut.
     let mut cfg_a = config(&server, "c2");
     cfg_a.hosts = proxy.connect_string();

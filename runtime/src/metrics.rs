@@ -11,6 +11,8 @@ pub struct RoleMetrics {
     pub dropped: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub connections: IntGauge,
+    /// Peers a role can use right now, by kind (e.g. the proxy's routable broker replicas).
+    pub peers: IntGaugeVec,
     transport: IntGaugeVec,
 }
 
@@ -59,6 +61,11 @@ impl RoleMetrics {
                 role,
             ))
             .expect("valid metric"),
+            peers: IntGaugeVec::new(
+                opts("pixiu_peers", "Peers usable right now, by kind", role),
+                &["kind"],
+            )
+            .expect("valid metric"),
             transport: IntGaugeVec::new(
                 opts(
                     "pixiu_transport",
@@ -75,6 +82,7 @@ impl RoleMetrics {
             Box::new(m.dropped.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.connections.clone()),
+            Box::new(m.peers.clone()),
             Box::new(m.transport.clone()),
         ] {
             if let Err(e) = registry.register(c) {

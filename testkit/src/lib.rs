@@ -1,6 +1,6 @@
 //! Helpers for PiXiu's tests that start real processes: a throwaway ZooKeeper
-//! ([`ZkServer`]), our own binaries as child processes that die with the test ([`Proc`],
-//! [`bin_path`]), free ports, a test folder kept for post-mortem when the test fails
+//! ([`ZkServer`]) and a TCP relay that can cut the network to it ([`TcpProxy`]), our own
+//! binaries as child processes that die with the test ([`Proc`], [`bin_path`]), free ports, a test folder kept for post-mortem when the test fails
 //! ([`TestDir`]), and polling helpers for `/healthz`, `/metrics` and eventual assertions.
 //!
 //! Every child is killed (SIGKILL) and reaped when its handle is dropped, so a failing test
@@ -16,6 +16,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+mod tcp_proxy;
+pub use tcp_proxy::TcpProxy;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_tcp_port() -> u16 {

@@ -202,6 +202,30 @@ impl Cluster {
                 panic!("{name} not healthy: {e}\n--- log ---\n{}", n.proc.log());
             }
         }
+        // and every proxy can route to every broker replica (its registry view and heartbeats
+        // lag the brokers' own readiness by a few milliseconds)
+        let brokers = self.nodes.values().filter(|n| n.role == "broker").count() as f64;
+        for (name, n) in self.nodes.iter().filter(|(_, n)| n.role == "proxy") {
+            let admin = n.admin.clone();
+            assert_eventually(
+                &format!("{name} routes to every broker"),
+                Duration::from_secs(20),
+                || {
+                    let admin = admin.clone();
+                    async move {
+                        let r = metric(&admin, "pixiu_peers{kind=\"broker_routable\"}")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if r >= brokers {
+                            Ok(())
+                        } else {
+                            Err(format!("{r} of {brokers} broker replicas routable"))
+                        }
+                    }
+                },
+            )
+            .await;
+        }
     }
 
     pub async fn wait_healthy(&self, name: &str) {
