@@ -177,8 +177,14 @@ pub fn export_transport_stats(
 /// End a binary: on error print one line naming the reason (the whole cause chain) and exit 2.
 pub fn exit_with(name: &str, res: anyhow::Result<()>) {
     if let Err(e) = res {
-        eprintln!("{name}: {e:#}");
-        tracing::error!("{e:#}");
+        // one line, whatever the causes print (TOML errors span several)
+        let msg = format!("{e:#}")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        eprintln!("{name}: {msg}");
         std::process::exit(2);
     }
 }
