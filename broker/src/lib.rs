@@ -360,7 +360,7 @@ impl Broker {
         match msg {
             Message::Room(m) => {
                 self.metrics.inc_in("room");
-                let bytes = wire::encode(&Message::Room(m.clone()));
+                // the frame received is the frame to send: forward its bytes as they are
                 let mut n = 0;
                 for g in self.table.gateways(&m.key) {
                     if self.transport.send(g.addr, bytes.clone()) {

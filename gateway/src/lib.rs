@@ -6,6 +6,7 @@
 //! brokers stop sending it. Client `publish` goes to a proxy.
 
 mod core;
+mod rate;
 mod ws;
 
 use pixiu_protocol::routing::BigRooms;
@@ -45,6 +46,11 @@ pub struct GatewayConfig {
     pub dedup_capacity: usize,
     /// Frames queued per client before messages to it are dropped.
     pub client_queue: usize,
+    /// `publish` frames a connection may send per second (0: unlimited); beyond it the client
+    /// gets `rate_limited`.
+    pub publish_rate: u32,
+    /// How many publishes a quiet connection may save up.
+    pub publish_burst: u32,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +69,8 @@ impl Default for GatewayConfig {
             heartbeat_timeout_ms: 1500,
             dedup_capacity: 65_536,
             client_queue: 1024,
+            publish_rate: 100,
+            publish_burst: 200,
         }
     }
 }
@@ -200,6 +208,8 @@ pub async fn run_reporting(
             insecure_dev_auth: g.insecure_dev_auth,
             idle_timeout: Duration::from_millis(g.idle_timeout_ms.max(100)),
             client_queue: g.client_queue.max(8),
+            publish_rate: g.publish_rate,
+            publish_burst: g.publish_burst,
         },
         cmd_tx,
         transport.clone(),

@@ -34,6 +34,9 @@ struct Args {
     /// Re-announce every local room this often (milliseconds).
     #[arg(long)]
     refresh_interval_ms: Option<u64>,
+    /// Publishes a connection may send per second (0: unlimited); burst is twice that.
+    #[arg(long)]
+    publish_rate: Option<u32>,
 }
 
 fn main() {
@@ -66,6 +69,10 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     }
     if let Some(v) = args.refresh_interval_ms {
         g.refresh_interval_ms = v;
+    }
+    if let Some(v) = args.publish_rate {
+        g.publish_rate = v;
+        g.publish_burst = v.saturating_mul(2);
     }
     g.auth_secret = pixiu_runtime::auth_secret(g.auth_secret_file.as_deref())
         .context("reading the auth secret")?;

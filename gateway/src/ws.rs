@@ -30,6 +30,8 @@ pub(crate) struct WsSettings {
     pub insecure_dev_auth: bool,
     pub idle_timeout: Duration,
     pub client_queue: usize,
+    pub publish_rate: u32,
+    pub publish_burst: u32,
 }
 
 pub(crate) struct WsState {
@@ -172,6 +174,11 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
     let mut joined: HashSet<u64> = HashSet::new();
     let mut joining: HashSet<u64> = HashSet::new();
+    let mut bucket = crate::rate::TokenBucket::new(
+        state.s.publish_rate,
+        state.s.publish_burst,
+        std::time::Instant::now(),
+    );
     let idle = state.s.idle_timeout;
     let mut deadline = tokio::time::Instant::now() + idle;
     loop {
@@ -244,7 +251,14 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
                         Some(ServerFrame::Left { room: Id(room), cid })
                     }
                     ClientRequest::Publish { room, body, cid } => {
-                        if !joined.contains(&room) {
+                        if !bucket.take(std::time::Instant::now()) {
+                            state.metrics.drop("publish", "rate_limited");
+                            Some(ServerFrame::Error {
+                                code: codes::RATE_LIMITED.into(),
+                                reason: format!("more than {} publishes a second", state.s.publish_rate),
+                                cid,
+                            })
+                        } else if !joined.contains(&room) {
                             state.metrics.drop("publish", "not_joined");
                             Some(ServerFrame::Error { code: codes::NOT_JOINED.into(), reason: format!("join room {room} before publishing to it"), cid })
                         } else {

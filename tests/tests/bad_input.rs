@@ -632,3 +632,54 @@ async fn bad_input_is_refused_counted_and_harmless() {
     }
     transport.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_too_fast_is_rate_limited_per_connection() {
+    let mut c = Cluster::start("ratelimit", 1, 1).await;
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw", &["--publish-rate", "5"]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let spammer = c.client("gw", 1).await;
+    let mut other = c.client("gw", 2).await;
+    spammer.join(3).await.unwrap();
+    other.join(3).await.unwrap();
+    // burst of 10 (twice the rate), then refused
+    let mut accepted = 0;
+    let mut limited = 0;
+    for i in 0..30 {
+        match spammer.publish(3, &format!("spam {i}")).await {
+            Ok(_) => accepted += 1,
+            Err(ClientError::Refused { code, .. }) if code == "rate_limited" => limited += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!((10..=12).contains(&accepted), "accepted {accepted}");
+    assert_eq!(accepted + limited, 30);
+    metric_reaches(
+        &c.admin("gw"),
+        "pixiu_messages_dropped_total{stage=\"publish\",reason=\"rate_limited\"}",
+        limited as f64,
+    )
+    .await;
+    // only the accepted ones reached the room; the other connection is not limited
+    let got = drain_events(&mut other, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), accepted, "{got:?}");
+    other.publish(3, "not limited").await.unwrap();
+    // and the spammer gets tokens back over time
+    assert_eventually(
+        "the spammer may publish again",
+        Duration::from_secs(5),
+        || {
+            let s = &spammer;
+            async move {
+                s.publish(3, "later")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+}
