@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod client;
 pub mod ids;
+pub mod inbox;
 pub mod routing;
 pub mod table;
 pub mod wire;

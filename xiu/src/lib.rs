@@ -1,0 +1,761 @@
+//! Xiu, the message store of personal inboxes (seed 8.2), as a library: one [`XiuStore`] holds
+//! the messages of one Xiu partition in RocksDB, assigns their [`MsgId`]s, and keeps a bounded
+//! LRU cache of decoded messages in front of the disk.
+//!
+//! - Idempotent on the publisher's snowflake id (`sid`): a sid index on disk maps it to the
+//!   first [`MsgId`], so a retried store returns the same id, also after a restart.
+//! - Ids strictly increase across restarts by construction: the last assigned id is written
+//!   in the same `WriteBatch` as the message, and [`XiuStore::open`] resumes from the larger of
+//!   that record and the highest stored message key.
+//! - Each record on disk is `crc32 (4 bytes, big-endian) | postcard(StoredMessage)`; the CRC is
+//!   checked on every read from disk, and a record that fails is reported as
+//!   [`XiuError::Corrupt`], never returned as data.
+//! - Durability is explicit, see [`Durability`].
+//! - [`XiuStore::entries_after`] and [`XiuStore::apply_replicated`] carry raw records from a
+//!   leader to a follower (the transport comes later).
+//!
+//! On disk: `m | counter (8 bytes BE)` -> record, `s | sid (8 bytes BE)` -> MsgId (8 bytes BE),
+//! `!last` -> last assigned MsgId (8 bytes BE). Messages are keyed by counter alone (one counter
+//! per partition, shared by all kinds), so a range scan yields them in assignment order.
+
+use lru::LruCache;
+use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
+use pixiu_protocol::MAX_BODY;
+use std::num::NonZeroUsize;
+use std::path::Path;
+
+/// How writes reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Every write is fsynced before it returns (`WriteOptions::set_sync(true)`): an
+    /// acknowledged message survives a machine crash.
+    Fsync,
+    /// Writes go to the write-ahead log without an fsync each (they survive a process crash,
+    /// not a machine crash); the owner calls [`XiuStore::flush_wal`] periodically, or before
+    /// acknowledging a group of writes, to make them durable together.
+    GroupCommit,
+}
+
+#[derive(Clone, Debug)]
+pub struct XiuOptions {
+    /// This store's Xiu partition, the first byte of every id it assigns.
+    pub partition: u8,
+    /// Decoded messages kept in memory; 0 disables the cache.
+    pub cache_entries: usize,
+    pub sync: Durability,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XiuError {
+    #[error("rocksdb at {path}: {source}")]
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("message {0} not found")]
+    NotFound(MsgId),
+    #[error("message {id} is corrupt: {reason}")]
+    Corrupt { id: MsgId, reason: String },
+    #[error("message {id} belongs to xiu partition {}, this store is partition {partition}", id.partition())]
+    WrongPartition { id: MsgId, partition: u8 },
+    #[error("store metadata {what} is corrupt: {reason}")]
+    CorruptMeta { what: String, reason: String },
+    #[error("the store holds partition {stored} but was opened as partition {configured}")]
+    PartitionMismatch { stored: u8, configured: u8 },
+    #[error("message kind {0} is reserved")]
+    InvalidKind(u8),
+    #[error("body of {len} bytes exceeds the limit of {max}")]
+    BodyTooLarge { len: usize, max: usize },
+    #[error("the 48-bit message counter is exhausted")]
+    CounterExhausted,
+    #[error("replication gap: expected counter {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+}
+
+const META_LAST: &[u8] = b"!last";
+const MSG_PREFIX: u8 = b'm';
+const SID_PREFIX: u8 = b's';
+
+fn msg_key(counter: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = MSG_PREFIX;
+    k[1..].copy_from_slice(&counter.to_be_bytes());
+    k
+}
+
+fn sid_key(sid: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = SID_PREFIX;
+    k[1..].copy_from_slice(&sid.to_be_bytes());
+    k
+}
+
+/// The counter of a message key, `None` for any other key.
+fn counter_of_key(key: &[u8]) -> Option<u64> {
+    match key {
+        [MSG_PREFIX, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+fn id_from_value(what: &str, v: &[u8]) -> Result<MsgId, XiuError> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| XiuError::CorruptMeta {
+        what: what.to_string(),
+        reason: format!("{} bytes where a MsgId takes 8", v.len()),
+    })?;
+    Ok(MsgId::from_be_bytes(bytes))
+}
+
+/// `crc32 (BE) | postcard(msg)`.
+pub fn encode_record(msg: &StoredMessage) -> Vec<u8> {
+    let payload = postcard::to_allocvec(msg).expect("serializing a message into a Vec cannot fail");
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks the CRC of a record and decodes it; `id` only names the record in errors.
+pub fn decode_record(id: MsgId, record: &[u8]) -> Result<StoredMessage, XiuError> {
+    let corrupt = |reason: String| XiuError::Corrupt { id, reason };
+    if record.len() < 4 {
+        return Err(corrupt(format!("record of {} bytes", record.len())));
+    }
+    let (crc, payload) = record.split_at(4);
+    let stored = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    let actual = crc32fast::hash(payload);
+    if stored != actual {
+        return Err(corrupt(format!(
+            "crc32 mismatch: stored {stored:08x}, computed {actual:08x}"
+        )));
+    }
+    postcard::from_bytes(payload).map_err(|e| corrupt(format!("undecodable: {e}")))
+}
+
+/// The message store of one Xiu partition.
+pub struct XiuStore {
+    db: rocksdb::DB,
+    partition: u8,
+    sync: Durability,
+    cache: Option<LruCache<MsgId, StoredMessage>>,
+    /// The last assigned (or replicated) id; the next counter is `last.counter() + 1`.
+    last: MsgId,
+}
+
+impl XiuStore {
+    /// Opens (or creates) the store at `path` and resumes its counter from the larger of the
+    /// recorded last id and the highest stored message.
+    pub fn open(path: &Path, options: XiuOptions) -> Result<XiuStore, XiuError> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let db = rocksdb::DB::open(&opts, path).map_err(|source| XiuError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let partition = options.partition;
+
+        let mut last = MsgId::new(partition, KIND_NONE, 0);
+        if let Some(v) = db.get(META_LAST)? {
+            let meta = id_from_value("last id", &v)?;
+            if meta.partition() != partition {
+                return Err(XiuError::PartitionMismatch {
+                    stored: meta.partition(),
+                    configured: partition,
+                });
+            }
+            last = meta;
+        }
+        let top = msg_key(u64::MAX);
+        let mut it = db.iterator(rocksdb::IteratorMode::From(
+            &top,
+            rocksdb::Direction::Reverse,
+        ));
+        if let Some(item) = it.next() {
+            let (k, v) = item?;
+            if let Some(counter) = counter_of_key(&k) {
+                if counter > last.counter() {
+                    // The record's kind if it is readable; the counter is what matters.
+                    let kind = decode_record(MsgId::new(partition, KIND_NONE, counter), &v)
+                        .map(|m| m.id.kind())
+                        .unwrap_or(KIND_NONE);
+                    last = MsgId::new(partition, kind, counter);
+                }
+            }
+        }
+        drop(it);
+
+        let cache = NonZeroUsize::new(options.cache_entries).map(LruCache::new);
+        tracing::info!(partition, last = %last, "xiu store opened");
+        Ok(XiuStore {
+            db,
+            partition,
+            sync: options.sync,
+            cache,
+            last,
+        })
+    }
+
+    pub fn partition(&self) -> u8 {
+        self.partition
+    }
+
+    /// The last assigned or replicated id (counter 0 and kind [`KIND_NONE`] when empty).
+    /// Only its counter orders positions: pass it to [`XiuStore::entries_after`].
+    pub fn last_id(&self) -> MsgId {
+        self.last
+    }
+
+    fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), XiuError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(self.sync == Durability::Fsync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable (fsyncs the write-ahead log): the commit point of
+    /// [`Durability::GroupCommit`]. Harmless with [`Durability::Fsync`].
+    pub fn flush_wal(&self) -> Result<(), XiuError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Stores a message and returns its id and whether it is new. Storing a `sid` that is
+    /// already stored returns the first id and `false`, whatever the other arguments.
+    pub fn store(
+        &mut self,
+        sid: u64,
+        kind: u8,
+        from: u64,
+        body: &str,
+        ts: u64,
+    ) -> Result<(MsgId, bool), XiuError> {
+        if let Some(v) = self.db.get(sid_key(sid))? {
+            return Ok((id_from_value(&format!("sid index of {sid}"), &v)?, false));
+        }
+        if kind == KIND_NONE {
+            return Err(XiuError::InvalidKind(kind));
+        }
+        if body.len() > MAX_BODY {
+            return Err(XiuError::BodyTooLarge {
+                len: body.len(),
+                max: MAX_BODY,
+            });
+        }
+        let counter = self.last.counter() + 1;
+        if counter > MAX_COUNTER {
+            return Err(XiuError::CounterExhausted);
+        }
+        let id = MsgId::new(self.partition, kind, counter);
+        let msg = StoredMessage {
+            id,
+            sid,
+            from,
+            body: body.to_string(),
+            ts,
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(msg_key(counter), encode_record(&msg));
+        batch.put(sid_key(sid), id.to_be_bytes());
+        batch.put(META_LAST, id.to_be_bytes());
+        self.write(batch)?;
+        self.last = id;
+        if let Some(cache) = &mut self.cache {
+            cache.put(id, msg);
+        }
+        Ok((id, true))
+    }
+
+    /// Reads messages by id, one result per id in the same order: from the cache when there,
+    /// else from disk with its CRC checked.
+    pub fn read(&mut self, ids: &[MsgId]) -> Vec<Result<StoredMessage, XiuError>> {
+        ids.iter().map(|id| self.read_one(*id)).collect()
+    }
+
+    fn read_one(&mut self, id: MsgId) -> Result<StoredMessage, XiuError> {
+        if id.partition() != self.partition {
+            return Err(XiuError::WrongPartition {
+                id,
+                partition: self.partition,
+            });
+        }
+        if let Some(m) = self.cache.as_mut().and_then(|c| c.get(&id)) {
+            return Ok(m.clone());
+        }
+        let Some(raw) = self.db.get(msg_key(id.counter()))? else {
+            return Err(XiuError::NotFound(id));
+        };
+        let msg = match check_record(id.counter(), id, &raw) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%id, "refusing a stored message: {e}");
+                return Err(e);
+            }
+        };
+        if msg.id != id {
+            // Same counter, another kind: the id asked for was never assigned.
+            return Err(XiuError::NotFound(id));
+        }
+        if let Some(cache) = &mut self.cache {
+            cache.put(id, msg.clone());
+        }
+        Ok(msg)
+    }
+
+    /// Up to `max` raw records whose counter is above `after.counter()`, in counter order,
+    /// for a follower whose last id is `after`. Each record's CRC is checked first: a corrupt
+    /// record stops the batch with [`XiuError::Corrupt`] rather than spreading to a follower.
+    pub fn entries_after(
+        &self,
+        after: MsgId,
+        max: usize,
+    ) -> Result<Vec<(MsgId, Vec<u8>)>, XiuError> {
+        if after.partition() != self.partition {
+            return Err(XiuError::WrongPartition {
+                id: after,
+                partition: self.partition,
+            });
+        }
+        let mut out = Vec::new();
+        if after.counter() >= MAX_COUNTER || max == 0 {
+            return Ok(out);
+        }
+        let start = msg_key(after.counter() + 1);
+        let it = self.db.iterator(rocksdb::IteratorMode::From(
+            &start,
+            rocksdb::Direction::Forward,
+        ));
+        for item in it {
+            let (k, v) = item?;
+            let Some(counter) = counter_of_key(&k) else {
+                break;
+            };
+            let named = MsgId::new(self.partition, KIND_NONE, counter);
+            let msg = check_record(counter, named, &v).inspect_err(|e| {
+                tracing::error!(id = %named, "cannot replicate a stored message: {e}");
+            })?;
+            out.push((msg.id, v.to_vec()));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies records from [`XiuStore::entries_after`] of the partition's leader. Records at
+    /// or below [`XiuStore::last_id`] are skipped (a retried batch is harmless); the others
+    /// must continue the counter without a gap and pass their CRC, else nothing is applied.
+    /// Returns how many records were written.
+    pub fn apply_replicated(&mut self, entries: &[(MsgId, Vec<u8>)]) -> Result<usize, XiuError> {
+        let mut last = self.last;
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut fresh = Vec::new();
+        for (id, raw) in entries {
+            if id.partition() != self.partition {
+                return Err(XiuError::WrongPartition {
+                    id: *id,
+                    partition: self.partition,
+                });
+            }
+            if id.counter() <= last.counter() {
+                continue;
+            }
+            if id.counter() != last.counter() + 1 {
+                return Err(XiuError::Gap {
+                    expected: last.counter() + 1,
+                    got: id.counter(),
+                });
+            }
+            let msg = decode_record(*id, raw)?;
+            if msg.id != *id {
+                return Err(XiuError::Corrupt {
+                    id: *id,
+                    reason: format!("the record holds id {}", msg.id),
+                });
+            }
+            batch.put(msg_key(id.counter()), raw);
+            batch.put(sid_key(msg.sid), id.to_be_bytes());
+            last = *id;
+            fresh.push(msg);
+        }
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        batch.put(META_LAST, last.to_be_bytes());
+        self.write(batch)?;
+        self.last = last;
+        let n = fresh.len();
+        if let Some(cache) = &mut self.cache {
+            for m in fresh {
+                cache.put(m.id, m);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Moves the counter forward so that the next id has a counter above `counter` (no-op
+    /// when it already is), durably (fsynced whatever the [`Durability`]). For a replication
+    /// layer that must skip ids a failed leader may have assigned.
+    pub fn advance_counter(&mut self, counter: u64) -> Result<MsgId, XiuError> {
+        if counter <= self.last.counter() {
+            return Ok(self.last);
+        }
+        let id =
+            MsgId::try_new(self.partition, KIND_NONE, counter).ok_or(XiuError::CounterExhausted)?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_opt(META_LAST, id.to_be_bytes(), &wo)?;
+        self.last = id;
+        Ok(id)
+    }
+
+    /// Drops the in-memory cache (reads then come from disk).
+    pub fn clear_cache(&mut self) {
+        if let Some(c) = &mut self.cache {
+            c.clear();
+        }
+    }
+}
+
+/// Decodes the record stored under `counter` and checks that it holds that counter.
+fn check_record(counter: u64, named: MsgId, raw: &[u8]) -> Result<StoredMessage, XiuError> {
+    let msg = decode_record(named, raw)?;
+    if msg.id.counter() != counter {
+        return Err(XiuError::Corrupt {
+            id: named,
+            reason: format!("stored under counter {counter} but holds id {}", msg.id),
+        });
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pixiu_protocol::inbox::{KIND_MULTICAST, KIND_PERSONAL};
+
+    fn opts(partition: u8, cache_entries: usize) -> XiuOptions {
+        XiuOptions {
+            partition,
+            cache_entries,
+            sync: Durability::GroupCommit,
+        }
+    }
+
+    fn one(store: &mut XiuStore, id: MsgId) -> Result<StoredMessage, XiuError> {
+        store.read(&[id]).pop().expect("one id, one result")
+    }
+
+    #[test]
+    fn store_and_read_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(3, 16)).unwrap();
+        assert_eq!(s.last_id().counter(), 0);
+        let (a, new_a) = s.store(100, KIND_PERSONAL, 7, "hello", 1000).unwrap();
+        let (b, new_b) = s.store(101, KIND_MULTICAST, 8, "world", 1001).unwrap();
+        assert!(new_a && new_b);
+        assert_eq!(
+            (a.partition(), a.kind(), a.counter()),
+            (3, KIND_PERSONAL, 1)
+        );
+        assert_eq!(
+            (b.partition(), b.kind(), b.counter()),
+            (3, KIND_MULTICAST, 2)
+        );
+        assert_eq!(s.last_id(), b);
+        let got = s.read(&[b, a]);
+        let m = got[0].as_ref().unwrap();
+        assert_eq!(
+            (m.id, m.sid, m.from, m.body.as_str(), m.ts),
+            (b, 101, 8, "world", 1001)
+        );
+        assert_eq!(got[1].as_ref().unwrap().body, "hello");
+        // From disk too.
+        s.clear_cache();
+        assert_eq!(one(&mut s, a).unwrap().body, "hello");
+        // Unknown counter, and a known counter with another kind.
+        assert!(matches!(
+            one(&mut s, MsgId::new(3, KIND_PERSONAL, 99)),
+            Err(XiuError::NotFound(_))
+        ));
+        assert!(matches!(
+            one(&mut s, MsgId::new(3, KIND_MULTICAST, 1)),
+            Err(XiuError::NotFound(_))
+        ));
+        s.flush_wal().unwrap();
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(0, 4)).unwrap();
+        assert!(matches!(
+            s.store(1, KIND_NONE, 1, "x", 0),
+            Err(XiuError::InvalidKind(0))
+        ));
+        let big = "x".repeat(MAX_BODY + 1);
+        assert!(matches!(
+            s.store(1, KIND_PERSONAL, 1, &big, 0),
+            Err(XiuError::BodyTooLarge { .. })
+        ));
+        assert_eq!(s.last_id().counter(), 0, "refusals assign nothing");
+    }
+
+    #[test]
+    fn dedup_by_sid_also_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let mut s = XiuStore::open(dir.path(), opts(1, 16)).unwrap();
+            let (id, new) = s.store(555, KIND_PERSONAL, 1, "once", 1).unwrap();
+            assert!(new);
+            let (again, new) = s.store(555, KIND_PERSONAL, 1, "twice", 2).unwrap();
+            assert_eq!((again, new), (id, false));
+            assert_eq!(s.last_id(), id, "a duplicate assigns no id");
+            id
+        };
+        let mut s = XiuStore::open(dir.path(), opts(1, 16)).unwrap();
+        let (again, new) = s.store(555, KIND_MULTICAST, 9, "thrice", 3).unwrap();
+        assert_eq!((again, new), (first, false));
+        assert_eq!(one(&mut s, first).unwrap().body, "once");
+    }
+
+    #[test]
+    fn ids_strictly_increase_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        for round in 0..3u64 {
+            let mut s = XiuStore::open(
+                dir.path(),
+                XiuOptions {
+                    partition: 9,
+                    cache_entries: 0,
+                    sync: Durability::Fsync,
+                },
+            )
+            .unwrap();
+            if let Some(prev) = seen.last() {
+                assert_eq!(s.last_id().counter(), MsgId::counter(*prev));
+            }
+            for i in 0..5u64 {
+                let (id, new) = s.store(round * 100 + i, KIND_PERSONAL, 1, "m", 0).unwrap();
+                assert!(new);
+                seen.push(id);
+            }
+        }
+        for w in seen.windows(2) {
+            assert!(w[0].counter() < w[1].counter() && w[0] < w[1]);
+        }
+        assert_eq!(seen.last().unwrap().counter(), 15);
+    }
+
+    #[test]
+    fn resumes_from_highest_key_when_meta_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = XiuStore::open(dir.path(), opts(2, 0)).unwrap();
+            for sid in 0..4 {
+                s.store(sid, KIND_PERSONAL, 1, "m", 0).unwrap();
+            }
+            // Make the metadata lag behind the stored messages.
+            s.db.put(META_LAST, MsgId::new(2, KIND_PERSONAL, 1).to_be_bytes())
+                .unwrap();
+        }
+        let mut s = XiuStore::open(dir.path(), opts(2, 0)).unwrap();
+        assert_eq!(s.last_id(), MsgId::new(2, KIND_PERSONAL, 4));
+        let (id, _) = s.store(99, KIND_PERSONAL, 1, "m", 0).unwrap();
+        assert_eq!(id.counter(), 5);
+        // And a reopen under another partition is refused.
+        drop(s);
+        assert!(matches!(
+            XiuStore::open(dir.path(), opts(3, 0)),
+            Err(XiuError::PartitionMismatch {
+                stored: 2,
+                configured: 3
+            })
+        ));
+    }
+
+    #[test]
+    fn cache_eviction_then_disk_read_is_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(4, 2)).unwrap();
+        let ids: Vec<MsgId> = (0..10u64)
+            .map(|i| {
+                s.store(i, KIND_PERSONAL, i, &format!("body {i}"), i)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        assert_eq!(s.cache.as_ref().unwrap().len(), 2);
+        for (i, r) in s.read(&ids).into_iter().enumerate() {
+            let m = r.unwrap();
+            assert_eq!((m.id, m.body), (ids[i], format!("body {i}")));
+        }
+        assert_eq!(s.cache.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn corruption_is_detected_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<MsgId> = {
+            let mut s = XiuStore::open(dir.path(), opts(5, 64)).unwrap();
+            (0..3u64)
+                .map(|i| s.store(i, KIND_PERSONAL, 1, "payload", 0).unwrap().0)
+                .collect()
+        };
+        {
+            // A second handle on the closed store flips one byte of the middle record and
+            // truncates the last one.
+            let db = rocksdb::DB::open_default(dir.path()).unwrap();
+            let mut raw = db.get(msg_key(ids[1].counter())).unwrap().unwrap();
+            let n = raw.len();
+            raw[n - 2] ^= 0x40;
+            db.put(msg_key(ids[1].counter()), raw).unwrap();
+            db.put(msg_key(ids[2].counter()), [1u8, 2]).unwrap();
+        }
+        let mut s = XiuStore::open(dir.path(), opts(5, 64)).unwrap();
+        let got = s.read(&ids);
+        assert_eq!(got[0].as_ref().unwrap().body, "payload");
+        match &got[1] {
+            Err(XiuError::Corrupt { id, reason }) => {
+                assert_eq!(*id, ids[1]);
+                assert!(reason.contains("crc32"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(matches!(&got[2], Err(XiuError::Corrupt { id, .. }) if *id == ids[2]));
+        // Never cached as data: a second read reports it again.
+        assert!(matches!(one(&mut s, ids[1]), Err(XiuError::Corrupt { .. })));
+        // And it is not replicated.
+        assert!(matches!(
+            s.entries_after(ids[0], 10),
+            Err(XiuError::Corrupt { .. })
+        ));
+        // The counter still resumes past the truncated record.
+        let (next, _) = s.store(50, KIND_PERSONAL, 1, "after", 0).unwrap();
+        assert_eq!(next.counter(), 4);
+    }
+
+    #[test]
+    fn wrong_partition_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(6, 8)).unwrap();
+        let (id, _) = s.store(1, KIND_PERSONAL, 1, "x", 0).unwrap();
+        let foreign = MsgId::new(7, KIND_PERSONAL, id.counter());
+        let got = s.read(&[foreign, id]);
+        assert!(matches!(
+            &got[0],
+            Err(XiuError::WrongPartition { id, partition: 6 }) if *id == foreign
+        ));
+        assert!(got[1].is_ok());
+        assert!(matches!(
+            s.entries_after(MsgId::new(7, KIND_NONE, 0), 10),
+            Err(XiuError::WrongPartition { .. })
+        ));
+    }
+
+    #[test]
+    fn replication_roundtrip() {
+        let ldir = tempfile::tempdir().unwrap();
+        let fdir = tempfile::tempdir().unwrap();
+        let mut leader = XiuStore::open(ldir.path(), opts(8, 4)).unwrap();
+        let mut follower = XiuStore::open(fdir.path(), opts(8, 4)).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..25u64 {
+            let kind = if i % 3 == 0 {
+                KIND_MULTICAST
+            } else {
+                KIND_PERSONAL
+            };
+            ids.push(
+                leader
+                    .store(1000 + i, kind, i, &format!("m{i}"), i)
+                    .unwrap()
+                    .0,
+            );
+        }
+        // Pull in batches of 10, as a follower's heartbeat loop would.
+        loop {
+            let batch = leader.entries_after(follower.last_id(), 10).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            assert!(batch.len() <= 10);
+            let n = follower.apply_replicated(&batch).unwrap();
+            assert_eq!(n, batch.len());
+            // A retried batch is harmless.
+            assert_eq!(follower.apply_replicated(&batch).unwrap(), 0);
+        }
+        assert_eq!(follower.last_id(), leader.last_id());
+        let a: Vec<_> = leader.read(&ids).into_iter().map(|r| r.unwrap()).collect();
+        follower.clear_cache();
+        let b: Vec<_> = follower
+            .read(&ids)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(a, b);
+        // The follower's sid index came along: a store there deduplicates.
+        assert_eq!(
+            follower.store(1005, KIND_PERSONAL, 0, "dup", 0).unwrap(),
+            (ids[5], false)
+        );
+        // After a restart the follower resumes where it was.
+        drop(follower);
+        let follower = XiuStore::open(fdir.path(), opts(8, 4)).unwrap();
+        assert_eq!(follower.last_id(), leader.last_id());
+    }
+
+    #[test]
+    fn replication_refuses_gaps_and_bad_records() {
+        let ldir = tempfile::tempdir().unwrap();
+        let fdir = tempfile::tempdir().unwrap();
+        let mut leader = XiuStore::open(ldir.path(), opts(1, 4)).unwrap();
+        let mut follower = XiuStore::open(fdir.path(), opts(1, 4)).unwrap();
+        for i in 0..3u64 {
+            leader.store(i, KIND_PERSONAL, 0, "x", 0).unwrap();
+        }
+        let all = leader.entries_after(follower.last_id(), 10).unwrap();
+        assert!(matches!(
+            follower.apply_replicated(&all[1..]),
+            Err(XiuError::Gap {
+                expected: 1,
+                got: 2
+            })
+        ));
+        let mut bad = all.clone();
+        bad[1].1[5] ^= 1;
+        assert!(matches!(
+            follower.apply_replicated(&bad),
+            Err(XiuError::Corrupt { .. })
+        ));
+        assert_eq!(
+            follower.last_id().counter(),
+            0,
+            "a refused batch applies nothing"
+        );
+        assert_eq!(follower.apply_replicated(&all).unwrap(), 3);
+    }
+
+    #[test]
+    fn advance_counter_skips_ids_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = XiuStore::open(dir.path(), opts(2, 4)).unwrap();
+            s.store(1, KIND_PERSONAL, 0, "x", 0).unwrap();
+            assert_eq!(
+                s.advance_counter(0).unwrap().counter(),
+                1,
+                "never backwards"
+            );
+            s.advance_counter(1000).unwrap();
+        }
+        let mut s = XiuStore::open(dir.path(), opts(2, 4)).unwrap();
+        assert_eq!(
+            s.store(2, KIND_PERSONAL, 0, "y", 0).unwrap().0.counter(),
+            1001
+        );
+    }
+}
