@@ -57,6 +57,13 @@ pub struct NodeEnv {
 impl NodeEnv {
     /// Connect to ZooKeeper and load the TLS material named by the common config.
     pub async fn from_common(common: &CommonConfig) -> Result<NodeEnv, RuntimeError> {
+        if common.listen.ip().is_unspecified() {
+            // the bound address is what gets registered, and peers cannot connect to 0.0.0.0
+            return Err(RuntimeError::Config(format!(
+                "--listen {} is a wildcard address; give the address peers should connect to",
+                common.listen
+            )));
+        }
         let hosts = common
             .zk
             .clone()
