@@ -12,10 +12,38 @@
 //!   the highest log key. [`PiIndex::log_after`] and [`PiIndex::apply_log`] carry the log from
 //!   a leader to a follower, which ends up with the same index and the same LogIds.
 //! - Durability is explicit, see [`Durability`].
+//! - A follower too far behind ([`PiError::LogTrimmed`]) takes a full copy instead:
+//!   [`PiIndex::snapshot`] on the leader, [`PiIndex::restore_begin`],
+//!   [`PiIndex::restore_chunk`] and [`PiIndex::restore_finish`] on the follower, then
+//!   [`PiIndex::apply_log`] from the snapshot's LogId on (see "Snapshots" below).
 //!
 //! On disk: `i | uid (8 bytes BE) | MsgId (8 bytes BE)` -> empty (a prefix scan reads one
 //! user's ids in order), `l | LogId (8 bytes BE)` -> postcard([`LogEntry`]), `!last` -> last
-//! LogId (8 bytes BE).
+//! LogId (8 bytes BE), `!restoring` -> LogId of the snapshot being restored (8 bytes BE),
+//! present only while a restore is under way.
+//!
+//! # Snapshots
+//!
+//! [`PiIndex::snapshot`] reads every index entry through a RocksDB snapshot, so the copy is
+//! one consistent view, together with the LogId it corresponds to ([`Snapshot::upto`], the
+//! last LogId at that moment); writes made after the call are not in it. The view is copied
+//! into memory (16 bytes per entry) so that the leader can keep writing while it is sent:
+//! a RocksDB snapshot borrows the database and would block every `&mut self` write for as
+//! long as the transfer lasts. [`Snapshot::chunk`] cuts it into [`SnapshotChunk`]s in key
+//! order (`uid`, then `MsgId`) with a cursor, the last entry received, so a follower can
+//! fetch chunk by chunk over the network and retry one; [`Snapshot::chunks`] yields them
+//! all.
+//!
+//! On the follower, [`PiIndex::restore_begin`] writes the `!restoring` marker and wipes the
+//! index, the log and `!last` in one synced batch; [`PiIndex::restore_chunk`] writes the
+//! entries of a chunk (idempotent: a retried chunk is harmless);
+//! [`PiIndex::restore_finish`], once the `last` chunk was written, fsyncs, then records
+//! `upto` as the last LogId and removes the marker in one synced batch, so
+//! [`PiIndex::apply_log`] continues with the leader's entry `upto + 1`. A crash in between
+//! leaves the marker: [`PiIndex::open`] then opens the index in the "restore incomplete"
+//! state ([`PiIndex::restore_incomplete`]), in which every read and write answers
+//! [`PiError::RestoreIncomplete`] until a new restore is begun and finished. The same state
+//! holds in-process between `restore_begin` and `restore_finish`.
 //!
 //! Whether a uid belongs to this partition is the caller's check ([`PiIndex::owns`]): the
 //! partition count changes while a doubling is under way.
@@ -83,9 +111,17 @@ pub enum PiError {
     Gap { expected: u64, got: u64 },
     #[error("log entries after {after} are trimmed (first kept: {first:?}); a snapshot is needed")]
     LogTrimmed { after: LogId, first: Option<LogId> },
+    /// A restore of the snapshot at `upto` was begun and not finished (in this process, or
+    /// before a crash): the index is partial until a restore is finished.
+    #[error("restore of the snapshot at log id {upto} is incomplete; restore again")]
+    RestoreIncomplete { upto: LogId },
+    /// A restore call out of sequence, or a chunk of another snapshot.
+    #[error("restore: {0}")]
+    Restore(String),
 }
 
 const META_LAST: &[u8] = b"!last";
+const META_RESTORING: &[u8] = b"!restoring";
 const INDEX_PREFIX: u8 = b'i';
 const LOG_PREFIX: u8 = b'l';
 
@@ -95,6 +131,23 @@ fn index_key(uid: u64, id: MsgId) -> [u8; 17] {
     k[1..9].copy_from_slice(&uid.to_be_bytes());
     k[9..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+/// `(uid, MsgId)` of any index key, `None` for a key that is not one.
+fn entry_of_index_key(key: &[u8]) -> Option<(u64, MsgId)> {
+    if key.len() != 17 || key[0] != INDEX_PREFIX {
+        return None;
+    }
+    let uid = u64::from_be_bytes(key[1..9].try_into().ok()?);
+    Some((uid, MsgId::from_be_bytes(key[9..].try_into().ok()?)))
+}
+
+fn decode_log_id(what: &str, v: &[u8]) -> Result<LogId, PiError> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| PiError::Corrupt {
+        what: what.into(),
+        reason: format!("{} bytes where 8 are expected", v.len()),
+    })?;
+    Ok(LogId(u64::from_be_bytes(bytes)))
 }
 
 fn log_key(id: LogId) -> [u8; 9] {
@@ -137,6 +190,17 @@ pub struct PiIndex {
     partition: u32,
     sync: Durability,
     last_log: LogId,
+    /// Set while a restore is under way (or was left unfinished on disk).
+    restoring: Option<Restoring>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Restoring {
+    upto: LogId,
+    /// Begun in this process (after a reopen, a restore must begin again).
+    active: bool,
+    /// The chunk marked `last` was written in this process.
+    got_last: bool,
 }
 
 impl PiIndex {
@@ -152,11 +216,22 @@ impl PiIndex {
         })?;
         let mut last = LogId(0);
         if let Some(v) = db.get(META_LAST)? {
-            let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| PiError::Corrupt {
-                what: "last log id".into(),
-                reason: format!("{} bytes where 8 are expected", v.len()),
-            })?;
-            last = LogId(u64::from_be_bytes(bytes));
+            last = decode_log_id("last log id", &v)?;
+        }
+        let restoring = match db.get(META_RESTORING)? {
+            Some(v) => Some(Restoring {
+                upto: decode_log_id("restore marker", &v)?,
+                active: false,
+                got_last: false,
+            }),
+            None => None,
+        };
+        if let Some(r) = restoring {
+            tracing::warn!(
+                partition = options.partition,
+                upto = %r.upto,
+                "pi index has an unfinished restore; it must be restored again"
+            );
         }
         let top = log_key(LogId(u64::MAX));
         let mut it = db.iterator(rocksdb::IteratorMode::From(
@@ -176,7 +251,22 @@ impl PiIndex {
             partition: options.partition,
             sync: options.sync,
             last_log: last,
+            restoring,
         })
+    }
+
+    /// The LogId of the snapshot whose restore was begun and not finished, if any (see the
+    /// crate's "Snapshots"); while it is `Some`, reads and writes answer
+    /// [`PiError::RestoreIncomplete`].
+    pub fn restore_incomplete(&self) -> Option<LogId> {
+        self.restoring.map(|r| r.upto)
+    }
+
+    fn check_usable(&self) -> Result<(), PiError> {
+        match self.restoring {
+            Some(r) => Err(PiError::RestoreIncomplete { upto: r.upto }),
+            None => Ok(()),
+        }
     }
 
     pub fn partition(&self) -> u32 {
@@ -220,6 +310,7 @@ impl PiIndex {
     /// message indexed in many inboxes. One result per pair, `None` for a pair already present
     /// (or repeated earlier in `items`).
     pub fn append_many(&mut self, items: &[(u64, MsgId)]) -> Result<Vec<Option<LogId>>, PiError> {
+        self.check_usable()?;
         let mut batch = rocksdb::WriteBatch::default();
         let mut next = self.last_log;
         let mut seen = HashSet::new();
@@ -250,6 +341,7 @@ impl PiIndex {
 
     /// Up to `count` ids of `uid` above `after` (exclusive), in increasing order.
     pub fn read(&self, uid: u64, after: MsgId, count: usize) -> Result<Vec<MsgId>, PiError> {
+        self.check_usable()?;
         let mut out = Vec::new();
         if count == 0 || after.0 == u64::MAX {
             return Ok(out);
@@ -291,6 +383,7 @@ impl PiIndex {
     /// Drops every id of `uid` up to `upto` (inclusive). `None` (and no log entry) when there
     /// was nothing to drop, so that reading with the seed's ExpireFlag does not grow the log.
     pub fn expire(&mut self, uid: u64, upto: MsgId) -> Result<Option<LogId>, PiError> {
+        self.check_usable()?;
         let keys = self.keys_upto(uid, upto)?;
         if keys.is_empty() {
             return Ok(None);
@@ -317,6 +410,7 @@ impl PiIndex {
     /// Up to `max` log entries after `after`, in order, for a follower whose last LogId is
     /// `after`. [`PiError::LogTrimmed`] when entries it needs were trimmed.
     pub fn log_after(&self, after: LogId, max: usize) -> Result<Vec<LogEntry>, PiError> {
+        self.check_usable()?;
         let mut out = Vec::new();
         if after >= self.last_log || max == 0 {
             return Ok(out);
@@ -352,6 +446,7 @@ impl PiIndex {
     /// continue the log without a gap. Each entry is applied with its own LogId, so the
     /// follower ends up with the leader's index and log. Returns how many were applied.
     pub fn apply_log(&mut self, entries: &[LogEntry]) -> Result<usize, PiError> {
+        self.check_usable()?;
         let fresh: Vec<&LogEntry> = entries.iter().filter(|e| e.id > self.last_log).collect();
         for (expected, e) in (self.last_log.0 + 1..).zip(fresh.iter()) {
             if e.id.0 != expected {
@@ -384,6 +479,7 @@ impl PiIndex {
     /// increasing from [`PiIndex::last_log_id`]; a follower behind the trimmed part gets
     /// [`PiError::LogTrimmed`] from [`PiIndex::log_after`].
     pub fn trim_log(&mut self, upto: LogId) -> Result<(), PiError> {
+        self.check_usable()?;
         let mut batch = rocksdb::WriteBatch::default();
         batch.delete_range(log_key(LogId(0)), log_key(LogId(upto.0.saturating_add(1))));
         if upto.0 == u64::MAX {
@@ -392,6 +488,181 @@ impl PiIndex {
         self.db
             .write_opt(batch, &self.write_options(self.sync == Durability::Fsync))?;
         Ok(())
+    }
+
+    /// A consistent copy of every index entry and the LogId it corresponds to, read through a
+    /// RocksDB snapshot (see the crate's "Snapshots"). Writes made after this call are not in
+    /// it; a follower restored from it continues with [`PiIndex::log_after`]`(upto)`.
+    pub fn snapshot(&self) -> Result<Snapshot, PiError> {
+        self.check_usable()?;
+        // Writes take `&mut self`, so `last_log` is the LogId of the view read below.
+        let upto = self.last_log;
+        let snap = self.db.snapshot();
+        let mut entries = Vec::new();
+        for item in snap.iterator(rocksdb::IteratorMode::From(
+            &[INDEX_PREFIX],
+            rocksdb::Direction::Forward,
+        )) {
+            let (k, _) = item?;
+            if k.first() != Some(&INDEX_PREFIX) {
+                break;
+            }
+            let entry = entry_of_index_key(&k).ok_or_else(|| PiError::Corrupt {
+                what: "index key".into(),
+                reason: format!("{} bytes where 17 are expected", k.len()),
+            })?;
+            entries.push(entry);
+        }
+        Ok(Snapshot { upto, entries })
+    }
+
+    /// Starts replacing this index with a leader's snapshot at `upto`: writes the
+    /// `!restoring` marker and deletes every index entry, the log and the last LogId, in one
+    /// synced batch. Until [`PiIndex::restore_finish`] every other call answers
+    /// [`PiError::RestoreIncomplete`], across a reopen too. May be called again to start over.
+    pub fn restore_begin(&mut self, upto: LogId) -> Result<(), PiError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(META_RESTORING, upto.0.to_be_bytes());
+        batch.delete_range([INDEX_PREFIX], [INDEX_PREFIX + 1]);
+        batch.delete_range([LOG_PREFIX], [LOG_PREFIX + 1]);
+        batch.delete(META_LAST);
+        self.db.write_opt(batch, &self.write_options(true))?;
+        self.restoring = Some(Restoring {
+            upto,
+            active: true,
+            got_last: false,
+        });
+        tracing::info!(partition = self.partition, %upto, "pi restore begun");
+        Ok(())
+    }
+
+    /// Writes the entries of one chunk of the snapshot given to [`PiIndex::restore_begin`].
+    /// Chunks may come in any order and be repeated; [`PiIndex::restore_finish`] needs the
+    /// chunk marked `last` to have been written (the caller sends them in cursor order).
+    pub fn restore_chunk(&mut self, chunk: &SnapshotChunk) -> Result<(), PiError> {
+        let r = match self.restoring {
+            Some(r) if r.active => r,
+            _ => {
+                return Err(PiError::Restore(
+                    "restore_chunk without restore_begin".into(),
+                ))
+            }
+        };
+        if chunk.upto != r.upto {
+            return Err(PiError::Restore(format!(
+                "chunk of the snapshot at log id {} while restoring the one at {}",
+                chunk.upto, r.upto
+            )));
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        for &(uid, id) in &chunk.entries {
+            batch.put(index_key(uid, id), []);
+        }
+        // Not synced: restore_finish fsyncs everything before removing the marker.
+        self.db.write_opt(batch, &self.write_options(false))?;
+        self.restoring = Some(Restoring {
+            got_last: r.got_last || chunk.last,
+            ..r
+        });
+        Ok(())
+    }
+
+    /// Completes the restore: fsyncs the chunks, then records the snapshot's LogId as the
+    /// last one and removes the `!restoring` marker in one synced batch. The next entry
+    /// [`PiIndex::apply_log`] takes is the leader's `upto + 1`.
+    pub fn restore_finish(&mut self) -> Result<LogId, PiError> {
+        let upto = match self.restoring {
+            Some(r) if r.active && r.got_last => r.upto,
+            Some(r) if r.active => {
+                return Err(PiError::Restore(
+                    "restore_finish before the last chunk was written".into(),
+                ))
+            }
+            _ => {
+                return Err(PiError::Restore(
+                    "restore_finish without restore_begin".into(),
+                ))
+            }
+        };
+        self.db.flush_wal(true)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(META_LAST, upto.0.to_be_bytes());
+        batch.delete(META_RESTORING);
+        self.db.write_opt(batch, &self.write_options(true))?;
+        self.last_log = upto;
+        self.restoring = None;
+        tracing::info!(partition = self.partition, %upto, "pi restore finished");
+        Ok(upto)
+    }
+}
+
+/// A consistent copy of an index ([`PiIndex::snapshot`]): every `(uid, MsgId)` in key order,
+/// and the LogId the copy corresponds to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    upto: LogId,
+    entries: Vec<(u64, MsgId)>,
+}
+
+/// One piece of a [`Snapshot`], as sent to a follower.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The LogId of the whole snapshot (the same in every chunk).
+    pub upto: LogId,
+    /// Entries in key order, all after the cursor the chunk was asked with.
+    pub entries: Vec<(u64, MsgId)>,
+    /// No entry of the snapshot follows this chunk.
+    pub last: bool,
+}
+
+impl Snapshot {
+    /// The last LogId when the snapshot was taken.
+    pub fn upto(&self) -> LogId {
+        self.upto
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Up to `max` (at least 1) entries after the cursor `after` (exclusive; `None` from the
+    /// start), the cursor of the next chunk being the last entry of this one. The cursor need
+    /// not be an entry of the snapshot.
+    pub fn chunk(&self, after: Option<(u64, MsgId)>, max: usize) -> SnapshotChunk {
+        let start = match after {
+            None => 0,
+            Some(a) => self.entries.partition_point(|e| *e <= a),
+        };
+        self.chunk_from(start, max)
+    }
+
+    fn chunk_from(&self, start: usize, max: usize) -> SnapshotChunk {
+        let end = start.saturating_add(max.max(1)).min(self.entries.len());
+        SnapshotChunk {
+            upto: self.upto,
+            entries: self.entries[start..end].to_vec(),
+            last: end == self.entries.len(),
+        }
+    }
+
+    /// Every chunk in order, up to `max` (at least 1) entries each; an empty snapshot is one
+    /// empty chunk marked `last`.
+    pub fn chunks(&self, max: usize) -> impl Iterator<Item = SnapshotChunk> + '_ {
+        let mut start = Some(0);
+        std::iter::from_fn(move || {
+            let s = start?;
+            let c = self.chunk_from(s, max);
+            start = if c.last {
+                None
+            } else {
+                Some(s + c.entries.len())
+            };
+            Some(c)
+        })
     }
 }
 
@@ -639,5 +910,226 @@ mod tests {
             5,
             "the index is untouched"
         );
+    }
+
+    /// A leader with many users, expiries and a trimmed log.
+    fn busy_leader(dir: &Path) -> PiIndex {
+        let mut leader = PiIndex::open(dir, opts()).unwrap();
+        for c in 1..=300u64 {
+            leader.append(c % 23, p(c)).unwrap();
+            if c % 11 == 0 {
+                leader.expire(c % 23, p(c.saturating_sub(40))).unwrap();
+            }
+        }
+        let m = MsgId::new(0, KIND_MULTICAST, 1);
+        let all: Vec<(u64, MsgId)> = (0..30).map(|uid| (uid, m)).collect();
+        leader.append_many(&all).unwrap();
+        leader.append(u64::MAX, p(1)).unwrap();
+        leader.trim_log(LogId(leader.last_log_id().0 - 5)).unwrap();
+        leader
+    }
+
+    fn all_reads(pi: &PiIndex) -> Vec<Vec<MsgId>> {
+        (0..40)
+            .chain([u64::MAX])
+            .map(|uid| pi.read(uid, START, 10_000).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn follower_restores_from_chunks_then_follows_the_log() {
+        let ldir = tempfile::tempdir().unwrap();
+        let fdir = tempfile::tempdir().unwrap();
+        let mut leader = busy_leader(ldir.path());
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        // The follower had some stale state of its own, wiped by the restore.
+        follower.append(5, p(9999)).unwrap();
+        follower.append(77, p(1)).unwrap();
+        assert!(matches!(
+            leader.log_after(follower.last_log_id(), 10),
+            Err(PiError::LogTrimmed { .. })
+        ));
+
+        let snap = leader.snapshot().unwrap();
+        assert_eq!(snap.upto(), leader.last_log_id());
+        // The leader keeps writing while the snapshot is sent.
+        leader.append(3, p(1000)).unwrap();
+        leader.expire(4, p(200)).unwrap();
+        leader.append(39, p(1001)).unwrap();
+
+        follower.restore_begin(snap.upto()).unwrap();
+        let mut after = None;
+        let mut chunks = 0;
+        loop {
+            let chunk = snap.chunk(after, 7);
+            assert!(chunk.entries.len() <= 7);
+            // Retrying a chunk is harmless.
+            follower.restore_chunk(&chunk).unwrap();
+            follower.restore_chunk(&chunk).unwrap();
+            chunks += 1;
+            if chunk.last {
+                break;
+            }
+            after = chunk.entries.last().copied();
+        }
+        assert_eq!(chunks, snap.len().div_ceil(7));
+        assert_eq!(follower.restore_finish().unwrap(), snap.upto());
+        assert_eq!(follower.last_log_id(), snap.upto());
+        assert_eq!(follower.restore_incomplete(), None);
+
+        let batch = leader.log_after(follower.last_log_id(), 100).unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(follower.apply_log(&batch).unwrap(), 3);
+        assert_eq!(follower.last_log_id(), leader.last_log_id());
+        let reads = all_reads(&leader);
+        assert_eq!(all_reads(&follower), reads);
+        assert!(reads.iter().filter(|r| !r.is_empty()).count() > 30);
+        assert_eq!(
+            follower.read(77, START, 10).unwrap(),
+            vec![],
+            "stale state wiped"
+        );
+
+        drop(follower);
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        assert_eq!(follower.restore_incomplete(), None);
+        assert_eq!(follower.last_log_id(), leader.last_log_id());
+        assert_eq!(all_reads(&follower), reads);
+        leader.append(1, p(2000)).unwrap();
+        let batch = leader.log_after(follower.last_log_id(), 100).unwrap();
+        assert_eq!(follower.apply_log(&batch).unwrap(), 1);
+        assert_eq!(all_reads(&follower), all_reads(&leader));
+    }
+
+    #[test]
+    fn interrupted_restore_is_reported_on_reopen() {
+        let ldir = tempfile::tempdir().unwrap();
+        let fdir = tempfile::tempdir().unwrap();
+        let leader = busy_leader(ldir.path());
+        let snap = leader.snapshot().unwrap();
+        {
+            let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+            follower.restore_begin(snap.upto()).unwrap();
+            let first = snap.chunk(None, 7);
+            assert!(!first.last);
+            follower.restore_chunk(&first).unwrap();
+            assert!(matches!(
+                follower.read(0, START, 10),
+                Err(PiError::RestoreIncomplete { upto }) if upto == snap.upto()
+            ));
+            assert!(matches!(
+                follower.restore_finish(),
+                Err(PiError::Restore(_))
+            ));
+            // Crash: dropped before restore_finish.
+        }
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        assert_eq!(follower.restore_incomplete(), Some(snap.upto()));
+        assert!(matches!(
+            follower.read(0, START, 10),
+            Err(PiError::RestoreIncomplete { upto }) if upto == snap.upto()
+        ));
+        assert!(matches!(
+            follower.append(1, p(1)),
+            Err(PiError::RestoreIncomplete { .. })
+        ));
+        assert!(matches!(
+            follower.apply_log(&[]),
+            Err(PiError::RestoreIncomplete { .. })
+        ));
+        assert!(matches!(
+            follower.snapshot(),
+            Err(PiError::RestoreIncomplete { .. })
+        ));
+        // After a reopen the restore must begin again, not resume.
+        assert!(matches!(
+            follower.restore_chunk(&snap.chunk(None, 7)),
+            Err(PiError::Restore(_))
+        ));
+        drop(follower);
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        assert_eq!(
+            follower.restore_incomplete(),
+            Some(snap.upto()),
+            "still reported"
+        );
+
+        follower.restore_begin(snap.upto()).unwrap();
+        let other = SnapshotChunk {
+            upto: LogId(snap.upto().0 + 1),
+            entries: vec![],
+            last: true,
+        };
+        assert!(matches!(
+            follower.restore_chunk(&other),
+            Err(PiError::Restore(_))
+        ));
+        for chunk in snap.chunks(7) {
+            follower.restore_chunk(&chunk).unwrap();
+        }
+        follower.restore_finish().unwrap();
+        assert_eq!(all_reads(&follower), all_reads(&leader));
+        drop(follower);
+        let follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        assert_eq!(follower.restore_incomplete(), None);
+        assert_eq!(follower.last_log_id(), leader.last_log_id());
+    }
+
+    #[test]
+    fn snapshot_excludes_later_writes_and_chunks_cover_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pi = PiIndex::open(dir.path(), opts()).unwrap();
+        let empty = pi.snapshot().unwrap();
+        assert_eq!(
+            empty.chunks(7).collect::<Vec<_>>(),
+            vec![SnapshotChunk {
+                upto: LogId(0),
+                entries: vec![],
+                last: true
+            }]
+        );
+        for c in 1..=20u64 {
+            pi.append(c % 4, p(c)).unwrap();
+        }
+        pi.expire(1, p(9)).unwrap();
+        let snap = pi.snapshot().unwrap();
+        let upto = pi.last_log_id();
+        pi.append(1, p(50)).unwrap();
+        pi.append(9, p(51)).unwrap();
+        pi.expire(2, MsgId(u64::MAX)).unwrap();
+        assert_eq!(snap.upto(), upto);
+
+        let chunks: Vec<SnapshotChunk> = snap.chunks(7).collect();
+        assert!(chunks
+            .iter()
+            .all(|c| c.upto == upto && c.entries.len() <= 7));
+        assert_eq!(
+            chunks.iter().map(|c| c.last).collect::<Vec<_>>(),
+            [vec![false; chunks.len() - 1], vec![true]].concat()
+        );
+        let flat: Vec<(u64, MsgId)> = chunks.into_iter().flat_map(|c| c.entries).collect();
+        let mut expected: Vec<(u64, MsgId)> = (1..=20u64)
+            .map(|c| (c % 4, p(c)))
+            .filter(|&(uid, id)| !(uid == 1 && id <= p(9)))
+            .collect();
+        expected.sort();
+        assert_eq!(
+            flat, expected,
+            "key order, nothing written after the snapshot"
+        );
+        assert_eq!(snap.len(), expected.len());
+        // A cursor that is not an entry, and one past the end.
+        let at = expected.iter().position(|e| e.0 == 2).unwrap();
+        assert_eq!(
+            snap.chunk(Some((2, MsgId(0))), 2).entries,
+            expected[at..at + 2]
+        );
+        let end = snap.chunk(Some((u64::MAX, MsgId(u64::MAX))), 7);
+        assert!(end.last && end.entries.is_empty());
+        // A chunk goes over the wire as postcard.
+        let c = snap.chunk(None, 3);
+        let back: SnapshotChunk =
+            postcard::from_bytes(&postcard::to_allocvec(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 }
