@@ -20,7 +20,11 @@ fn bad_configuration_exits_with_a_one_line_reason() {
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("pixiu-router", vec![], "--zk"),
         ("pixiu-broker", vec!["--zk", "127.0.0.1:1"], "--tls-dir"),
-        ("pixiu-broker", vec!["--zk", "127.0.0.1:1", "--listen", "0.0.0.0:7000"], "wildcard"),
+        (
+            "pixiu-broker",
+            vec!["--zk", "127.0.0.1:1", "--listen", "0.0.0.0:7000"],
+            "wildcard",
+        ),
         (
             "pixiu-router",
             vec!["--config", bad_toml.to_str().unwrap()],
