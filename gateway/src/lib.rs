@@ -162,21 +162,21 @@ pub async fn run_reporting(
         .clone()
         .unwrap_or_else(|| format!("ws://{client_addr}/v1/ws"));
 
-    let registration = env
-        .registry
-        .register(
-            Role::Gateway,
-            None,
-            NodeInfo {
-                addr: node_addr.to_string(),
-                state: NodeState::Init,
-                admin: config.common.admin.map(|a| a.to_string()),
-                client_url: Some(client_url.clone()),
-                http: None,
-                load: 0,
-            },
-        )
-        .await?;
+    let (registration, message_ids) = pixiu_runtime::register_with_unique_instance(
+        &env.registry,
+        Role::Gateway,
+        NodeInfo {
+            addr: node_addr.to_string(),
+            state: NodeState::Init,
+            admin: config.common.admin.map(|a| a.to_string()),
+            client_url: Some(client_url.clone()),
+            http: None,
+            load: 0,
+            instance: None,
+        },
+        pixiu_protocol::ids::IdSource::Gateway,
+    )
+    .await?;
     tracing::info!(id = registration.id(), %node_addr, %client_url, "gateway registered");
 
     let routers = env.registry.watch(Role::Router).await?;
@@ -215,7 +215,7 @@ pub async fn run_reporting(
         transport.clone(),
         proxies,
         metrics.clone(),
-        registration.id(),
+        message_ids,
         shutdown.clone(),
     ));
     let app = ws::router(ws_state);

@@ -13,7 +13,7 @@ use pixiu_protocol::auth::{self, Identity};
 use pixiu_protocol::client::{
     codes, parse_client_frame, ClientRequest, ErrorReply, FrameError, Id, ServerFrame,
 };
-use pixiu_protocol::ids::{IdSource, RouteKey, SnowflakeGen};
+use pixiu_protocol::ids::{RouteKey, SnowflakeGen};
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{RoleMetrics, Shutdown};
@@ -52,7 +52,7 @@ impl WsState {
         transport: Transport,
         proxies: watch::Receiver<Arc<RoleView>>,
         metrics: RoleMetrics,
-        node_id: u64,
+        ids: SnowflakeGen,
         shutdown: Shutdown,
     ) -> WsState {
         WsState {
@@ -61,7 +61,7 @@ impl WsState {
             transport,
             proxies,
             metrics,
-            ids: SnowflakeGen::new(IdSource::Gateway, node_id),
+            ids,
             next_conn: AtomicU64::new(1),
             shutdown,
         }

@@ -23,14 +23,29 @@ pub struct SnowflakeGen {
 impl SnowflakeGen {
     /// `node_id` is the node's registry (ZooKeeper sequence) id.
     pub fn new(source: IdSource, node_id: u64) -> Self {
+        Self::with_instance(Self::instance_for(source, node_id))
+    }
+
+    /// The 10-bit instance a node of `source` with registry id `node_id` uses: proxies
+    /// `0..512`, gateways `512..1024`. Two live nodes must not share one (see
+    /// `pixiu_runtime::register_with_unique_instance`).
+    pub fn instance_for(source: IdSource, node_id: u64) -> u16 {
         let base: u16 = match source {
             IdSource::Proxy => 0,
             IdSource::Gateway => 512,
         };
-        let instance = base | (node_id % 512) as u16;
-        let inner = snowflaked::sync::Generator::new_checked(instance)
+        base | (node_id % 512) as u16
+    }
+
+    /// A generator for a given instance (its low 10 bits).
+    pub fn with_instance(instance: u16) -> Self {
+        let inner = snowflaked::sync::Generator::new_checked(instance & 0x3FF)
             .expect("instance is below 1024 by construction");
         SnowflakeGen { inner }
+    }
+
+    pub fn instance(&self) -> u16 {
+        self.inner.instance()
     }
 
     /// A new id, unique for this instance and increasing over time.

@@ -13,7 +13,7 @@ mod pipeline;
 
 use arc_swap::ArcSwap;
 use pipeline::{Job, Pipeline, Routes};
-use pixiu_protocol::ids::{IdSource, SnowflakeGen};
+use pixiu_protocol::ids::IdSource;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role};
@@ -146,22 +146,22 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         addr: pc.http,
         source,
     })?;
-    let registration = env
-        .registry
-        .register(
-            Role::Proxy,
-            None,
-            NodeInfo {
-                addr: node_addr.to_string(),
-                state: NodeState::Init,
-                admin: config.common.admin.map(|a| a.to_string()),
-                client_url: None,
-                http: Some(http_addr.to_string()),
-                load: 0,
-            },
-        )
-        .await?;
-    let ids = Arc::new(SnowflakeGen::new(IdSource::Proxy, registration.id()));
+    let (registration, ids) = pixiu_runtime::register_with_unique_instance(
+        &env.registry,
+        Role::Proxy,
+        NodeInfo {
+            addr: node_addr.to_string(),
+            state: NodeState::Init,
+            admin: config.common.admin.map(|a| a.to_string()),
+            client_url: None,
+            http: Some(http_addr.to_string()),
+            load: 0,
+            instance: None,
+        },
+        IdSource::Proxy,
+    )
+    .await?;
+    let ids = Arc::new(ids);
     let app = http::router(Arc::new(http::HttpState {
         secret: pc.auth_secret.clone().map(String::into_bytes),
         insecure_dev_auth: pc.insecure_dev_auth,

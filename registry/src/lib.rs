@@ -115,6 +115,10 @@ pub struct NodeInfo {
     /// Load figure, e.g. a gateway's connection count.
     #[serde(default)]
     pub load: u64,
+    /// The 10-bit snowflake instance this node mints message ids with (gateways and proxies),
+    /// so that a new node can pick one no live node uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u16>,
 }
 
 impl NodeInfo {
@@ -127,6 +131,7 @@ impl NodeInfo {
             client_url: None,
             http: None,
             load: 0,
+            instance: None,
         }
     }
 }

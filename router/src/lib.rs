@@ -124,6 +124,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
                 client_url: None,
                 http: None,
                 load: 0,
+                instance: None,
             },
         )
         .await?;

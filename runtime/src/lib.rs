@@ -247,3 +247,135 @@ pub fn auth_secret(file: Option<&std::path::Path>) -> Result<Option<String>, Run
             .filter(|s| !s.is_empty())),
     }
 }
+
+/// Register a gateway or proxy so that no live node of its role mints message ids with the
+/// same snowflake instance. Instances come from the registry id modulo 512, and ZooKeeper ids
+/// only grow, so after 512 registrations two live nodes could share one and mint equal ids in
+/// the same millisecond (a gateway would then drop one message as a duplicate). A clash means:
+/// deregister, register again (a new, larger id), check again. The chosen instance is published
+/// in the node's data, so later nodes check against what is really in use even after this
+/// node re-registers with another id (the generator keeps its instance for the process's life).
+pub async fn register_with_unique_instance(
+    registry: &Registry,
+    role: pixiu_registry::Role,
+    info: pixiu_registry::NodeInfo,
+    source: pixiu_protocol::ids::IdSource,
+) -> Result<
+    (
+        pixiu_registry::Registration,
+        pixiu_protocol::ids::SnowflakeGen,
+    ),
+    RuntimeError,
+> {
+    use pixiu_protocol::ids::SnowflakeGen;
+    const ATTEMPTS: usize = 16;
+    for _ in 0..ATTEMPTS {
+        let reg = registry.register(role, None, info.clone()).await?;
+        let mine = SnowflakeGen::instance_for(source, reg.id());
+        let view = registry.read(role).await?;
+        let clash = view.all().any(|(_, m)| {
+            m.id != reg.id()
+                && m.info
+                    .instance
+                    .unwrap_or_else(|| SnowflakeGen::instance_for(source, m.id))
+                    == mine
+        });
+        if !clash {
+            reg.update(|i| i.instance = Some(mine)).await?;
+            return Ok((reg, SnowflakeGen::with_instance(mine)));
+        }
+        tracing::warn!(
+            id = reg.id(),
+            instance = mine,
+            "snowflake instance in use by a live node; registering again"
+        );
+        reg.deregister().await?;
+    }
+    Err(RuntimeError::Config(format!(
+        "no free snowflake instance after {ATTEMPTS} registrations (at most 512 live {}s)",
+        role.as_str()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pixiu_protocol::ids::IdSource;
+    use pixiu_registry::{Layout, NodeInfo, Role};
+
+    #[tokio::test]
+    async fn unique_snowflake_instances() {
+        let registry = Registry::embedded("t");
+        registry.init_layout(&Layout::default()).await.unwrap();
+        let (first, gen0) = register_with_unique_instance(
+            &registry,
+            Role::Gateway,
+            NodeInfo::new("a:1"),
+            IdSource::Gateway,
+        )
+        .await
+        .unwrap();
+        assert_eq!(gen0.instance(), 512 + (first.id() % 512) as u16);
+        assert_eq!(first.info().instance, Some(gen0.instance()));
+        // burn ids until the next one has the same instance as `first`
+        while registry
+            .register(Role::Gateway, None, NodeInfo::new("x:1"))
+            .await
+            .unwrap()
+            .id()
+            % 512
+            != (first.id() + 511) % 512
+        {}
+        let (second, gen1) = register_with_unique_instance(
+            &registry,
+            Role::Gateway,
+            NodeInfo::new("b:1"),
+            IdSource::Gateway,
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            gen1.instance(),
+            gen0.instance(),
+            "ids {} and {}",
+            first.id(),
+            second.id()
+        );
+        assert!(second.id() % 512 != first.id() % 512);
+        // a node that published its instance is respected even when its id says otherwise
+        let odd = registry
+            .register(
+                Role::Gateway,
+                None,
+                NodeInfo {
+                    instance: Some(gen1.instance() + 1),
+                    ..NodeInfo::new("c:1")
+                },
+            )
+            .await
+            .unwrap();
+        while registry
+            .register(Role::Gateway, None, NodeInfo::new("x:1"))
+            .await
+            .unwrap()
+            .id()
+            % 512
+            != (second.id()) % 512
+        {}
+        let (_third, gen2) = register_with_unique_instance(
+            &registry,
+            Role::Gateway,
+            NodeInfo::new("d:1"),
+            IdSource::Gateway,
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            gen2.instance(),
+            gen1.instance() + 1,
+            "the instance {odd:?} published is avoided"
+        );
+        assert_ne!(gen2.instance(), gen0.instance());
+        assert_ne!(gen2.instance(), gen1.instance());
+    }
+}
