@@ -155,16 +155,25 @@ fn convert_loop(
     while let Ok(job) = rx.recv() {
         let routes = routes.load();
         let out = &send[(job.room % q) as usize];
-        for key in big_rooms.publish_keys(job.room) {
+        let keys = big_rooms.publish_keys(job.room);
+        let last = keys.len().saturating_sub(1);
+        // one key for an ordinary room: the body moves into the message, no copy
+        let mut body = Some(job.body);
+        for (i, key) in keys.into_iter().enumerate() {
             let Some(to) = routes.pick(&key) else {
                 metrics.drop("convert", "no_broker");
                 continue;
+            };
+            let body = if i == last {
+                body.take().unwrap_or_default()
+            } else {
+                body.clone().unwrap_or_default()
             };
             let bytes = wire::encode(&Message::Room(RoomMessage {
                 id: job.id,
                 key,
                 from: job.from,
-                body: job.body.clone(),
+                body,
                 ts: job.ts,
             }));
             match out.try_send((to, bytes)) {

@@ -1,7 +1,8 @@
 //! What every PiXiu service shares and nothing protocol-specific: the common flags and TOML
 //! config, the node environment (registry, TLS, metrics, health), the admin HTTP server
-//! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup and
-//! signal-driven shutdown.
+//! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup,
+//! signal-driven shutdown, one-line fatal errors, and the registration that keeps snowflake
+//! instances unique among live gateways and proxies.
 
 pub mod admin;
 pub mod config;
@@ -303,6 +304,21 @@ mod tests {
     use pixiu_protocol::ids::IdSource;
     use pixiu_registry::{Layout, NodeInfo, Role};
 
+    /// Register and drop gateways until the last id had residue `r` mod 512 (the next
+    /// registration then gets `r + 1`). At most 1,024 registrations.
+    async fn burn_ids_until(registry: &Registry, r: u64) {
+        for _ in 0..1024 {
+            let reg = registry
+                .register(Role::Gateway, None, NodeInfo::new("x:1"))
+                .await
+                .unwrap();
+            if reg.id() % 512 == r {
+                return;
+            }
+        }
+        panic!("never reached residue {r}");
+    }
+
     #[tokio::test]
     async fn unique_snowflake_instances() {
         let registry = Registry::embedded("t");
@@ -318,14 +334,7 @@ mod tests {
         assert_eq!(gen0.instance(), 512 + (first.id() % 512) as u16);
         assert_eq!(first.info().instance, Some(gen0.instance()));
         // burn ids until the next one has the same instance as `first`
-        while registry
-            .register(Role::Gateway, None, NodeInfo::new("x:1"))
-            .await
-            .unwrap()
-            .id()
-            % 512
-            != (first.id() + 511) % 512
-        {}
+        burn_ids_until(&registry, (first.id() + 511) % 512).await;
         let (second, gen1) = register_with_unique_instance(
             &registry,
             Role::Gateway,
@@ -354,14 +363,7 @@ mod tests {
             )
             .await
             .unwrap();
-        while registry
-            .register(Role::Gateway, None, NodeInfo::new("x:1"))
-            .await
-            .unwrap()
-            .id()
-            % 512
-            != (second.id()) % 512
-        {}
+        burn_ids_until(&registry, second.id() % 512).await;
         let (_third, gen2) = register_with_unique_instance(
             &registry,
             Role::Gateway,

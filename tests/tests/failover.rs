@@ -367,3 +367,52 @@ async fn expired_sessions_register_again_and_serve() {
         eventually_whole(&c, &mut clients, &format!("after-{role}-expiry")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_is_refused_while_no_broker_can_confirm_it() {
+    let mut c = Cluster::start("no-broker", 1, 1).await;
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    // the only broker leaves (SIGTERM deregisters at once): nobody can confirm a route
+    c.node("broker").proc.sigterm();
+    c.node("broker")
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("broker exits on SIGTERM");
+    let client = c.client("gw", 1).await;
+    let started = Instant::now();
+    match client.join(5).await {
+        Err(pixiu_client::ClientError::Refused { code, .. }) => assert_eq!(code, "unavailable"),
+        other => panic!("join without a broker: {other:?}"),
+    }
+    // the join timeout (3 s by default) bounds the wait
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused = metric(
+        &c.admin("gw"),
+        "pixiu_messages_dropped_total{stage=\"join\",reason=\"timeout\"}",
+    )
+    .await
+    .unwrap();
+    assert!(refused >= 1.0, "counted: {refused}");
+    // a broker comes back: the same connection joins and receives
+    c.node("broker").proc.respawn().unwrap();
+    c.wait_all_healthy().await;
+    let mut clients = vec![(5u64, client)];
+    assert_eventually(
+        "the join succeeds once a broker runs",
+        Duration::from_secs(15),
+        || {
+            let cl = &clients[0].1;
+            async move { cl.join(5).await.map_err(|e| e.to_string()) }
+        },
+    )
+    .await;
+    publish_round(&c, &mut clients, "after-broker-back").await;
+}
