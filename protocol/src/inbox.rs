@@ -6,6 +6,14 @@
 //! within one partition and one kind, counter order is id order. Across kinds of the same
 //! partition the kind byte decides first: a multicast id is larger than every personal id of
 //! the same partition, whatever their counters. Pi orders a user's list by the whole `u64`.
+//!
+//! **Why one user's ids only grow.** The services store every message for `uid` in Xiu
+//! partition `uid % N` with kind [`KIND_PERSONAL`] (the chat message type), a multicast
+//! message included: it is stored once per Xiu partition of its receivers, not once per
+//! receiver and not once overall. So every id of one inbox comes from one counter, and
+//! assignment order is id order. (Mixing kinds or partitions in one inbox would not keep
+//! that: the kind and partition bytes rank above the counter.) [`KIND_MULTICAST`] stays
+//! reserved for a future message type and is not assigned by the services.
 
 use serde::{Deserialize, Serialize};
 
@@ -83,9 +91,22 @@ pub struct StoredMessage {
     pub sid: u64,
     /// The sender.
     pub from: u64,
+    /// Every receiver whose inbox indexes this copy (one for a personal message; the
+    /// receivers of this Xiu partition for a multicast one).
+    pub to: Vec<u64>,
     pub body: String,
     /// Milliseconds since the Unix epoch.
     pub ts: u64,
+}
+
+/// A stable 64-bit key of a device name (FNV-1a), as Pi stores per-device cursors.
+pub fn device_key(device: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Does partition `partition` of Xiu or Pi, with `partition_num` partitions published, own
@@ -110,6 +131,14 @@ mod tests {
         assert_eq!(id.counter(), 0x0102_0304_0506);
         assert_eq!(MsgId::from_be_bytes(id.to_be_bytes()), id);
         assert_eq!(id.to_string(), format!("171:2:{}", 0x0102_0304_0506u64));
+    }
+
+    #[test]
+    fn device_keys_are_stable_and_distinct() {
+        // FNV-1a test vectors
+        assert_eq!(device_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(device_key("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(device_key("phone"), device_key("laptop"));
     }
 
     #[test]
@@ -165,6 +194,7 @@ mod tests {
             id: MsgId::new(2, KIND_PERSONAL, 9),
             sid: 123_456_789,
             from: 42,
+            to: vec![7, 8],
             body: "hello 貔貅".into(),
             ts: 1_700_000_000_000,
         };

@@ -95,6 +95,164 @@ pub enum Message {
     Refused {
         reason: String,
     },
+
+    // ---- personal inboxes (seed section 8) ----
+    /// Request to the leader of Xiu partition `uid % N` of every receiver in `to`: store one
+    /// copy and index it in every receiver's Pi list. Answered with `XiuStored` once the
+    /// promise holds (stored, replicated to `min_insync` followers, indexed), else
+    /// `Unavailable` or `Refused`.
+    XiuStore(StoreRequest),
+    XiuStored {
+        id: u64,
+        /// false when the `sid` was stored before (the first id is returned)
+        fresh: bool,
+    },
+    /// Request to a Xiu leader: messages by id.
+    XiuRead {
+        ids: Vec<u64>,
+    },
+    /// Response to `XiuRead`: one entry per id asked, in order.
+    XiuMessages {
+        items: Vec<ReadResult>,
+    },
+    /// Follower to leader (Xiu or Pi): "I hold everything up to `after`; send what follows".
+    /// The leader holds the request for up to `wait_ms` when it has nothing new.
+    /// Xiu answers `XiuEntries`; Pi answers `PiLog` or `PiTrimmed`.
+    ReplicaPull {
+        node: u64,
+        after: u64,
+        /// Xiu: the `sid` of the follower's record at `after` (0 when none), so that the
+        /// leader can tell whether their copies agree up to there. Pi: 0.
+        check: u64,
+        max: u32,
+        wait_ms: u32,
+    },
+    /// Xiu leader to follower: your copy disagrees with mine at or before `after` (or runs
+    /// past my last counter `leader_last`); drop your tail and ask again.
+    Diverged {
+        after: u64,
+        leader_last: u64,
+    },
+    /// Xiu leader to follower: raw records after the position asked, plus the leader's
+    /// indexed watermark (every id up to it is in Pi).
+    XiuEntries {
+        entries: Vec<(u64, Vec<u8>)>,
+        indexed: u64,
+    },
+    /// Xiu leader to a Pi leader: index these `(uid, MsgId)` pairs. Answered with `Done`.
+    PiAppend {
+        items: Vec<(u64, u64)>,
+        ts: u64,
+    },
+    /// To a Pi leader: up to `max` ids of `uid` after `after`, or after the device's cursor
+    /// when `after` is `None` (the device is registered when new). Answered with `PiIds`.
+    PiRead {
+        uid: u64,
+        device: u64,
+        after: Option<u64>,
+        max: u32,
+    },
+    PiIds {
+        ids: Vec<u64>,
+        /// the device's cursor (everything up to it was acknowledged)
+        cursor: u64,
+    },
+    /// To a Pi leader: the device acknowledged every id of `uid` up to `id`. Answered `Done`.
+    PiCursor {
+        uid: u64,
+        device: u64,
+        id: u64,
+    },
+    /// Pi leader to follower: postcard-encoded log entries after the position asked.
+    PiLog {
+        entries: Vec<u8>,
+    },
+    /// Pi leader to follower: the entries you need were trimmed; fetch a snapshot.
+    PiTrimmed,
+    /// Pi follower to leader: the next chunk of a snapshot (`after` is the chunk cursor,
+    /// `None` for the first; `upto` the snapshot's LogId once known).
+    PiSnapshotRequest {
+        upto: Option<u64>,
+        after: Option<(u64, u64)>,
+    },
+    /// postcard-encoded snapshot chunk.
+    PiSnapshotChunk {
+        chunk: Vec<u8>,
+    },
+    /// Success of a request with nothing else to say.
+    Done,
+    /// The node cannot serve this now (not the leader, catching up, `min_insync` not met);
+    /// the caller may retry elsewhere or later.
+    Unavailable {
+        reason: String,
+    },
+    /// Proxy to every running broker replica serving `uid`: its inbox has news.
+    Notify {
+        uid: u64,
+        latest: u64,
+    },
+    /// Gateway to broker: these devices are connected here (a login, and then the periodic
+    /// heartbeat; seed 8.5).
+    DeviceOnline {
+        gateway: SocketAddr,
+        devices: Vec<DeviceRef>,
+    },
+    /// Gateway to broker: the device's connection closed.
+    DeviceOffline(DeviceRef),
+    /// Gateway to broker: the device acknowledged every inbox id up to `id`.
+    DeviceAck {
+        dev: DeviceRef,
+        id: u64,
+    },
+    /// Gateway to broker: the device asks for its inbox after `after`.
+    DeviceSync {
+        gateway: SocketAddr,
+        dev: DeviceRef,
+        after: u64,
+    },
+    /// Broker to gateway: inbox messages for one connection, oldest first.
+    InboxPush {
+        dev: DeviceRef,
+        items: Vec<InboxItem>,
+    },
+}
+
+/// A request to store one personal (or multicast) message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreRequest {
+    /// The publisher's snowflake id: storing it again returns the first id.
+    pub sid: u64,
+    pub from: u64,
+    /// Receivers, all owned by the Xiu partition asked.
+    pub to: Vec<u64>,
+    pub body: String,
+    pub ts: u64,
+}
+
+/// One inbox message as it travels from Xiu to a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxItem {
+    pub id: u64,
+    pub from: u64,
+    pub body: String,
+    pub ts: u64,
+}
+
+/// One id of a `XiuRead`: the message, or why it cannot be given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadResult {
+    Found(InboxItem),
+    Missing { id: u64, reason: String },
+    Corrupt { id: u64, reason: String },
+}
+
+/// One connected device of a user, as a gateway names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceRef {
+    pub uid: u64,
+    pub device: String,
+    /// The gateway's connection id: a reconnect is a new `conn`.
+    pub conn: u64,
 }
 
 impl Message {
@@ -111,6 +269,29 @@ impl Message {
             Message::SnapshotRequest { .. } => "snapshot_request",
             Message::Snapshot { .. } => "snapshot",
             Message::Refused { .. } => "refused",
+            Message::XiuStore(_) => "xiu_store",
+            Message::XiuStored { .. } => "xiu_stored",
+            Message::XiuRead { .. } => "xiu_read",
+            Message::XiuMessages { .. } => "xiu_messages",
+            Message::ReplicaPull { .. } => "replica_pull",
+            Message::XiuEntries { .. } => "xiu_entries",
+            Message::Diverged { .. } => "diverged",
+            Message::PiAppend { .. } => "pi_append",
+            Message::PiRead { .. } => "pi_read",
+            Message::PiIds { .. } => "pi_ids",
+            Message::PiCursor { .. } => "pi_cursor",
+            Message::PiLog { .. } => "pi_log",
+            Message::PiTrimmed => "pi_trimmed",
+            Message::PiSnapshotRequest { .. } => "pi_snapshot_request",
+            Message::PiSnapshotChunk { .. } => "pi_snapshot_chunk",
+            Message::Done => "done",
+            Message::Unavailable { .. } => "unavailable",
+            Message::Notify { .. } => "notify",
+            Message::DeviceOnline { .. } => "device_online",
+            Message::DeviceOffline(_) => "device_offline",
+            Message::DeviceAck { .. } => "device_ack",
+            Message::DeviceSync { .. } => "device_sync",
+            Message::InboxPush { .. } => "inbox_push",
         }
     }
 }
@@ -184,6 +365,41 @@ mod tests {
                     version: GatewayMsgId::new(9, 2),
                     present: false,
                 }],
+            },
+            Message::XiuStore(StoreRequest {
+                sid: 5,
+                from: 1,
+                to: vec![2, 3],
+                body: "x".into(),
+                ts: 9,
+            }),
+            Message::XiuMessages {
+                items: vec![
+                    ReadResult::Found(InboxItem {
+                        id: 1 << 56,
+                        from: 1,
+                        body: "b".into(),
+                        ts: 2,
+                    }),
+                    ReadResult::Corrupt {
+                        id: 7,
+                        reason: "crc".into(),
+                    },
+                ],
+            },
+            Message::DeviceOnline {
+                gateway: gw.addr,
+                devices: vec![DeviceRef {
+                    uid: 4,
+                    device: "phone".into(),
+                    conn: 8,
+                }],
+            },
+            Message::PiRead {
+                uid: 1,
+                device: 2,
+                after: None,
+                max: 3,
             },
         ]
     }

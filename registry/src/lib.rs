@@ -180,6 +180,13 @@ impl RoleView {
             .flat_map(|(p, ms)| ms.iter().map(move |m| (*p, m)))
     }
 
+    /// The leader of a partition of a leader-based role (Xiu, Pi): the member with the
+    /// smallest id, whatever its state (seed 8.2.3). A leader still taking over answers
+    /// `Unavailable` until it is ready.
+    pub fn leader(&self, partition: u32) -> Option<&Member> {
+        self.members(partition).first()
+    }
+
     /// Finds a member by partition and id.
     pub fn get(&self, partition: u32, id: u64) -> Option<&Member> {
         self.members(partition).iter().find(|m| m.id == id)

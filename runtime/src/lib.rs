@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod liveness;
 pub mod metrics;
+pub mod replication;
 
 pub use config::{CommonArgs, CommonConfig};
 pub use liveness::Liveness;

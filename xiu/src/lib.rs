@@ -18,6 +18,8 @@
 //! `!last` -> last assigned MsgId (8 bytes BE). Messages are keyed by counter alone (one counter
 //! per partition, shared by all kinds), so a range scan yields them in assignment order.
 
+pub mod service;
+
 use lru::LruCache;
 use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
 use pixiu_protocol::MAX_BODY;
@@ -75,6 +77,7 @@ pub enum XiuError {
 }
 
 const META_LAST: &[u8] = b"!last";
+const META_INDEXED: &[u8] = b"!indexed";
 const MSG_PREFIX: u8 = b'm';
 const SID_PREFIX: u8 = b's';
 
@@ -229,6 +232,7 @@ impl XiuStore {
         sid: u64,
         kind: u8,
         from: u64,
+        to: &[u64],
         body: &str,
         ts: u64,
     ) -> Result<(MsgId, bool), XiuError> {
@@ -253,6 +257,7 @@ impl XiuStore {
             id,
             sid,
             from,
+            to: to.to_vec(),
             body: body.to_string(),
             ts,
         };
@@ -411,6 +416,75 @@ impl XiuStore {
         Ok(id)
     }
 
+    /// Every id up to this counter is known to be indexed in Pi (0 when nothing is).
+    pub fn indexed(&self) -> Result<u64, XiuError> {
+        match self.db.get(META_INDEXED)? {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] =
+                    v.as_slice().try_into().map_err(|_| XiuError::CorruptMeta {
+                        what: "indexed watermark".into(),
+                        reason: format!("{} bytes where 8 are expected", v.len()),
+                    })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Records that every id up to `counter` is indexed in Pi (not fsynced: after a crash
+    /// the owner re-indexes from an older watermark, which Pi's duplicate-free lists absorb).
+    pub fn set_indexed(&mut self, counter: u64) -> Result<(), XiuError> {
+        self.db.put(META_INDEXED, counter.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The `sid` of the message stored under `counter`, `None` when there is none (counter 0
+    /// included): what a follower and its leader compare to find out whether their copies
+    /// agree up to that counter.
+    pub fn sid_at(&self, counter: u64) -> Result<Option<u64>, XiuError> {
+        if counter == 0 {
+            return Ok(None);
+        }
+        let Some(raw) = self.db.get(msg_key(counter))? else {
+            return Ok(None);
+        };
+        let named = MsgId::new(self.partition, KIND_NONE, counter);
+        Ok(Some(check_record(counter, named, &raw)?.sid))
+    }
+
+    /// Deletes every message above `counter` (with its sid index entry) and moves the last id
+    /// back to `counter`, fsynced: a follower drops a tail its new leader never had (a failed
+    /// leader's writes that were never replicated, hence never acknowledged).
+    pub fn truncate_after(&mut self, counter: u64) -> Result<usize, XiuError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut n = 0;
+        let start = msg_key(counter.saturating_add(1));
+        for item in self.db.iterator(rocksdb::IteratorMode::From(
+            &start,
+            rocksdb::Direction::Forward,
+        )) {
+            let (k, v) = item?;
+            let Some(c) = counter_of_key(&k) else {
+                break;
+            };
+            if let Ok(m) = decode_record(MsgId::new(self.partition, KIND_NONE, c), &v) {
+                batch.delete(sid_key(m.sid));
+            }
+            batch.delete(k);
+            n += 1;
+        }
+        let last = MsgId::new(self.partition, KIND_NONE, counter.min(self.last.counter()));
+        batch.put(META_LAST, last.to_be_bytes());
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        self.last = last;
+        if let Some(c) = &mut self.cache {
+            c.clear();
+        }
+        Ok(n)
+    }
+
     /// Drops the in-memory cache (reads then come from disk).
     pub fn clear_cache(&mut self) {
         if let Some(c) = &mut self.cache {
@@ -453,8 +527,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = XiuStore::open(dir.path(), opts(3, 16)).unwrap();
         assert_eq!(s.last_id().counter(), 0);
-        let (a, new_a) = s.store(100, KIND_PERSONAL, 7, "hello", 1000).unwrap();
-        let (b, new_b) = s.store(101, KIND_MULTICAST, 8, "world", 1001).unwrap();
+        let (a, new_a) = s.store(100, KIND_PERSONAL, 7, &[], "hello", 1000).unwrap();
+        let (b, new_b) = s.store(101, KIND_MULTICAST, 8, &[], "world", 1001).unwrap();
         assert!(new_a && new_b);
         assert_eq!(
             (a.partition(), a.kind(), a.counter()),
@@ -492,12 +566,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = XiuStore::open(dir.path(), opts(0, 4)).unwrap();
         assert!(matches!(
-            s.store(1, KIND_NONE, 1, "x", 0),
+            s.store(1, KIND_NONE, 1, &[], "x", 0),
             Err(XiuError::InvalidKind(0))
         ));
         let big = "x".repeat(MAX_BODY + 1);
         assert!(matches!(
-            s.store(1, KIND_PERSONAL, 1, &big, 0),
+            s.store(1, KIND_PERSONAL, 1, &[], &big, 0),
             Err(XiuError::BodyTooLarge { .. })
         ));
         assert_eq!(s.last_id().counter(), 0, "refusals assign nothing");
@@ -508,15 +582,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = {
             let mut s = XiuStore::open(dir.path(), opts(1, 16)).unwrap();
-            let (id, new) = s.store(555, KIND_PERSONAL, 1, "once", 1).unwrap();
+            let (id, new) = s.store(555, KIND_PERSONAL, 1, &[], "once", 1).unwrap();
             assert!(new);
-            let (again, new) = s.store(555, KIND_PERSONAL, 1, "twice", 2).unwrap();
+            let (again, new) = s.store(555, KIND_PERSONAL, 1, &[], "twice", 2).unwrap();
             assert_eq!((again, new), (id, false));
             assert_eq!(s.last_id(), id, "a duplicate assigns no id");
             id
         };
         let mut s = XiuStore::open(dir.path(), opts(1, 16)).unwrap();
-        let (again, new) = s.store(555, KIND_MULTICAST, 9, "thrice", 3).unwrap();
+        let (again, new) = s.store(555, KIND_MULTICAST, 9, &[], "thrice", 3).unwrap();
         assert_eq!((again, new), (first, false));
         assert_eq!(one(&mut s, first).unwrap().body, "once");
     }
@@ -539,7 +613,9 @@ mod tests {
                 assert_eq!(s.last_id().counter(), MsgId::counter(*prev));
             }
             for i in 0..5u64 {
-                let (id, new) = s.store(round * 100 + i, KIND_PERSONAL, 1, "m", 0).unwrap();
+                let (id, new) = s
+                    .store(round * 100 + i, KIND_PERSONAL, 1, &[], "m", 0)
+                    .unwrap();
                 assert!(new);
                 seen.push(id);
             }
@@ -556,7 +632,7 @@ mod tests {
         {
             let mut s = XiuStore::open(dir.path(), opts(2, 0)).unwrap();
             for sid in 0..4 {
-                s.store(sid, KIND_PERSONAL, 1, "m", 0).unwrap();
+                s.store(sid, KIND_PERSONAL, 1, &[], "m", 0).unwrap();
             }
             // Make the metadata lag behind the stored messages.
             s.db.put(META_LAST, MsgId::new(2, KIND_PERSONAL, 1).to_be_bytes())
@@ -564,7 +640,7 @@ mod tests {
         }
         let mut s = XiuStore::open(dir.path(), opts(2, 0)).unwrap();
         assert_eq!(s.last_id(), MsgId::new(2, KIND_PERSONAL, 4));
-        let (id, _) = s.store(99, KIND_PERSONAL, 1, "m", 0).unwrap();
+        let (id, _) = s.store(99, KIND_PERSONAL, 1, &[], "m", 0).unwrap();
         assert_eq!(id.counter(), 5);
         // And a reopen under another partition is refused.
         drop(s);
@@ -583,7 +659,7 @@ mod tests {
         let mut s = XiuStore::open(dir.path(), opts(4, 2)).unwrap();
         let ids: Vec<MsgId> = (0..10u64)
             .map(|i| {
-                s.store(i, KIND_PERSONAL, i, &format!("body {i}"), i)
+                s.store(i, KIND_PERSONAL, i, &[], &format!("body {i}"), i)
                     .unwrap()
                     .0
             })
@@ -602,7 +678,7 @@ mod tests {
         let ids: Vec<MsgId> = {
             let mut s = XiuStore::open(dir.path(), opts(5, 64)).unwrap();
             (0..3u64)
-                .map(|i| s.store(i, KIND_PERSONAL, 1, "payload", 0).unwrap().0)
+                .map(|i| s.store(i, KIND_PERSONAL, 1, &[], "payload", 0).unwrap().0)
                 .collect()
         };
         {
@@ -634,7 +710,7 @@ mod tests {
             Err(XiuError::Corrupt { .. })
         ));
         // The counter still resumes past the truncated record.
-        let (next, _) = s.store(50, KIND_PERSONAL, 1, "after", 0).unwrap();
+        let (next, _) = s.store(50, KIND_PERSONAL, 1, &[], "after", 0).unwrap();
         assert_eq!(next.counter(), 4);
     }
 
@@ -642,7 +718,7 @@ mod tests {
     fn wrong_partition_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = XiuStore::open(dir.path(), opts(6, 8)).unwrap();
-        let (id, _) = s.store(1, KIND_PERSONAL, 1, "x", 0).unwrap();
+        let (id, _) = s.store(1, KIND_PERSONAL, 1, &[], "x", 0).unwrap();
         let foreign = MsgId::new(7, KIND_PERSONAL, id.counter());
         let got = s.read(&[foreign, id]);
         assert!(matches!(
@@ -671,7 +747,7 @@ mod tests {
             };
             ids.push(
                 leader
-                    .store(1000 + i, kind, i, &format!("m{i}"), i)
+                    .store(1000 + i, kind, i, &[], &format!("m{i}"), i)
                     .unwrap()
                     .0,
             );
@@ -699,7 +775,9 @@ mod tests {
         assert_eq!(a, b);
         // The follower's sid index came along: a store there deduplicates.
         assert_eq!(
-            follower.store(1005, KIND_PERSONAL, 0, "dup", 0).unwrap(),
+            follower
+                .store(1005, KIND_PERSONAL, 0, &[], "dup", 0)
+                .unwrap(),
             (ids[5], false)
         );
         // After a restart the follower resumes where it was.
@@ -715,7 +793,7 @@ mod tests {
         let mut leader = XiuStore::open(ldir.path(), opts(1, 4)).unwrap();
         let mut follower = XiuStore::open(fdir.path(), opts(1, 4)).unwrap();
         for i in 0..3u64 {
-            leader.store(i, KIND_PERSONAL, 0, "x", 0).unwrap();
+            leader.store(i, KIND_PERSONAL, 0, &[], "x", 0).unwrap();
         }
         let all = leader.entries_after(follower.last_id(), 10).unwrap();
         assert!(matches!(
@@ -744,7 +822,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = XiuStore::open(dir.path(), opts(2, 4)).unwrap();
-            s.store(1, KIND_PERSONAL, 0, "x", 0).unwrap();
+            s.store(1, KIND_PERSONAL, 0, &[], "x", 0).unwrap();
             assert_eq!(
                 s.advance_counter(0).unwrap().counter(),
                 1,
@@ -754,7 +832,10 @@ mod tests {
         }
         let mut s = XiuStore::open(dir.path(), opts(2, 4)).unwrap();
         assert_eq!(
-            s.store(2, KIND_PERSONAL, 0, "y", 0).unwrap().0.counter(),
+            s.store(2, KIND_PERSONAL, 0, &[], "y", 0)
+                .unwrap()
+                .0
+                .counter(),
             1001
         );
     }

@@ -1,0 +1,656 @@
+//! The `pixiu-pi` service: one replica of one Pi partition.
+//!
+//! - **Leader**: the member with the smallest sequence number (seed 8.3.3). It serves
+//!   `PiAppend` (from Xiu leaders; answered `Done` once the entries are in its RocksDB WAL,
+//!   fsynced unless `fsync = false`, and `min_insync` followers hold their log entries),
+//!   `PiRead` (ids after a position or after the device's cursor; a new device is registered
+//!   so that expiry waits for it) and `PiCursor` (a device's acknowledgement; ids every known
+//!   device acknowledged are expired in the same write). Every `retention_ms` old entries are
+//!   expired whoever acknowledged them; the log keeps its last `log_keep` entries.
+//! - **Followers** copy a snapshot of the leader whenever the leader they follow changes
+//!   (and at start), then long-poll its log by LogId (seed 8.3.3); a follower whose position
+//!   the leader's log no longer holds copies a snapshot again.
+//! - **Takeover**: a new leader first pulls whatever log another live replica holds beyond
+//!   its own (every follower's log is a prefix of the old leader's), then serves.
+
+use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, SnapshotChunk};
+use pixiu_protocol::inbox::{owns_uid, MsgId};
+use pixiu_protocol::wire::{self, Message};
+use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_runtime::replication::{place, Followers, Head, Place};
+use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_transport::{Inbound, Transport, TransportConfig};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Pi settings (TOML keys and flags of the same names).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PiConfig {
+    pub partition: u32,
+    pub data_dir: Option<PathBuf>,
+    /// Followers that must hold an append before it is acknowledged.
+    pub min_insync: usize,
+    /// fsync the WAL before acknowledging.
+    pub fsync: bool,
+    /// How long an append may wait for `min_insync`.
+    pub append_timeout_ms: u64,
+    /// Entries older than this are expired even if a device never acknowledged them.
+    pub retention_ms: u64,
+    /// Log entries kept for followers (older ones are trimmed; a follower behind them copies a
+    /// snapshot).
+    pub log_keep: u64,
+    /// How often retention and log trimming run.
+    pub maintenance_interval_ms: u64,
+    /// Log entries per replication batch.
+    pub pull_batch: u32,
+}
+
+impl Default for PiConfig {
+    fn default() -> Self {
+        PiConfig {
+            partition: 0,
+            data_dir: None,
+            min_insync: 1,
+            fsync: true,
+            append_timeout_ms: 3000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            log_keep: 1_000_000,
+            maintenance_interval_ms: 60_000,
+            pull_batch: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub pi: PiConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Runtime(#[from] pixiu_runtime::RuntimeError),
+    #[error("registry: {0}")]
+    Registry(#[from] pixiu_registry::RegistryError),
+    #[error("transport: {0}")]
+    Transport(#[from] pixiu_transport::TransportError),
+    #[error("index: {0}")]
+    Index(#[from] PiError),
+}
+
+/// Run a Pi replica against ZooKeeper until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
+    let registry = env.registry.clone();
+    let res = run_with(config, env, shutdown).await;
+    registry.close().await;
+    res
+}
+
+struct Node {
+    cfg: PiConfig,
+    index: Mutex<PiIndex>,
+    transport: Transport,
+    metrics: RoleMetrics,
+    my_id: watch::Receiver<u64>,
+    pis: watch::Receiver<Arc<RoleView>>,
+    followers: Followers,
+    head: Head,
+    leading: AtomicBool,
+    /// The snapshot being sent to followers (taken on the first chunk request).
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
+}
+
+const PULL_WAIT: Duration = Duration::from_millis(1000);
+const SNAPSHOT_CHUNK: usize = 4096;
+
+impl Node {
+    fn index(&self) -> MutexGuard<'_, PiIndex> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn me(&self) -> u64 {
+        *self.my_id.borrow()
+    }
+
+    fn leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    fn flush(&self, idx: &PiIndex) -> Result<(), PiError> {
+        if self.cfg.fsync {
+            idx.flush_wal()?;
+        }
+        Ok(())
+    }
+}
+
+/// Run a Pi replica in a given environment.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    let pc = config.pi.clone();
+    let dir = pc
+        .data_dir
+        .clone()
+        .ok_or_else(|| Error::Config("--data-dir is required".into()))?;
+    let index = PiIndex::open(
+        &dir,
+        PiOptions {
+            partition: pc.partition,
+            sync: Durability::GroupCommit,
+        },
+    )?;
+    let metrics = RoleMetrics::new(&env.metrics, "pi");
+    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
+    let node_addr = transport.local_addr();
+    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
+    let pis = env.registry.watch(Role::Pi).await?;
+    let registration = env
+        .registry
+        .register(
+            Role::Pi,
+            Some(pc.partition),
+            NodeInfo {
+                admin: config.common.admin.map(|a| a.to_string()),
+                ..NodeInfo::new(node_addr.to_string())
+            },
+        )
+        .await?;
+    tracing::info!(id = registration.id(), partition = pc.partition, %node_addr, last_log = %index.last_log_id(), "pi registered (init)");
+    let node = Arc::new(Node {
+        cfg: pc.clone(),
+        head: Head::new(index.last_log_id().0),
+        index: Mutex::new(index),
+        transport: transport.clone(),
+        metrics,
+        my_id: registration.id_watch(),
+        pis,
+        followers: Followers::new(Duration::from_secs(3)),
+        leading: AtomicBool::new(false),
+        snapshot: Mutex::new(None),
+    });
+    let (state_tx, mut state_rx) = watch::channel(NodeState::Init);
+    tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
+    tokio::spawn(maintenance(node.clone(), shutdown.clone()));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(msg) = inbound.recv() => {
+                let node = node.clone();
+                tokio::spawn(async move { on_inbound(&node, msg).await });
+            }
+            Ok(()) = state_rx.changed() => {
+                let state = *state_rx.borrow_and_update();
+                registration.set_state(state).await?;
+                env.health.set_ready(state == NodeState::Running);
+                tracing::info!(?state, leading = node.leading(), "pi state");
+            }
+        }
+    }
+    env.health.set_ready(false);
+    node.leading.store(false, Ordering::SeqCst);
+    tracing::info!("pi draining");
+    if let Err(e) = node.index().flush_wal() {
+        tracing::error!("flushing the WAL at shutdown: {e}");
+    }
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!("deregistering: {e}");
+    }
+    transport.close().await;
+    Ok(())
+}
+
+async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutdown) {
+    let mut pis = node.pis.clone();
+    // the leader whose snapshot this copy was restored from (None: restore before pulling)
+    let mut synced_with: Option<u64> = None;
+    while !shutdown.is_cancelled() {
+        let here = place(&node.pis.borrow(), node.cfg.partition, node.me());
+        match here {
+            Place::Leader => {
+                if !node.leading() {
+                    take_over(&node).await;
+                    node.followers.clear();
+                    node.leading.store(true, Ordering::SeqCst);
+                    synced_with = None;
+                    tracing::info!(partition = node.cfg.partition, last_log = %node.index().last_log_id(), "pi leading");
+                }
+                let _ = state.send(NodeState::Running);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = pis.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Place::Follower { leader, addr } => {
+                if node.leading.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(partition = node.cfg.partition, "pi no longer leads");
+                }
+                let step = if synced_with != Some(leader) {
+                    restore_from(&node, addr).await.map(|()| {
+                        synced_with = Some(leader);
+                        false
+                    })
+                } else {
+                    pull_once(&node, addr, PULL_WAIT).await
+                };
+                match step {
+                    Ok(caught_up) => {
+                        if caught_up {
+                            let _ = state.send(NodeState::Running);
+                        }
+                    }
+                    Err(PullError::Resync(why)) => {
+                        tracing::warn!(%addr, "copying a snapshot again: {why}");
+                        synced_with = None;
+                    }
+                    Err(PullError::Other(e)) => {
+                        tracing::debug!(%addr, "pulling from the leader: {e}");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+            }
+            Place::Unknown => {
+                node.leading.store(false, Ordering::SeqCst);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = pis.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+}
+
+enum PullError {
+    /// The position is not in the peer's log (trimmed, or this copy ran past it).
+    Resync(String),
+    Other(String),
+}
+
+impl From<String> for PullError {
+    fn from(s: String) -> Self {
+        PullError::Other(s)
+    }
+}
+
+async fn take_over(node: &Node) {
+    let me = node.me();
+    let peers: Vec<SocketAddr> = node
+        .pis
+        .borrow()
+        .members(node.cfg.partition)
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| m.info.addr.parse().ok())
+        .collect();
+    for peer in peers {
+        for _ in 0..100_000 {
+            match pull_once(node, peer, Duration::ZERO).await {
+                Ok(true) => break,
+                Ok(false) => continue,
+                Err(PullError::Resync(e)) | Err(PullError::Other(e)) => {
+                    tracing::info!(%peer, "not catching up from this replica: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn request(
+    node: &Node,
+    to: SocketAddr,
+    msg: &Message,
+    timeout: Duration,
+) -> Result<Message, String> {
+    let bytes = node
+        .transport
+        .request(to, wire::encode(msg), timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    wire::decode(&bytes).map_err(|e| e.to_string())
+}
+
+/// Replace this copy with the leader's snapshot.
+async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> {
+    let mut upto: Option<u64> = None;
+    let mut after: Option<(u64, u64)> = None;
+    let mut begun = false;
+    let mut entries = 0usize;
+    loop {
+        let answer = request(
+            node,
+            leader,
+            &Message::PiSnapshotRequest { upto, after },
+            Duration::from_secs(10),
+        )
+        .await?;
+        let chunk: SnapshotChunk = match answer {
+            Message::PiSnapshotChunk { chunk } => postcard::from_bytes(&chunk)
+                .map_err(|e| PullError::Other(format!("undecodable snapshot chunk: {e}")))?,
+            Message::Unavailable { reason } | Message::Refused { reason } => {
+                return Err(PullError::Other(reason))
+            }
+            other => return Err(PullError::Other(format!("unexpected {}", other.kind()))),
+        };
+        if upto.is_some_and(|u| u != chunk.upto.0) {
+            // the leader took a new snapshot meanwhile: start over
+            return Err(PullError::Other("the leader's snapshot changed".into()));
+        }
+        let mut idx = node.index();
+        if !begun {
+            idx.restore_begin(chunk.upto)
+                .map_err(|e| PullError::Other(e.to_string()))?;
+            begun = true;
+            upto = Some(chunk.upto.0);
+        }
+        idx.restore_chunk(&chunk)
+            .map_err(|e| PullError::Other(e.to_string()))?;
+        entries += chunk.entries.len();
+        after = chunk.entries.last().map(|(uid, id, _)| (*uid, id.0));
+        if chunk.last {
+            let at = idx
+                .restore_finish()
+                .map_err(|e| PullError::Other(e.to_string()))?;
+            drop(idx);
+            node.head.set(at.0);
+            tracing::info!(%leader, entries, upto = %at, "pi copied the leader's snapshot");
+            return Ok(());
+        }
+    }
+}
+
+/// One pull of the log from `from`. `Ok(true)` when nothing more is to be had.
+async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool, PullError> {
+    let after = node.index().last_log_id().0;
+    let req = Message::ReplicaPull {
+        node: node.me(),
+        after,
+        check: 0,
+        max: node.cfg.pull_batch,
+        wait_ms: wait.as_millis() as u32,
+    };
+    match request(node, from, &req, wait + Duration::from_secs(3)).await? {
+        Message::PiLog { entries } => {
+            let entries: Vec<LogEntry> = postcard::from_bytes(&entries)
+                .map_err(|e| PullError::Other(format!("undecodable log entries: {e}")))?;
+            let n = entries.len();
+            let mut idx = node.index();
+            let applied = match idx.apply_log(&entries) {
+                Ok(a) => a,
+                Err(PiError::Gap { expected, got }) => {
+                    return Err(PullError::Resync(format!(
+                        "log gap: expected {expected}, got {got}"
+                    )))
+                }
+                Err(e) => return Err(PullError::Other(e.to_string())),
+            };
+            if applied > 0 {
+                node.flush(&idx)
+                    .map_err(|e| PullError::Other(e.to_string()))?;
+            }
+            let last = idx.last_log_id().0;
+            drop(idx);
+            node.head.set(last);
+            node.metrics.add_out("replicated", applied as u64);
+            Ok(n < node.cfg.pull_batch as usize)
+        }
+        Message::PiTrimmed => Err(PullError::Resync("log trimmed past this copy".into())),
+        Message::Diverged { .. } => Err(PullError::Resync(
+            "this copy ran past the leader's log".into(),
+        )),
+        Message::Unavailable { reason } | Message::Refused { reason } => {
+            Err(PullError::Other(reason))
+        }
+        other => Err(PullError::Other(format!(
+            "unexpected answer {}",
+            other.kind()
+        ))),
+    }
+}
+
+/// Retention and log trimming, on the leader.
+async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        node.cfg.maintenance_interval_ms.max(100),
+    ));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !node.leading() {
+            continue;
+        }
+        let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
+        let mut idx = node.index();
+        match idx.expire_older_than(cutoff, 100_000) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(users = n, "expired entries past retention");
+                node.metrics.add_out("retention_expired", n as u64);
+            }
+            Err(e) => tracing::error!("retention: {e}"),
+        }
+        let last = idx.last_log_id().0;
+        if last > node.cfg.log_keep {
+            if let Err(e) = idx.trim_log(LogId(last - node.cfg.log_keep)) {
+                tracing::error!("trimming the log: {e}");
+            }
+        }
+        let last = idx.last_log_id().0;
+        drop(idx);
+        node.head.set(last);
+    }
+}
+
+async fn on_inbound(node: &Node, inbound: Inbound) {
+    let (bytes, reply) = match inbound {
+        Inbound::Request { bytes, reply, .. } => (bytes, reply),
+        Inbound::Message { .. } => {
+            node.metrics.drop("message", "unexpected");
+            return;
+        }
+    };
+    let answer = match wire::decode(&bytes) {
+        Ok(msg) => handle(node, msg).await,
+        Err(e) => {
+            node.metrics.drop("decode", "bad_frame");
+            Message::Refused {
+                reason: format!("bad frame: {e}"),
+            }
+        }
+    };
+    reply.send(wire::encode(&answer));
+}
+
+fn unavailable(reason: impl Into<String>) -> Message {
+    Message::Unavailable {
+        reason: reason.into(),
+    }
+}
+
+fn not_ours(node: &Node, uid: u64) -> Option<Message> {
+    let num = node.pis.borrow().partition_num;
+    (!owns_uid(uid, node.cfg.partition, num)).then(|| Message::Refused {
+        reason: format!(
+            "user {uid} belongs to pi partition {} of {num}, not {}",
+            uid % u64::from(num.max(1)),
+            node.cfg.partition
+        ),
+    })
+}
+
+async fn handle(node: &Node, msg: Message) -> Message {
+    match msg {
+        Message::ReplicaPull {
+            node: follower,
+            after,
+            max,
+            wait_ms,
+            ..
+        } => return serve_pull(node, follower, after, max, wait_ms).await,
+        Message::PiSnapshotRequest { upto, after } => return serve_snapshot(node, upto, after),
+        _ => {}
+    }
+    if !node.leading() {
+        return unavailable("not the leader of this pi partition");
+    }
+    match msg {
+        Message::PiAppend { items, ts } => {
+            node.metrics.inc_in("append");
+            if let Some(refusal) = items.iter().find_map(|(uid, _)| not_ours(node, *uid)) {
+                return refusal;
+            }
+            let pairs: Vec<(u64, MsgId)> = items.iter().map(|(u, i)| (*u, MsgId(*i))).collect();
+            let last = {
+                let mut idx = node.index();
+                if let Err(e) = idx.append_many(&pairs, ts).and_then(|_| node.flush(&idx)) {
+                    tracing::error!("appending: {e}");
+                    return unavailable(format!("append failed: {e}"));
+                }
+                idx.last_log_id().0
+            };
+            node.head.set(last);
+            let timeout = Duration::from_millis(node.cfg.append_timeout_ms);
+            if !node
+                .followers
+                .wait_for(last, node.cfg.min_insync, timeout)
+                .await
+            {
+                node.metrics.drop("append", "not_insync");
+                return unavailable(format!(
+                    "appended but fewer than min_insync={} followers hold it after {} ms",
+                    node.cfg.min_insync, node.cfg.append_timeout_ms
+                ));
+            }
+            node.metrics.add_out("appended", items.len() as u64);
+            Message::Done
+        }
+        Message::PiRead {
+            uid,
+            device,
+            after,
+            max,
+        } => {
+            node.metrics.inc_in("read");
+            if let Some(refusal) = not_ours(node, uid) {
+                return refusal;
+            }
+            let mut idx = node.index();
+            let cursor = match idx.cursor(uid, device) {
+                Ok(Some(c)) => c,
+                Ok(None) => match idx.set_cursor(uid, device, MsgId(0)) {
+                    Ok((c, _)) => c,
+                    Err(e) => return unavailable(format!("registering the device: {e}")),
+                },
+                Err(e) => return unavailable(format!("reading the cursor: {e}")),
+            };
+            let start = after.map(MsgId).unwrap_or(cursor);
+            match idx.read(uid, start, max.clamp(1, 1024) as usize) {
+                Ok(ids) => {
+                    let last = idx.last_log_id().0;
+                    drop(idx);
+                    node.head.set(last);
+                    Message::PiIds {
+                        ids: ids.into_iter().map(|i| i.0).collect(),
+                        cursor: cursor.0,
+                    }
+                }
+                Err(e) => unavailable(format!("reading: {e}")),
+            }
+        }
+        Message::PiCursor { uid, device, id } => {
+            node.metrics.inc_in("cursor");
+            if let Some(refusal) = not_ours(node, uid) {
+                return refusal;
+            }
+            let mut idx = node.index();
+            match idx.set_cursor(uid, device, MsgId(id)) {
+                Ok(_) => {
+                    let last = idx.last_log_id().0;
+                    drop(idx);
+                    node.head.set(last);
+                    Message::Done
+                }
+                Err(e) => unavailable(format!("setting the cursor: {e}")),
+            }
+        }
+        other => {
+            node.metrics.drop("request", "unexpected_kind");
+            Message::Refused {
+                reason: format!("a pi serves no {} requests", other.kind()),
+            }
+        }
+    }
+}
+
+async fn serve_pull(node: &Node, follower: u64, after: u64, max: u32, wait_ms: u32) -> Message {
+    let last = node.index().last_log_id().0;
+    if after > last {
+        return Message::Diverged {
+            after,
+            leader_last: last,
+        };
+    }
+    if node.leading() {
+        node.followers.report(follower, after);
+        if after >= last && wait_ms > 0 {
+            node.head
+                .wait_above(after, Duration::from_millis(u64::from(wait_ms.min(5000))))
+                .await;
+        }
+    }
+    let idx = node.index();
+    if after >= idx.last_log_id().0 {
+        return Message::PiLog {
+            entries: postcard::to_allocvec(&Vec::<LogEntry>::new())
+                .expect("serializing into a Vec cannot fail"),
+        };
+    }
+    match idx.log_after(LogId(after), max.clamp(1, 8192) as usize) {
+        Ok(entries) => Message::PiLog {
+            entries: postcard::to_allocvec(&entries).expect("serializing into a Vec cannot fail"),
+        },
+        Err(PiError::LogTrimmed { .. }) => Message::PiTrimmed,
+        Err(e) => unavailable(format!("reading the log: {e}")),
+    }
+}
+
+fn serve_snapshot(node: &Node, upto: Option<u64>, after: Option<(u64, u64)>) -> Message {
+    if !node.leading() {
+        return unavailable("not the leader of this pi partition");
+    }
+    let mut cached = node.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+    let snap = match (&*cached, upto) {
+        (Some(s), Some(u)) if s.upto().0 == u => s.clone(),
+        _ => match node.index().snapshot() {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *cached = Some(s.clone());
+                s
+            }
+            Err(e) => return unavailable(format!("taking a snapshot: {e}")),
+        },
+    };
+    let chunk = snap.chunk(after.map(|(u, i)| (u, MsgId(i))), SNAPSHOT_CHUNK);
+    Message::PiSnapshotChunk {
+        chunk: postcard::to_allocvec(&chunk).expect("serializing into a Vec cannot fail"),
+    }
+}

@@ -1,0 +1,235 @@
+//! What the leader-based roles (Xiu, Pi) share about replication: who leads a partition, where
+//! each follower is, and waiting until `min_insync` followers hold a position.
+//!
+//! A position is the store's own order: a Xiu counter or a Pi LogId. Followers pull: each
+//! pull says "I durably hold everything up to `after`", which is what the leader records.
+
+use pixiu_registry::RoleView;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// This node's place in its partition (seed 8.2.3: the smallest sequence number leads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    Leader,
+    Follower {
+        leader: u64,
+        addr: SocketAddr,
+    },
+    /// Not (yet) in the view, or the leader's address is unreadable.
+    Unknown,
+}
+
+/// Where node `me` stands in `partition` of `view`.
+pub fn place(view: &RoleView, partition: u32, me: u64) -> Place {
+    let members = view.members(partition);
+    if !members.iter().any(|m| m.id == me) {
+        return Place::Unknown;
+    }
+    match view.leader(partition) {
+        Some(l) if l.id == me => Place::Leader,
+        Some(l) => match l.info.addr.parse() {
+            Ok(addr) => Place::Follower { leader: l.id, addr },
+            Err(_) => Place::Unknown,
+        },
+        None => Place::Unknown,
+    }
+}
+
+/// The leader's record of its followers' positions.
+#[derive(Debug)]
+pub struct Followers {
+    seen: Mutex<HashMap<u64, (u64, Instant)>>,
+    changed: watch::Sender<u64>,
+    /// A follower not heard from for this long does not count as in sync.
+    stale_after: Duration,
+}
+
+impl Followers {
+    pub fn new(stale_after: Duration) -> Followers {
+        Followers {
+            seen: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            stale_after,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Instant)>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follower `node` durably holds every position up to `pos`.
+    pub fn report(&self, node: u64, pos: u64) {
+        self.lock().insert(node, (pos, Instant::now()));
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every report.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Forget every follower (a new term of leadership starts from what followers report).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// The highest position that at least `min` live followers hold (`u64::MAX` when `min` is 0,
+    /// 0 when fewer than `min` followers are live).
+    pub fn insync(&self, min: usize) -> u64 {
+        if min == 0 {
+            return u64::MAX;
+        }
+        let now = Instant::now();
+        let mut pos: Vec<u64> = self
+            .lock()
+            .values()
+            .filter(|(_, at)| now.duration_since(*at) <= self.stale_after)
+            .map(|(p, _)| *p)
+            .collect();
+        if pos.len() < min {
+            return 0;
+        }
+        pos.sort_unstable_by(|a, b| b.cmp(a));
+        pos[min - 1]
+    }
+
+    /// Live followers and their positions, for metrics and logs.
+    pub fn live(&self) -> Vec<(u64, u64)> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) <= self.stale_after)
+            .map(|(n, (p, _))| (*n, *p))
+            .collect()
+    }
+
+    /// Waits until at least `min` followers hold `pos`; false when `timeout` passes first.
+    pub async fn wait_for(&self, pos: u64, min: usize, timeout: Duration) -> bool {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.insync(min) >= pos {
+                return true;
+            }
+            // re-check at least every 100 ms: a follower may go stale without a report
+            let wake = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return self.insync(min) >= pos;
+            }
+        }
+    }
+}
+
+/// The leader's latest position, for followers' long polls.
+#[derive(Debug)]
+pub struct Head(watch::Sender<u64>);
+
+impl Head {
+    pub fn new(pos: u64) -> Head {
+        Head(watch::channel(pos).0)
+    }
+
+    pub fn set(&self, pos: u64) {
+        self.0.send_if_modified(|p| {
+            if pos > *p {
+                *p = pos;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn get(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// Waits until the head is above `after`, at most `wait`.
+    pub async fn wait_above(&self, after: u64, wait: Duration) {
+        let mut rx = self.0.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|p| *p > after)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pixiu_registry::{Member, NodeInfo};
+
+    #[test]
+    fn smallest_id_leads() {
+        let mut view = RoleView::default();
+        let m = |id: u64, addr: &str| Member {
+            id,
+            name: format!("node-{id:010}"),
+            info: NodeInfo::new(addr),
+        };
+        view.partitions
+            .insert(0, vec![m(3, "127.0.0.1:1"), m(7, "127.0.0.1:2")]);
+        assert_eq!(place(&view, 0, 3), Place::Leader);
+        assert_eq!(
+            place(&view, 0, 7),
+            Place::Follower {
+                leader: 3,
+                addr: "127.0.0.1:1".parse().unwrap()
+            }
+        );
+        assert_eq!(place(&view, 0, 9), Place::Unknown);
+        assert_eq!(place(&view, 1, 3), Place::Unknown);
+    }
+
+    #[tokio::test]
+    async fn insync_is_the_min_th_highest_live_position() {
+        let f = Followers::new(Duration::from_secs(60));
+        assert_eq!(f.insync(0), u64::MAX);
+        assert_eq!(f.insync(1), 0);
+        f.report(1, 10);
+        f.report(2, 5);
+        assert_eq!(f.insync(1), 10);
+        assert_eq!(f.insync(2), 5);
+        assert_eq!(f.insync(3), 0);
+        assert!(f.wait_for(5, 2, Duration::from_millis(10)).await);
+        assert!(!f.wait_for(11, 1, Duration::from_millis(50)).await);
+        let f = std::sync::Arc::new(f);
+        let g = f.clone();
+        let waiter = tokio::spawn(async move { g.wait_for(12, 1, Duration::from_secs(5)).await });
+        f.report(2, 12);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn stale_followers_do_not_count() {
+        let f = Followers::new(Duration::from_millis(20));
+        f.report(1, 10);
+        assert_eq!(f.insync(1), 10);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(f.insync(1), 0);
+        assert!(f.live().is_empty());
+    }
+
+    #[tokio::test]
+    async fn head_wakes_long_polls() {
+        let h = std::sync::Arc::new(Head::new(3));
+        h.set(2);
+        assert_eq!(h.get(), 3);
+        let g = h.clone();
+        let t = tokio::spawn(async move {
+            let start = Instant::now();
+            g.wait_above(3, Duration::from_secs(5)).await;
+            start.elapsed()
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        h.set(4);
+        assert!(t.await.unwrap() < Duration::from_secs(4));
+    }
+}

@@ -1,0 +1,708 @@
+//! The `pixiu-xiu` service: one replica of one Xiu partition.
+//!
+//! - **Leader**: the member of the partition folder with the smallest sequence number (seed
+//!   8.2.3). Only the leader stores and reads. A store is answered `XiuStored` once the
+//!   promise holds: the message is in the leader's RocksDB WAL (fsynced, one fsync per group
+//!   of concurrent writes, unless `fsync = false`), on at least `min_insync` followers (their
+//!   pull reported a position at or past it), and its id is in every receiver's Pi list.
+//!   Otherwise, within `store_timeout_ms`, the answer is `Unavailable` (the proxy's 503).
+//! - **Indexer**: ids reach Pi in id order, one batch at a time, and only once they are in
+//!   sync; so a user's Pi list only ever grows at its end, which is what keeps delivery in
+//!   order (see `pixiu_protocol::inbox`). The watermark of indexed ids is replicated with the
+//!   data, and a new leader re-indexes from it (Pi ignores ids it already has).
+//! - **Followers** long-poll the leader with their last counter and the `sid` stored there; a
+//!   leader that disagrees answers `Diverged`, and the follower drops its tail (a dead
+//!   leader's unreplicated, hence unacknowledged, writes) until the copies agree.
+//! - **Takeover**: when the leader's node leaves the registry, the next smallest takes over:
+//!   it first pulls whatever another live replica holds beyond its own copy, so every id any
+//!   replica holds is kept and the counter continues above all of them (ids are never
+//!   reused), then re-indexes from its watermark, then serves.
+
+use crate::{Durability, XiuError, XiuOptions, XiuStore};
+use pixiu_protocol::inbox::{owns_uid, MsgId, KIND_NONE, KIND_PERSONAL};
+use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
+use pixiu_protocol::MAX_BODY;
+use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_runtime::replication::{place, Followers, Head, Place};
+use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_transport::{Inbound, Transport, TransportConfig};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Xiu settings (TOML keys and flags of the same names).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XiuConfig {
+    pub partition: u32,
+    pub data_dir: Option<PathBuf>,
+    /// Followers that must hold a message before it is acknowledged. 0 acknowledges on the
+    /// leader alone (a leader's crash can then lose acknowledged messages and reuse their ids).
+    pub min_insync: usize,
+    /// fsync the WAL before acknowledging (one fsync per group of concurrent writes).
+    pub fsync: bool,
+    /// Decoded messages cached in memory.
+    pub cache_entries: usize,
+    /// How long a store may wait for `min_insync` and for Pi before it is refused.
+    pub store_timeout_ms: u64,
+    /// Records per replication batch.
+    pub pull_batch: u32,
+}
+
+impl Default for XiuConfig {
+    fn default() -> Self {
+        XiuConfig {
+            partition: 0,
+            data_dir: None,
+            min_insync: 1,
+            fsync: true,
+            cache_entries: 100_000,
+            store_timeout_ms: 3000,
+            pull_batch: 512,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub xiu: XiuConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Runtime(#[from] pixiu_runtime::RuntimeError),
+    #[error("registry: {0}")]
+    Registry(#[from] pixiu_registry::RegistryError),
+    #[error("transport: {0}")]
+    Transport(#[from] pixiu_transport::TransportError),
+    #[error("store: {0}")]
+    Store(#[from] XiuError),
+}
+
+/// Run a Xiu replica against ZooKeeper until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
+    let registry = env.registry.clone();
+    let res = run_with(config, env, shutdown).await;
+    registry.close().await;
+    res
+}
+
+type StoreReply = oneshot::Sender<Result<(MsgId, bool), XiuError>>;
+
+struct Node {
+    cfg: XiuConfig,
+    partition: u8,
+    store: Mutex<XiuStore>,
+    transport: Transport,
+    metrics: RoleMetrics,
+    my_id: watch::Receiver<u64>,
+    xius: watch::Receiver<Arc<RoleView>>,
+    pis: watch::Receiver<Arc<RoleView>>,
+    followers: Followers,
+    head: Head,
+    indexed: watch::Sender<u64>,
+    /// Leader and done taking over: stores and reads are served.
+    leading: AtomicBool,
+    writes: mpsc::Sender<(StoreRequest, StoreReply)>,
+}
+
+const PULL_WAIT: Duration = Duration::from_millis(1000);
+
+impl Node {
+    fn store(&self) -> MutexGuard<'_, XiuStore> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn me(&self) -> u64 {
+        *self.my_id.borrow()
+    }
+
+    fn place(&self) -> Place {
+        place(&self.xius.borrow(), self.cfg.partition, self.me())
+    }
+}
+
+/// Run a Xiu replica in a given environment.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    let xc = config.xiu.clone();
+    let partition = u8::try_from(xc.partition).map_err(|_| {
+        Error::Config(format!(
+            "--partition {} does not fit the MsgID's partition byte (at most 255)",
+            xc.partition
+        ))
+    })?;
+    let dir = xc
+        .data_dir
+        .clone()
+        .ok_or_else(|| Error::Config("--data-dir is required".into()))?;
+    let store = XiuStore::open(
+        &dir,
+        XiuOptions {
+            partition,
+            cache_entries: xc.cache_entries,
+            sync: Durability::GroupCommit,
+        },
+    )?;
+    let metrics = RoleMetrics::new(&env.metrics, "xiu");
+    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+        config.common.listen,
+        (*env.tls).clone(),
+    ))
+    .await?;
+    let node_addr = transport.local_addr();
+    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
+    let xius = env.registry.watch(Role::Xiu).await?;
+    let pis = env.registry.watch(Role::Pi).await?;
+    let registration = env
+        .registry
+        .register(
+            Role::Xiu,
+            Some(xc.partition),
+            NodeInfo {
+                admin: config.common.admin.map(|a| a.to_string()),
+                ..NodeInfo::new(node_addr.to_string())
+            },
+        )
+        .await?;
+    tracing::info!(id = registration.id(), partition, %node_addr, last = %store.last_id(), "xiu registered (init)");
+    let head = Head::new(store.last_id().counter());
+    let indexed = watch::channel(store.indexed()?).0;
+    let (writes, write_rx) = mpsc::channel(4096);
+    let node = Arc::new(Node {
+        cfg: xc.clone(),
+        partition,
+        store: Mutex::new(store),
+        transport: transport.clone(),
+        metrics,
+        my_id: registration.id_watch(),
+        xius,
+        pis,
+        followers: Followers::new(Duration::from_secs(3)),
+        head,
+        indexed,
+        leading: AtomicBool::new(false),
+        writes,
+    });
+    tokio::spawn(writer(node.clone(), write_rx));
+    tokio::spawn(indexer(node.clone(), shutdown.clone()));
+
+    let (state_tx, mut state_rx) = watch::channel(NodeState::Init);
+    tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(msg) = inbound.recv() => {
+                let node = node.clone();
+                tokio::spawn(async move { on_inbound(&node, msg).await });
+            }
+            Ok(()) = state_rx.changed() => {
+                let state = *state_rx.borrow_and_update();
+                registration.set_state(state).await?;
+                env.health.set_ready(state == NodeState::Running);
+                tracing::info!(?state, leading = node.leading.load(Ordering::SeqCst), "xiu state");
+            }
+        }
+    }
+    env.health.set_ready(false);
+    node.leading.store(false, Ordering::SeqCst);
+    tracing::info!("xiu draining");
+    if let Err(e) = node.store().flush_wal() {
+        tracing::error!("flushing the WAL at shutdown: {e}");
+    }
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!("deregistering: {e}");
+    }
+    transport.close().await;
+    Ok(())
+}
+
+/// Follows the registry: leader, follower, or waiting to appear in the view.
+async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutdown) {
+    let mut xius = node.xius.clone();
+    while !shutdown.is_cancelled() {
+        match node.place() {
+            Place::Leader => {
+                if !node.leading.load(Ordering::SeqCst) {
+                    take_over(&node).await;
+                    node.followers.clear();
+                    node.leading.store(true, Ordering::SeqCst);
+                    tracing::info!(partition = node.partition, last = %node.store().last_id(), "xiu leading");
+                }
+                let _ = state.send(NodeState::Running);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = xius.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Place::Follower { addr, .. } => {
+                if node.leading.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(partition = node.partition, "xiu no longer leads");
+                }
+                match pull_once(&node, addr, PULL_WAIT).await {
+                    Ok(caught_up) => {
+                        if caught_up {
+                            let _ = state.send(NodeState::Running);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%addr, "pulling from the leader: {e}");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+            }
+            Place::Unknown => {
+                node.leading.store(false, Ordering::SeqCst);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = xius.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A new leader first takes whatever another live replica holds beyond its own copy.
+async fn take_over(node: &Node) {
+    let me = node.me();
+    let peers: Vec<SocketAddr> = node
+        .xius
+        .borrow()
+        .members(node.cfg.partition)
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| m.info.addr.parse().ok())
+        .collect();
+    for peer in peers {
+        for _ in 0..100_000 {
+            match pull_once(node, peer, Duration::ZERO).await {
+                Ok(true) => break,
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::info!(%peer, "not catching up from this replica: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One pull from `from`: apply what it sends. `Ok(true)` when nothing more is to be had.
+async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool, String> {
+    let (after, check) = {
+        let s = node.store();
+        let after = s.last_id().counter();
+        let check = s.sid_at(after).map_err(|e| e.to_string())?.unwrap_or(0);
+        (after, check)
+    };
+    let req = Message::ReplicaPull {
+        node: node.me(),
+        after,
+        check,
+        max: node.cfg.pull_batch,
+        wait_ms: wait.as_millis() as u32,
+    };
+    let bytes = node
+        .transport
+        .request(from, wire::encode(&req), wait + Duration::from_secs(3))
+        .await
+        .map_err(|e| e.to_string())?;
+    match wire::decode(&bytes).map_err(|e| e.to_string())? {
+        Message::XiuEntries { entries, indexed } => {
+            let n = entries.len();
+            let entries: Vec<(MsgId, Vec<u8>)> = entries
+                .into_iter()
+                .map(|(id, raw)| (MsgId(id), raw))
+                .collect();
+            let mut s = node.store();
+            let applied = s.apply_replicated(&entries).map_err(|e| e.to_string())?;
+            if node.cfg.fsync && applied > 0 {
+                s.flush_wal().map_err(|e| e.to_string())?;
+            }
+            let last = s.last_id().counter();
+            let mark = indexed.min(last);
+            if mark > *node.indexed.borrow() {
+                s.set_indexed(mark).map_err(|e| e.to_string())?;
+                node.indexed.send_replace(mark);
+            }
+            drop(s);
+            node.head.set(last);
+            node.metrics.add_out("replicated", applied as u64);
+            Ok(n < node.cfg.pull_batch as usize)
+        }
+        Message::Diverged { after, leader_last } => {
+            // drop the record the leader does not have (or everything past its end)
+            let to = after.saturating_sub(1).min(leader_last);
+            let n = node.store().truncate_after(to).map_err(|e| e.to_string())?;
+            tracing::warn!(%from, after, dropped = n, "copy disagreed with the leader's; dropped the tail");
+            Ok(false)
+        }
+        Message::Unavailable { reason } | Message::Refused { reason } => Err(reason),
+        other => Err(format!("unexpected answer {}", other.kind())),
+    }
+}
+
+/// Group commit: write every queued store, fsync once, answer them all.
+async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest, StoreReply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let n2 = node.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut s = n2.store();
+            let mut out = Vec::with_capacity(batch.len());
+            let mut fresh = false;
+            for (req, reply) in batch {
+                let r = s.store(req.sid, KIND_PERSONAL, req.from, &req.to, &req.body, req.ts);
+                fresh |= matches!(r, Ok((_, true)));
+                out.push((r, reply));
+            }
+            if fresh && n2.cfg.fsync {
+                if let Err(e) = s.flush_wal() {
+                    tracing::error!("fsyncing the WAL: {e}");
+                    // nothing written in this group may be acknowledged
+                    for (r, _) in out.iter_mut() {
+                        *r = Err(XiuError::CorruptMeta {
+                            what: "wal".into(),
+                            reason: format!("fsync failed: {e}"),
+                        });
+                    }
+                }
+            }
+            n2.head.set(s.last_id().counter());
+            out
+        })
+        .await;
+        match done {
+            Ok(out) => {
+                for (r, reply) in out {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => tracing::error!("store writer task failed: {e}"),
+        }
+    }
+}
+
+/// Puts in-sync ids into Pi, in id order, one batch at a time.
+async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
+    let mut head_wake = node.followers.subscribe();
+    while !shutdown.is_cancelled() {
+        let done = *node.indexed.borrow();
+        let ready = if node.leading.load(Ordering::SeqCst) {
+            node.followers
+                .insync(node.cfg.min_insync)
+                .min(node.head.get())
+        } else {
+            0
+        };
+        if ready <= done {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = head_wake.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+            continue;
+        }
+        let batch = {
+            let s = node.store();
+            s.entries_after(MsgId::new(node.partition, KIND_NONE, done), 512)
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("reading records to index: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut items: Vec<(u64, u64)> = Vec::new();
+        let mut upto = done;
+        for (id, raw) in &batch {
+            if id.counter() > ready {
+                break;
+            }
+            match crate::decode_record(*id, raw) {
+                Ok(m) => items.extend(m.to.iter().map(|uid| (*uid, id.0))),
+                Err(e) => tracing::error!(%id, "not indexing a corrupt record: {e}"),
+            }
+            upto = id.counter();
+        }
+        if upto == done {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        match index_in_pi(&node, items).await {
+            Ok(()) => {
+                if let Err(e) = node.store().set_indexed(upto) {
+                    tracing::warn!("recording the indexed watermark: {e}");
+                }
+                node.indexed.send_replace(upto);
+            }
+            Err(e) => {
+                node.metrics.drop("index", "pi_unavailable");
+                tracing::debug!("indexing in pi: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Sends each Pi partition its share of `items`; all must succeed.
+async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), String> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let pis = node.pis.borrow().clone();
+    if pis.partition_num == 0 {
+        return Err("no pi partitions".into());
+    }
+    let mut groups: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for (uid, id) in items {
+        groups
+            .entry((uid % u64::from(pis.partition_num)) as u32)
+            .or_default()
+            .push((uid, id));
+    }
+    let ts = pixiu_protocol::now_ms();
+    let calls = groups.into_iter().map(|(p, items)| {
+        let leader = pis
+            .leader(p)
+            .and_then(|m| m.info.addr.parse::<SocketAddr>().ok());
+        let transport = node.transport.clone();
+        async move {
+            let leader = leader.ok_or_else(|| format!("pi partition {p} has no leader"))?;
+            let bytes = transport
+                .request(
+                    leader,
+                    wire::encode(&Message::PiAppend { items, ts }),
+                    Duration::from_secs(3),
+                )
+                .await
+                .map_err(|e| format!("pi partition {p}: {e}"))?;
+            match wire::decode(&bytes) {
+                Ok(Message::Done) => Ok(()),
+                Ok(Message::Unavailable { reason }) | Ok(Message::Refused { reason }) => {
+                    Err(format!("pi partition {p}: {reason}"))
+                }
+                Ok(other) => Err(format!("pi partition {p}: unexpected {}", other.kind())),
+                Err(e) => Err(format!("pi partition {p}: {e}")),
+            }
+        }
+    });
+    for r in futures::future::join_all(calls).await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn on_inbound(node: &Node, inbound: Inbound) {
+    let (bytes, reply) = match inbound {
+        Inbound::Request { bytes, reply, .. } => (bytes, reply),
+        Inbound::Message { .. } => {
+            node.metrics.drop("message", "unexpected");
+            return;
+        }
+    };
+    let answer = match wire::decode(&bytes) {
+        Ok(msg) => handle(node, msg).await,
+        Err(e) => {
+            node.metrics.drop("decode", "bad_frame");
+            Message::Refused {
+                reason: format!("bad frame: {e}"),
+            }
+        }
+    };
+    reply.send(wire::encode(&answer));
+}
+
+fn unavailable(reason: impl Into<String>) -> Message {
+    Message::Unavailable {
+        reason: reason.into(),
+    }
+}
+
+async fn handle(node: &Node, msg: Message) -> Message {
+    match msg {
+        Message::XiuStore(req) => {
+            node.metrics.inc_in("store");
+            store(node, req).await
+        }
+        Message::XiuRead { ids } => {
+            node.metrics.inc_in("read");
+            if !node.leading.load(Ordering::SeqCst) {
+                return unavailable("not the leader of this xiu partition");
+            }
+            let ids: Vec<MsgId> = ids.into_iter().map(MsgId).collect();
+            let results = node.store().read(&ids);
+            let items = ids
+                .iter()
+                .zip(results)
+                .map(|(id, r)| match r {
+                    Ok(m) => ReadResult::Found(InboxItem {
+                        id: m.id.0,
+                        from: m.from,
+                        body: m.body,
+                        ts: m.ts,
+                    }),
+                    Err(e @ XiuError::Corrupt { .. }) => {
+                        node.metrics.drop("read", "corrupt");
+                        ReadResult::Corrupt {
+                            id: id.0,
+                            reason: e.to_string(),
+                        }
+                    }
+                    Err(e) => ReadResult::Missing {
+                        id: id.0,
+                        reason: e.to_string(),
+                    },
+                })
+                .collect();
+            Message::XiuMessages { items }
+        }
+        Message::ReplicaPull {
+            node: follower,
+            after,
+            check,
+            max,
+            wait_ms,
+        } => serve_pull(node, follower, after, check, max, wait_ms).await,
+        other => {
+            node.metrics.drop("request", "unexpected_kind");
+            Message::Refused {
+                reason: format!("a xiu serves no {} requests", other.kind()),
+            }
+        }
+    }
+}
+
+async fn store(node: &Node, req: StoreRequest) -> Message {
+    if !node.leading.load(Ordering::SeqCst) {
+        return unavailable("not the leader of this xiu partition");
+    }
+    let num = node.xius.borrow().partition_num;
+    if req.to.is_empty() {
+        return Message::Refused {
+            reason: "no receivers".into(),
+        };
+    }
+    if let Some(uid) = req
+        .to
+        .iter()
+        .find(|uid| !owns_uid(**uid, node.cfg.partition, num))
+    {
+        return Message::Refused {
+            reason: format!(
+                "receiver {uid} belongs to xiu partition {} of {num}, not {}",
+                uid % u64::from(num.max(1)),
+                node.cfg.partition
+            ),
+        };
+    }
+    if req.body.len() > MAX_BODY {
+        return Message::Refused {
+            reason: format!("body of {} bytes exceeds {MAX_BODY}", req.body.len()),
+        };
+    }
+    let (tx, rx) = oneshot::channel();
+    if node.writes.send((req, tx)).await.is_err() {
+        return unavailable("store writer stopped");
+    }
+    let (id, fresh) = match rx.await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::error!("storing: {e}");
+            return unavailable(format!("store failed: {e}"));
+        }
+        Err(_) => return unavailable("store writer stopped"),
+    };
+    // acknowledged once in sync and indexed (the indexer only indexes in-sync ids)
+    let timeout = Duration::from_millis(node.cfg.store_timeout_ms);
+    let mut indexed = node.indexed.subscribe();
+    let waited = tokio::time::timeout(timeout, indexed.wait_for(|i| *i >= id.counter())).await;
+    if !matches!(waited, Ok(Ok(_))) {
+        let insync = node.followers.insync(node.cfg.min_insync);
+        node.metrics.drop("store", "not_acknowledged");
+        return if insync < id.counter() {
+            unavailable(format!(
+                "stored but not acknowledged: fewer than min_insync={} followers hold it after {} ms",
+                node.cfg.min_insync, node.cfg.store_timeout_ms
+            ))
+        } else {
+            unavailable(format!(
+                "stored but not acknowledged: pi did not index it within {} ms",
+                node.cfg.store_timeout_ms
+            ))
+        };
+    }
+    node.metrics.inc_out("stored");
+    Message::XiuStored { id: id.0, fresh }
+}
+
+async fn serve_pull(
+    node: &Node,
+    follower: u64,
+    after: u64,
+    check: u64,
+    max: u32,
+    wait_ms: u32,
+) -> Message {
+    let (last, mine) = {
+        let s = node.store();
+        let last = s.last_id().counter();
+        let mine = if after == 0 || after > last {
+            None
+        } else {
+            match s.sid_at(after) {
+                Ok(x) => x,
+                Err(e) => return unavailable(format!("reading my record {after}: {e}")),
+            }
+        };
+        (last, mine)
+    };
+    if after > last || (after > 0 && mine != Some(check)) {
+        return Message::Diverged {
+            after,
+            leader_last: last,
+        };
+    }
+    let leading = node.leading.load(Ordering::SeqCst);
+    if leading {
+        node.followers.report(follower, after);
+        if after >= last && wait_ms > 0 {
+            node.head
+                .wait_above(after, Duration::from_millis(u64::from(wait_ms.min(5000))))
+                .await;
+        }
+    }
+    let s = node.store();
+    match s.entries_after(
+        MsgId::new(node.partition, KIND_NONE, after),
+        max.clamp(1, 4096) as usize,
+    ) {
+        Ok(entries) => Message::XiuEntries {
+            entries: entries.into_iter().map(|(id, raw)| (id.0, raw)).collect(),
+            indexed: *node.indexed.borrow(),
+        },
+        Err(e) => unavailable(format!("reading records after {after}: {e}")),
+    }
+}
