@@ -3,6 +3,15 @@
 //! rooms (seed 7.4), loads its partition's table from a router while buffering the updates that
 //! arrive meanwhile, replays them, and only then turns `running`. A room message from a proxy
 //! goes once to each gateway that has members in the room.
+//!
+//! Personal inboxes (seed 8.5): users are served by broker partition `uid % N`, replica
+//! `(uid / N) % running replicas` (the same rule as rooms). Gateways report their devices
+//! (login, heartbeat, logout), acks and syncs; proxies send a Notify when a user's inbox grew.
+//! The broker pulls ids from Pi and messages from Xiu and pushes them to every online device
+//! through its gateway, with per-device acknowledgement and redelivery ([`delivery`]).
+
+pub mod delivery;
+mod inbox;
 
 use pixiu_protocol::routing::{partition_matches, router_partitions_for_broker};
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
@@ -27,6 +36,16 @@ pub struct BrokerConfig {
     /// A router replica that has not answered for this long is replaced by another one.
     pub heartbeat_timeout_ms: u64,
     pub sweep_interval_ms: u64,
+    /// Inbox messages per pushed batch.
+    pub inbox_batch: usize,
+    /// An unacknowledged inbox batch is pushed again after this long (seed 002: 18 s).
+    pub redeliver_ms: u64,
+    /// Pushes of one batch before the device is treated as gone (seed 002: 3).
+    pub redeliver_tries: u32,
+    /// A device whose gateway stopped reporting it for this long is offline.
+    pub device_timeout_ms: u64,
+    /// An idle online device's inbox is re-read this often (repairs a lost Notify).
+    pub inbox_poll_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -36,6 +55,11 @@ impl Default for BrokerConfig {
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 1500,
             sweep_interval_ms: 5000,
+            inbox_batch: 64,
+            redeliver_ms: 18_000,
+            redeliver_tries: 3,
+            device_timeout_ms: 30_000,
+            inbox_poll_ms: 10_000,
         }
     }
 }
@@ -87,6 +111,7 @@ struct Broker {
     /// router partitions that carry this broker's rooms
     targets: Vec<u32>,
     sync_tx: mpsc::Sender<SyncResult>,
+    inbox: mpsc::Sender<inbox::Event>,
 }
 
 /// A snapshot fetched from a router replica after it acknowledged the subscription.
@@ -135,6 +160,21 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     tracing::info!(id = registration.id(), partition = bc.partition, %node_addr, "broker registered (init)");
 
     let (sync_tx, mut sync_rx) = mpsc::channel::<SyncResult>(16);
+    let inbox = inbox::spawn(
+        delivery::DeliveryConfig {
+            batch: bc.inbox_batch.max(1),
+            redeliver_after: Duration::from_millis(bc.redeliver_ms.max(10)),
+            max_tries: bc.redeliver_tries.max(1),
+            device_timeout: Duration::from_millis(bc.device_timeout_ms.max(100)),
+            poll_interval: Duration::from_millis(bc.inbox_poll_ms.max(100)),
+            retry_after: Duration::from_millis(300),
+        },
+        transport.clone(),
+        metrics.clone(),
+        env.registry.watch(Role::Pi).await?,
+        env.registry.watch(Role::Xiu).await?,
+        shutdown.clone(),
+    );
     let mut b = Broker {
         partition: bc.partition,
         my_id: registration.id_watch(),
@@ -150,6 +190,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         syncing: HashSet::new(),
         targets: Vec::new(),
         sync_tx,
+        inbox,
     };
     b.subscribe();
 
@@ -382,6 +423,21 @@ impl Broker {
                     None => self.on_update(u),
                 }
             }
+            Message::Notify { uid, .. } => self.to_inbox(inbox::Event::Notify { uid }),
+            Message::DeviceOnline { gateway, devices } => {
+                self.to_inbox(inbox::Event::Online { gateway, devices })
+            }
+            Message::DeviceOffline(dev) => self.to_inbox(inbox::Event::Offline(dev)),
+            Message::DeviceAck { dev, id } => self.to_inbox(inbox::Event::Ack { dev, id }),
+            Message::DeviceSync {
+                gateway,
+                dev,
+                after,
+            } => self.to_inbox(inbox::Event::Sync {
+                gateway,
+                dev,
+                after,
+            }),
             Message::Ping { seq } => {
                 self.transport
                     .send(from, wire::encode(&Message::Pong { seq }));
@@ -394,6 +450,13 @@ impl Broker {
                 self.metrics.drop("decode", "unexpected_kind");
                 tracing::debug!(%from, kind = other.kind(), "unexpected message");
             }
+        }
+    }
+
+    fn to_inbox(&self, ev: inbox::Event) {
+        self.metrics.inc_in("inbox_event");
+        if self.inbox.try_send(ev).is_err() {
+            self.metrics.drop("inbox_event", "queue_full");
         }
     }
 

@@ -7,7 +7,9 @@ use lru::LruCache;
 use pixiu_protocol::client::{Id, ServerFrame};
 use pixiu_protocol::ids::{GatewayMsgId, GatewayMsgIdGen, RouteKey};
 use pixiu_protocol::routing::{pick_replica, target_partitions, BigRooms};
-use pixiu_protocol::wire::{self, GatewayRef, GatewayUpdate, Message, RoomMessage};
+use pixiu_protocol::wire::{
+    self, DeviceRef, GatewayRef, GatewayUpdate, InboxItem, Message, RoomMessage,
+};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{Liveness, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport};
@@ -35,6 +37,31 @@ pub(crate) enum Cmd {
         uid: u64,
         room: u64,
     },
+    /// A connection of `uid`'s `device` opened: report it to the user's broker, deliver its
+    /// inbox to `tx`.
+    InboxOnline {
+        conn: ConnId,
+        uid: u64,
+        device: String,
+        tx: ConnTx,
+    },
+    InboxOffline {
+        conn: ConnId,
+    },
+    InboxAck {
+        conn: ConnId,
+        id: u64,
+    },
+    InboxSync {
+        conn: ConnId,
+        after: u64,
+    },
+}
+
+struct InboxConn {
+    uid: u64,
+    device: String,
+    tx: ConnTx,
 }
 
 pub(crate) struct CoreSettings {
@@ -45,6 +72,8 @@ pub(crate) struct CoreSettings {
     pub heartbeat_timeout: Duration,
     pub dedup_capacity: usize,
     pub node_addr: SocketAddr,
+    /// Every this often each connected device is reported to its broker (seed 8.5 heartbeat).
+    pub inbox_heartbeat: Duration,
 }
 
 struct Pending {
@@ -83,9 +112,87 @@ pub(crate) struct Core {
     keys: HashMap<RouteKey, KeyState>,
     dedup: LruCache<u64, ()>,
     feedback_sent: HashMap<RouteKey, Instant>,
+    /// connections whose inbox is delivered here
+    inbox: HashMap<ConnId, InboxConn>,
 }
 
 impl Core {
+    fn dev_ref(&self, conn: ConnId) -> Option<(DeviceRef, u64)> {
+        self.inbox.get(&conn).map(|c| {
+            (
+                DeviceRef {
+                    uid: c.uid,
+                    device: c.device.clone(),
+                    conn,
+                },
+                c.uid,
+            )
+        })
+    }
+
+    fn to_user_broker(&self, uid: u64, msg: &Message) {
+        match pixiu_courier::user_broker(&self.brokers, uid) {
+            Some(b) => {
+                self.transport.send(b, wire::encode(msg));
+            }
+            None => self.metrics.drop("inbox", "no_broker"),
+        }
+    }
+
+    /// Report every connected device to its broker, in batches.
+    fn inbox_heartbeat(&mut self) {
+        let mut by_broker: HashMap<SocketAddr, Vec<DeviceRef>> = HashMap::new();
+        for (conn, c) in &self.inbox {
+            if let Some(b) = pixiu_courier::user_broker(&self.brokers, c.uid) {
+                by_broker.entry(b).or_default().push(DeviceRef {
+                    uid: c.uid,
+                    device: c.device.clone(),
+                    conn: *conn,
+                });
+            }
+        }
+        for (b, devices) in by_broker {
+            for chunk in devices.chunks(256) {
+                self.transport.send(
+                    b,
+                    wire::encode(&Message::DeviceOnline {
+                        gateway: self.s.node_addr,
+                        devices: chunk.to_vec(),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn on_inbox_push(&mut self, dev: DeviceRef, items: Vec<InboxItem>) {
+        let Some(c) = self.inbox.get(&dev.conn) else {
+            self.metrics.drop("inbox", "no_connection");
+            return;
+        };
+        if c.uid != dev.uid || c.device != dev.device {
+            self.metrics.drop("inbox", "wrong_connection");
+            return;
+        }
+        let mut out = 0;
+        for m in items {
+            let frame = ServerFrame::Inbox {
+                id: Id(m.id),
+                from: Id(m.from),
+                body: m.body,
+                ts: m.ts,
+            };
+            match c.tx.try_send(Utf8Bytes::from(frame.to_json())) {
+                Ok(()) => out += 1,
+                Err(_) => {
+                    // redelivered by the broker when not acknowledged
+                    self.metrics.drop("inbox", "slow_client");
+                    break;
+                }
+            }
+        }
+        self.metrics.add_out("inbox", out);
+    }
+
     pub(crate) fn new(
         s: CoreSettings,
         transport: Transport,
@@ -117,6 +224,7 @@ impl Core {
             keys: HashMap::new(),
             dedup: LruCache::new(cap),
             feedback_sent: HashMap::new(),
+            inbox: HashMap::new(),
         }
     }
 
@@ -130,6 +238,7 @@ impl Core {
         let mut refresh = tokio::time::interval(self.s.refresh_interval);
         refresh.tick().await;
         let mut timeouts = tokio::time::interval(Duration::from_millis(50));
+        let mut inbox_heartbeat = tokio::time::interval(self.s.inbox_heartbeat);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -138,11 +247,14 @@ impl Core {
                 _ = heartbeat.tick() => self.heartbeat(),
                 _ = refresh.tick() => self.refresh_all(),
                 _ = timeouts.tick() => self.expire_pending(),
+                _ = inbox_heartbeat.tick() => self.inbox_heartbeat(),
                 Ok(()) = self.routers_rx.changed() => {
                     self.routers = self.routers_rx.borrow_and_update().clone();
                 }
                 Ok(()) = self.brokers_rx.changed() => {
                     self.brokers = self.brokers_rx.borrow_and_update().clone();
+                    // devices whose broker replica changed log in at the new one now
+                    self.inbox_heartbeat();
                     let pending: Vec<RouteKey> = self.keys.iter().filter(|(_, k)| k.pending.is_some()).map(|(k, _)| *k).collect();
                     for key in pending {
                         self.confirm_if_done(key);
@@ -193,6 +305,47 @@ impl Core {
                 reply,
             } => self.join(conn, uid, room, tx, reply),
             Cmd::Leave { conn, uid, room } => self.leave(conn, uid, room),
+            Cmd::InboxOnline {
+                conn,
+                uid,
+                device,
+                tx,
+            } => {
+                let dev = DeviceRef {
+                    uid,
+                    device: device.clone(),
+                    conn,
+                };
+                self.inbox.insert(conn, InboxConn { uid, device, tx });
+                self.to_user_broker(
+                    uid,
+                    &Message::DeviceOnline {
+                        gateway: self.s.node_addr,
+                        devices: vec![dev],
+                    },
+                );
+            }
+            Cmd::InboxOffline { conn } => {
+                if let Some((dev, uid)) = self.dev_ref(conn) {
+                    self.inbox.remove(&conn);
+                    self.to_user_broker(uid, &Message::DeviceOffline(dev));
+                }
+            }
+            Cmd::InboxAck { conn, id } => {
+                if let Some((dev, uid)) = self.dev_ref(conn) {
+                    self.to_user_broker(uid, &Message::DeviceAck { dev, id });
+                }
+            }
+            Cmd::InboxSync { conn, after } => {
+                if let Some((dev, uid)) = self.dev_ref(conn) {
+                    let msg = Message::DeviceSync {
+                        gateway: self.s.node_addr,
+                        dev,
+                        after,
+                    };
+                    self.to_user_broker(uid, &msg);
+                }
+            }
         }
     }
 
@@ -448,6 +601,7 @@ impl Core {
         };
         match msg {
             Message::Room(m) => self.deliver(m),
+            Message::InboxPush { dev, items } => self.on_inbox_push(dev, items),
             Message::Pong { seq } => self.router_live.pong(from, seq, Instant::now()),
             Message::RouteApplied {
                 id,

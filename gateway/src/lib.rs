@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     pub publish_rate: u32,
     /// How many publishes a quiet connection may save up.
     pub publish_burst: u32,
+    /// Every this often each connected device is reported to its broker.
+    pub inbox_heartbeat_ms: u64,
+    /// How long a client `send` may take to be acknowledged before `unavailable`.
+    pub inbox_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +75,8 @@ impl Default for GatewayConfig {
             client_queue: 1024,
             publish_rate: 100,
             publish_burst: 200,
+            inbox_heartbeat_ms: 10_000,
+            inbox_timeout_ms: 5000,
         }
     }
 }
@@ -182,6 +188,12 @@ pub async fn run_reporting(
     let routers = env.registry.watch(Role::Router).await?;
     let brokers = env.registry.watch(Role::Broker).await?;
     let proxies = env.registry.watch(Role::Proxy).await?;
+    let courier = pixiu_courier::Courier::new(
+        transport.clone(),
+        env.registry.watch(Role::Xiu).await?,
+        brokers.clone(),
+        Duration::from_millis(g.inbox_timeout_ms.max(100)),
+    );
 
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(65_536);
     let core = core::Core::new(
@@ -193,6 +205,7 @@ pub async fn run_reporting(
             heartbeat_timeout: Duration::from_millis(g.heartbeat_timeout_ms.max(10)),
             dedup_capacity: g.dedup_capacity.max(16),
             node_addr,
+            inbox_heartbeat: Duration::from_millis(g.inbox_heartbeat_ms.max(50)),
         },
         transport.clone(),
         metrics.clone(),
@@ -217,6 +230,7 @@ pub async fn run_reporting(
         metrics.clone(),
         message_ids,
         shutdown.clone(),
+        courier,
     ));
     let app = ws::router(ws_state);
     let server_shutdown = shutdown.clone();

@@ -17,6 +17,7 @@ use pixiu_protocol::ids::{RouteKey, SnowflakeGen};
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{RoleMetrics, Shutdown};
+use pixiu_courier::{Courier, CourierError};
 use pixiu_transport::Transport;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -43,6 +44,7 @@ pub(crate) struct WsState {
     ids: SnowflakeGen,
     next_conn: AtomicU64,
     shutdown: Shutdown,
+    courier: Courier,
 }
 
 impl WsState {
@@ -54,6 +56,7 @@ impl WsState {
         metrics: RoleMetrics,
         ids: SnowflakeGen,
         shutdown: Shutdown,
+        courier: Courier,
     ) -> WsState {
         WsState {
             s,
@@ -64,6 +67,7 @@ impl WsState {
             ids,
             next_conn: AtomicU64::new(1),
             shutdown,
+            courier,
         }
     }
 }
@@ -155,6 +159,10 @@ enum Event {
         cid: Option<String>,
         result: Result<(), String>,
     },
+    Sent {
+        cid: Option<String>,
+        result: Result<u64, CourierError>,
+    },
 }
 
 async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
@@ -172,6 +180,16 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
         let _ = sink.close().await;
     });
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(64);
+    // the inbox: this connection is one of the user's devices
+    let online = Cmd::InboxOnline {
+        conn,
+        uid: who.uid,
+        device: who.device.clone(),
+        tx: tx.clone(),
+    };
+    if state.cmds.send(online).await.is_err() {
+        return;
+    }
     let mut joined: HashSet<u64> = HashSet::new();
     let mut joining: HashSet<u64> = HashSet::new();
     let mut bucket = crate::rate::TokenBucket::new(
@@ -198,6 +216,14 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
                             ServerFrame::Joined { room: Id(room), cid }
                         }
                         Err(reason) => ServerFrame::Error { code: codes::UNAVAILABLE.into(), reason, cid },
+                    };
+                    if reply(&tx, frame).await.is_err() { break; }
+                }
+                Event::Sent { cid, result } => {
+                    let frame = match result {
+                        Ok(id) => ServerFrame::Sent { id: Id(id), cid },
+                        Err(CourierError::BadRequest(reason)) => ServerFrame::Error { code: codes::BAD_REQUEST.into(), reason, cid },
+                        Err(CourierError::Unavailable(reason)) => ServerFrame::Error { code: codes::UNAVAILABLE.into(), reason, cid },
                     };
                     if reply(&tx, frame).await.is_err() { break; }
                 }
@@ -265,11 +291,38 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
                             Some(publish(&state, who.uid, room, body, cid))
                         }
                     }
-                    ClientRequest::Send { cid, .. } | ClientRequest::Sync { cid, .. } => {
-                        state.metrics.drop("frame", "inbox_unavailable");
-                        Some(ServerFrame::Error { code: codes::UNAVAILABLE.into(), reason: "personal inboxes are not available in this cluster".into(), cid })
+                    ClientRequest::Send { to, body, sid, cid } => {
+                        if !bucket.take(std::time::Instant::now()) {
+                            state.metrics.drop("send", "rate_limited");
+                            Some(ServerFrame::Error {
+                                code: codes::RATE_LIMITED.into(),
+                                reason: format!("more than {} sends and publishes a second", state.s.publish_rate),
+                                cid,
+                            })
+                        } else {
+                            let sid = sid.unwrap_or_else(|| state.ids.next());
+                            let courier = state.courier.clone();
+                            let ev_tx = ev_tx.clone();
+                            let from = who.uid;
+                            state.metrics.inc_in("send");
+                            tokio::spawn(async move {
+                                let result = courier
+                                    .send(sid, from, &[to], body, pixiu_protocol::now_ms())
+                                    .await
+                                    .and_then(|ids| ids.get(&to).copied().ok_or_else(|| CourierError::Unavailable("stored without an id".into())));
+                                let _ = ev_tx.send(Event::Sent { cid, result }).await;
+                            });
+                            None
+                        }
                     }
-                    ClientRequest::Ack { .. } => None,
+                    ClientRequest::Sync { after, .. } => {
+                        if state.cmds.send(Cmd::InboxSync { conn, after }).await.is_err() { break; }
+                        None
+                    }
+                    ClientRequest::Ack { id } => {
+                        if state.cmds.send(Cmd::InboxAck { conn, id }).await.is_err() { break; }
+                        None
+                    }
                 };
                 if let Some(f) = out {
                     if reply(&tx, f).await.is_err() { break; }
@@ -287,6 +340,7 @@ async fn connection(state: Arc<WsState>, who: Identity, socket: WebSocket) {
             })
             .await;
     }
+    let _ = state.cmds.send(Cmd::InboxOffline { conn }).await;
     drop(tx);
     let _ = writer.await;
     state.metrics.connections.dec();

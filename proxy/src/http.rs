@@ -1,5 +1,6 @@
 //! The publisher HTTP API: `POST /v1/rooms/{room}/messages`, `GET /v1/gateways`, and the inbox
-//! endpoints, which answer 503 until the inbox store is deployed.
+//! endpoints `POST /v1/users/{uid}/messages` and `POST /v1/users/messages` (multicast), which
+//! answer 201 only once the message is acknowledged (see `pixiu_courier`).
 #![allow(clippy::result_large_err)] // axum responses are the handlers' error type
 
 use crate::pipeline::{Job, Pipeline, Routes};
@@ -12,7 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use lru::LruCache;
 use pixiu_protocol::auth;
-use pixiu_protocol::client::{ErrorReply, GatewaysReply, Id, IdReply, PublishBody};
+use pixiu_courier::{Courier, CourierError};
+use pixiu_protocol::client::{ErrorReply, GatewaysReply, Id, IdReply, MulticastBody, PublishBody};
+use std::collections::BTreeMap;
 use pixiu_protocol::ids::SnowflakeGen;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::MAX_BODY;
@@ -31,6 +34,7 @@ pub(crate) struct HttpState {
     pub gateways: watch::Receiver<Arc<RoleView>>,
     pub metrics: RoleMetrics,
     pub big_rooms: BigRooms,
+    pub courier: Courier,
 }
 
 /// Largest request body read: a 64 KiB message body plus its JSON envelope.
@@ -39,8 +43,8 @@ const MAX_REQUEST: usize = MAX_BODY + 4096;
 pub(crate) fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish_room))
-        .route("/v1/users/{uid}/messages", post(inbox_unavailable))
-        .route("/v1/users/messages", post(inbox_unavailable))
+        .route("/v1/users/{uid}/messages", post(send_user))
+        .route("/v1/users/messages", post(send_multicast))
         .route("/v1/gateways", get(gateways))
         .fallback(not_found)
         .with_state(state)
@@ -182,17 +186,108 @@ async fn publish_room(
     (StatusCode::ACCEPTED, Json(IdReply { id: Id(id) })).into_response()
 }
 
-async fn inbox_unavailable(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+fn too_large(s: &HttpState, len: usize) -> Response {
+    s.metrics.drop("http", "too_large");
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("body is {len} bytes, the limit is {MAX_BODY}"),
+    )
+}
+
+/// Store, index, notify; the receivers' ids once acknowledged.
+async fn deliver(
+    s: &HttpState,
+    to: &[u64],
+    body: String,
+    from: Option<Id>,
+    sid: Option<Id>,
+) -> Result<BTreeMap<u64, u64>, Response> {
+    if body.len() > MAX_BODY {
+        return Err(too_large(s, body.len()));
+    }
+    let sid = sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
+    let from = from.map(|Id(f)| f).unwrap_or(0);
+    match s
+        .courier
+        .send(sid, from, to, body, pixiu_protocol::now_ms())
+        .await
+    {
+        Ok(ids) => {
+            s.metrics.add_out("inbox_stored", ids.len() as u64);
+            Ok(ids)
+        }
+        Err(CourierError::BadRequest(reason)) => {
+            s.metrics.drop("http", "bad_request");
+            Err(error(StatusCode::BAD_REQUEST, "bad_request", reason))
+        }
+        Err(CourierError::Unavailable(reason)) => {
+            s.metrics.drop("http", "inbox_unavailable");
+            tracing::warn!("inbox message not acknowledged: {reason}");
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason))
+        }
+    }
+}
+
+async fn send_user(
+    State(s): State<Arc<HttpState>>,
+    Path(uid): Path<String>,
+    req: Request<Body>,
+) -> Response {
     s.metrics.inc_in("http");
-    if let Err(r) = authorize(&s, &headers) {
+    if let Err(r) = authorize(&s, req.headers()) {
         return r;
     }
-    s.metrics.drop("http", "inbox_unavailable");
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "personal inboxes are not available in this cluster",
-    )
+    let Ok(uid) = uid.parse::<u64>() else {
+        s.metrics.drop("http", "bad_request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("user {uid:?} is not a decimal u64"),
+        );
+    };
+    let body: PublishBody = match read_json(&s, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match deliver(&s, &[uid], body.body, body.from, body.sid).await {
+        Ok(ids) => match ids.get(&uid) {
+            Some(id) => (StatusCode::CREATED, Json(IdReply { id: Id(*id) })).into_response(),
+            None => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "stored without an id for the receiver",
+            ),
+        },
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct IdsReply {
+    ids: BTreeMap<String, Id>,
+}
+
+async fn send_multicast(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Response {
+    s.metrics.inc_in("http");
+    if let Err(r) = authorize(&s, req.headers()) {
+        return r;
+    }
+    let body: MulticastBody = match read_json(&s, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let to: Vec<u64> = body.to.iter().map(|Id(u)| *u).collect();
+    match deliver(&s, &to, body.body, body.from, body.sid).await {
+        Ok(ids) => (
+            StatusCode::CREATED,
+            Json(IdsReply {
+                ids: ids.into_iter().map(|(u, id)| (u.to_string(), Id(id))).collect(),
+            }),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
 }
 
 async fn gateways(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {

@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub queue_capacity: usize,
     /// Publisher `sid`s remembered for idempotent retries.
     pub sid_cache: usize,
+    /// How long an inbox message may take to be acknowledged before the answer is 503.
+    pub inbox_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -62,6 +64,7 @@ impl Default for ProxyConfig {
             convert_queues: None,
             queue_capacity: 65_536,
             sid_cache: 100_000,
+            inbox_timeout_ms: 5000,
         }
     }
 }
@@ -121,6 +124,12 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
 
     let mut brokers_rx = env.registry.watch(Role::Broker).await?;
     let gateways_rx = env.registry.watch(Role::Gateway).await?;
+    let courier = pixiu_courier::Courier::new(
+        transport.clone(),
+        env.registry.watch(Role::Xiu).await?,
+        brokers_rx.clone(),
+        Duration::from_millis(pc.inbox_timeout_ms.max(100)),
+    );
     let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
     let n = pc
         .convert_queues
@@ -174,6 +183,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         gateways: gateways_rx,
         metrics: metrics.clone(),
         big_rooms,
+        courier,
     }));
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {

@@ -92,7 +92,10 @@ pub async fn start(
     };
 
     let (router_env, broker_env, proxy_env, gateway_env) = (env(), env(), env(), env());
+    let (xiu_env, pi_env) = (env(), env());
     let healths = vec![
+        xiu_env.health.clone(),
+        pi_env.health.clone(),
         router_env.health.clone(),
         broker_env.health.clone(),
         proxy_env.health.clone(),
@@ -108,6 +111,35 @@ pub async fn start(
     .with_context(|| format!("serving admin on {}", cfg.admin))?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    // one replica each, so acknowledgement cannot wait for a follower: min_insync = 0
+    let xiu_cfg = pixiu_xiu::service::Config {
+        common: local_common(),
+        xiu: pixiu_xiu::service::XiuConfig {
+            data_dir: Some(cfg.data_dir.join("xiu")),
+            min_insync: 0,
+            ..Default::default()
+        },
+    };
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        pixiu_xiu::service::run_with(xiu_cfg, xiu_env, sd)
+            .await
+            .map_err(|e| anyhow::anyhow!("xiu: {e}"))
+    });
+    let pi_cfg = pixiu_pi::service::Config {
+        common: local_common(),
+        pi: pixiu_pi::service::PiConfig {
+            data_dir: Some(cfg.data_dir.join("pi")),
+            min_insync: 0,
+            ..Default::default()
+        },
+    };
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        pixiu_pi::service::run_with(pi_cfg, pi_env, sd)
+            .await
+            .map_err(|e| anyhow::anyhow!("pi: {e}"))
+    });
     let router_cfg = pixiu_router::Config {
         common: local_common(),
         router: pixiu_router::RouterConfig {

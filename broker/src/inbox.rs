@@ -1,0 +1,260 @@
+//! The broker's inbox task: runs [`Delivery`] and carries out its actions: Pi reads and
+//! cursor writes, Xiu reads, pushes to gateways.
+
+use crate::delivery::{Action, Delivery, DeliveryConfig, Fetched};
+use pixiu_protocol::inbox::{device_key, MsgId};
+use pixiu_protocol::wire::{self, DeviceRef, InboxItem, Message, ReadResult};
+use pixiu_registry::RoleView;
+use pixiu_runtime::{RoleMetrics, Shutdown};
+use pixiu_transport::Transport;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+pub(crate) enum Event {
+    Online {
+        gateway: SocketAddr,
+        devices: Vec<DeviceRef>,
+    },
+    Offline(DeviceRef),
+    Ack {
+        dev: DeviceRef,
+        id: u64,
+    },
+    Sync {
+        gateway: SocketAddr,
+        dev: DeviceRef,
+        after: u64,
+    },
+    Notify {
+        uid: u64,
+    },
+}
+
+struct Done {
+    uid: u64,
+    device: String,
+    epoch: u64,
+    result: Option<Fetched>,
+}
+
+#[derive(Clone)]
+struct Io {
+    transport: Transport,
+    metrics: RoleMetrics,
+    pis: watch::Receiver<Arc<RoleView>>,
+    xius: watch::Receiver<Arc<RoleView>>,
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub(crate) fn spawn(
+    cfg: DeliveryConfig,
+    transport: Transport,
+    metrics: RoleMetrics,
+    pis: watch::Receiver<Arc<RoleView>>,
+    xius: watch::Receiver<Arc<RoleView>>,
+    shutdown: Shutdown,
+) -> mpsc::Sender<Event> {
+    let (tx, rx) = mpsc::channel(65_536);
+    let io = Io {
+        transport,
+        metrics,
+        pis,
+        xius,
+    };
+    tokio::spawn(run(Delivery::new(cfg), io, rx, shutdown));
+    tx
+}
+
+async fn run(mut d: Delivery, io: Io, mut rx: mpsc::Receiver<Event>, shutdown: Shutdown) {
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(4096);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let now = Instant::now();
+        let actions = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(ev) = rx.recv() => match ev {
+                Event::Online { gateway, devices } => devices
+                    .iter()
+                    .flat_map(|dev| d.online(gateway, dev, now))
+                    .collect(),
+                Event::Offline(dev) => {
+                    d.offline(&dev);
+                    Vec::new()
+                }
+                Event::Ack { dev, id } => d.ack(&dev, id, now),
+                Event::Sync { gateway, dev, after } => d.sync(gateway, &dev, after, now),
+                Event::Notify { uid } => d.notify(uid, now),
+            },
+            Some(done) = done_rx.recv() => d.fetched(done.uid, &done.device, done.epoch, done.result, now),
+            _ = tick.tick() => {
+                io.metrics.set_queue("inbox_devices", d.online_devices() as i64);
+                io.metrics.set_queue("inbox_inflight", d.inflight() as i64);
+                d.tick(now)
+            }
+        };
+        for a in actions {
+            act(&io, a, &done_tx);
+        }
+    }
+}
+
+fn act(io: &Io, action: Action, done_tx: &mpsc::Sender<Done>) {
+    match action {
+        Action::Fetch {
+            uid,
+            device,
+            epoch,
+            after,
+            max,
+        } => {
+            let io = io.clone();
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                let result = match fetch(&io, uid, &device, after, max).await {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        io.metrics.drop("inbox_fetch", "failed");
+                        tracing::debug!(uid, device, "fetching the inbox: {e}");
+                        None
+                    }
+                };
+                let _ = done_tx
+                    .send(Done {
+                        uid,
+                        device,
+                        epoch,
+                        result,
+                    })
+                    .await;
+            });
+        }
+        Action::Push {
+            gateway,
+            dev,
+            items,
+        } => {
+            let n = items.len() as u64;
+            if io
+                .transport
+                .send(gateway, wire::encode(&Message::InboxPush { dev, items }))
+            {
+                io.metrics.add_out("inbox_push", n);
+            } else {
+                io.metrics.drop("inbox_push", "send_failed");
+            }
+        }
+        Action::SaveCursor { uid, device, id } => {
+            let io = io.clone();
+            tokio::spawn(async move {
+                let msg = Message::PiCursor {
+                    uid,
+                    device: device_key(&device),
+                    id,
+                };
+                for _ in 0..3 {
+                    match pi_request(&io, uid, &msg).await {
+                        Ok(Message::Done) => return,
+                        Ok(other) => tracing::debug!(uid, "saving a cursor: {}", other.kind()),
+                        Err(e) => tracing::debug!(uid, "saving a cursor: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                io.metrics.drop("inbox_cursor", "failed");
+            });
+        }
+    }
+}
+
+async fn request(io: &Io, to: SocketAddr, msg: &Message) -> Result<Message, String> {
+    let bytes = io
+        .transport
+        .request(to, wire::encode(msg), REQUEST_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    wire::decode(&bytes).map_err(|e| e.to_string())
+}
+
+fn leader_of(view: &RoleView, partition: u32) -> Result<SocketAddr, String> {
+    view.leader(partition)
+        .ok_or_else(|| format!("partition {partition} has no replica"))?
+        .info
+        .addr
+        .parse()
+        .map_err(|e| format!("bad address of the leader of partition {partition}: {e}"))
+}
+
+async fn pi_request(io: &Io, uid: u64, msg: &Message) -> Result<Message, String> {
+    let leader = {
+        let pis = io.pis.borrow();
+        if pis.partition_num == 0 {
+            return Err("pi has no partitions".into());
+        }
+        leader_of(&pis, (uid % u64::from(pis.partition_num)) as u32)?
+    };
+    request(io, leader, msg).await
+}
+
+/// Pi: the ids; Xiu: the messages.
+async fn fetch(
+    io: &Io,
+    uid: u64,
+    device: &str,
+    after: Option<u64>,
+    max: usize,
+) -> Result<Fetched, String> {
+    let read = Message::PiRead {
+        uid,
+        device: device_key(device),
+        after,
+        max: max as u32,
+    };
+    let (ids, cursor) = match pi_request(io, uid, &read).await? {
+        Message::PiIds { ids, cursor } => (ids, cursor),
+        Message::Unavailable { reason } | Message::Refused { reason } => return Err(reason),
+        other => return Err(format!("unexpected {}", other.kind())),
+    };
+    if ids.is_empty() {
+        return Ok(Fetched {
+            items: Vec::new(),
+            cursor,
+            skipped_upto: None,
+        });
+    }
+    // one user's ids all come from one xiu partition (see pixiu_protocol::inbox), but do not
+    // rely on it: read each partition's share, then keep id order
+    let mut by_part: std::collections::BTreeMap<u8, Vec<u64>> = Default::default();
+    for id in &ids {
+        by_part.entry(MsgId(*id).partition()).or_default().push(*id);
+    }
+    let mut items: Vec<InboxItem> = Vec::with_capacity(ids.len());
+    let mut skipped_upto = None;
+    for (p, part_ids) in by_part {
+        let leader = leader_of(&io.xius.borrow(), u32::from(p))?;
+        match request(io, leader, &Message::XiuRead { ids: part_ids }).await? {
+            Message::XiuMessages { items: results } => {
+                for r in results {
+                    match r {
+                        ReadResult::Found(m) => items.push(m),
+                        ReadResult::Corrupt { id, reason } | ReadResult::Missing { id, reason } => {
+                            // never delivered as garbage; reported and skipped
+                            io.metrics.drop("inbox_read", "unreadable");
+                            tracing::error!(uid, id, "skipping an inbox message: {reason}");
+                            skipped_upto = skipped_upto.max(Some(id));
+                        }
+                    }
+                }
+            }
+            Message::Unavailable { reason } | Message::Refused { reason } => return Err(reason),
+            other => return Err(format!("unexpected {}", other.kind())),
+        }
+    }
+    items.sort_by_key(|m| m.id);
+    Ok(Fetched {
+        items,
+        cursor,
+        skipped_upto,
+    })
+}
