@@ -114,6 +114,8 @@ impl Courier {
         let deadline = tokio::time::Instant::now() + self.deadline;
         let msg = wire::encode(&Message::XiuStore(req.clone()));
         let mut last_error = String::from("no attempt");
+        // what the store itself said beats a transport timeout of a later attempt
+        let mut store_said: Option<String> = None;
         while tokio::time::Instant::now() < deadline {
             let leader = self
                 .xius
@@ -130,7 +132,7 @@ impl Courier {
                 Ok(bytes) => match wire::decode(&bytes) {
                     Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
                     Ok(Message::Refused { reason }) => return Err(CourierError::BadRequest(reason)),
-                    Ok(Message::Unavailable { reason }) => last_error = reason,
+                    Ok(Message::Unavailable { reason }) => store_said = Some(reason),
                     Ok(other) => last_error = format!("unexpected answer {}", other.kind()),
                     Err(e) => last_error = e.to_string(),
                 },
@@ -139,8 +141,9 @@ impl Courier {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(CourierError::Unavailable(format!(
-            "not acknowledged within {} ms: {last_error}",
-            self.deadline.as_millis()
+            "not acknowledged within {} ms: {}",
+            self.deadline.as_millis(),
+            store_said.unwrap_or(last_error)
         )))
     }
 

@@ -36,6 +36,17 @@ pub struct Cluster {
 impl Cluster {
     /// ZooKeeper plus `pixiu-ctl init` of the layout.
     pub async fn start(name: &str, broker_partitions: u32, router_partitions: u32) -> Cluster {
+        Cluster::start_layout(name, broker_partitions, router_partitions, 1, 1).await
+    }
+
+    /// ZooKeeper plus `pixiu-ctl init` with every partition count given.
+    pub async fn start_layout(
+        name: &str,
+        broker_partitions: u32,
+        router_partitions: u32,
+        xiu_partitions: u32,
+        pi_partitions: u32,
+    ) -> Cluster {
         let dir = TestDir::new(name);
         let zk = ZkServer::start().expect("starting ZooKeeper");
         let tls_dir = dir.sub("tls");
@@ -61,6 +72,10 @@ impl Cluster {
                 &broker_partitions.to_string(),
                 "--router-partitions",
                 &router_partitions.to_string(),
+                "--xiu-partitions",
+                &xiu_partitions.to_string(),
+                "--pi-partitions",
+                &pi_partitions.to_string(),
                 "--tls-dir",
                 c.tls_dir.to_str().unwrap(),
             ])
@@ -136,12 +151,38 @@ impl Cluster {
     }
 
     pub fn spawn_broker(&mut self, name: &str, partition: u32) {
-        self.spawn(
-            name,
-            "broker",
-            vec!["--partition".into(), partition.to_string()],
-            None,
-        );
+        self.spawn_broker_with(name, partition, &[]);
+    }
+
+    pub fn spawn_broker_with(&mut self, name: &str, partition: u32, extra: &[&str]) {
+        let mut args = vec!["--partition".into(), partition.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, "broker", args, None);
+    }
+
+    /// A Xiu (`role` "xiu") or Pi (`role` "pi") replica. Its data dir is `<name>-data`, kept
+    /// across restarts of the same name.
+    pub fn spawn_store(&mut self, name: &str, role: &'static str, partition: u32, extra: &[&str]) {
+        let data = self.dir.sub(&format!("{name}-data"));
+        let mut args = vec![
+            "--partition".into(),
+            partition.to_string(),
+            "--data-dir".into(),
+            data.to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, role, args, None);
+    }
+
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}-data"))
+    }
+
+    /// Writes a TOML config file and returns `["--config", path]`.
+    pub fn config_file(&self, name: &str, toml: &str) -> Vec<String> {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        vec!["--config".into(), path.to_str().unwrap().into()]
     }
 
     pub fn spawn_gateway(&mut self, name: &str, extra: &[&str]) {
@@ -245,7 +286,11 @@ impl Cluster {
     }
 
     pub async fn client(&self, gateway: &str, uid: u64) -> Client {
-        let auth = Auth::Token(self.client_token(uid, "test"));
+        self.device(gateway, uid, "test").await
+    }
+
+    pub async fn device(&self, gateway: &str, uid: u64, dev: &str) -> Client {
+        let auth = Auth::Token(self.client_token(uid, dev));
         Client::connect(&self.url(gateway), &auth)
             .await
             .unwrap_or_else(|e| panic!("connecting uid {uid} to {gateway}: {e}"))

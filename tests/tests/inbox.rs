@@ -1,0 +1,188 @@
+//! Personal inboxes end to end: real ZooKeeper, real processes of every role (Xiu and Pi
+//! replicated), real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_client::{Client, ClientError};
+use pixiu_protocol::client::ServerFrame;
+use pixiu_tests::{assert_eventually, metric, Cluster};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const BROKER_TOML: &str =
+    "redeliver_ms = 700\nredeliver_tries = 3\ndevice_timeout_ms = 4000\ninbox_poll_ms = 1000\n";
+const GATEWAY_TOML: &str = "inbox_heartbeat_ms = 500\n";
+
+/// ZooKeeper, one router, one broker, `xius` Xiu and `pis` Pi replicas of partition 0, one
+/// gateway and one proxy; every store argument appended to each Xiu and Pi.
+async fn inbox_cluster(name: &str, xius: usize, pis: usize, store_args: &[&str]) -> Cluster {
+    let mut c = Cluster::start(name, 1, 1).await;
+    for i in 0..xius {
+        c.spawn_store(&format!("xiu{i}"), "xiu", 0, store_args);
+    }
+    for i in 0..pis {
+        c.spawn_store(&format!("pi{i}"), "pi", 0, store_args);
+    }
+    c.spawn_router("router0", 0);
+    let broker_cfg = c.config_file("broker", BROKER_TOML);
+    let b: Vec<&str> = broker_cfg.iter().map(String::as_str).collect();
+    c.spawn_broker_with("broker0", 0, &b);
+    let gw_cfg = c.config_file("gateway", GATEWAY_TOML);
+    let g: Vec<&str> = gw_cfg.iter().map(String::as_str).collect();
+    c.spawn_gateway("gw0", &g);
+    c.spawn_proxy("proxy0", &[]);
+    c.wait_all_healthy().await;
+    c
+}
+
+/// Inbox frames until `n` distinct ids arrived (acking each), or the deadline.
+async fn collect_inbox(c: &mut Client, n: usize, within: Duration) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    let mut ids = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while ids.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, c.next_event()).await {
+            Ok(Some(ServerFrame::Inbox { id, body, .. })) => {
+                if ids.insert(id.0) {
+                    seen.push((id.0, body));
+                }
+                c.ack(id.0).await.unwrap();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    seen
+}
+
+fn assert_increasing(got: &[(u64, String)]) {
+    for w in got.windows(2) {
+        assert!(w[0].0 < w[1].0, "ids out of order: {got:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_user_gets_everything_in_order_then_live_messages() {
+    let c = inbox_cluster("inbox-offline", 2, 2, &[]).await;
+    let publisher = c.publisher("proxy0");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(publisher.send_user(7, &format!("m{i}"), 1, None).await.unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+    let mut dev = c.device("gw0", 7, "phone").await;
+    let got = collect_inbox(&mut dev, 20, Duration::from_secs(15)).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want, "{}", c.logs());
+    assert_increasing(&got);
+    // then live: a message sent while online arrives without a reconnect
+    let live = publisher.send_user(7, "live", 1, None).await.unwrap();
+    let got = collect_inbox(&mut dev, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(live, "live".to_string())]);
+    // and a client `send` from another user lands in the same inbox
+    let sender = c.device("gw0", 8, "web").await;
+    let id = sender.send(7, "from 8").await.unwrap();
+    let got = collect_inbox(&mut dev, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(id, "from 8".to_string())]);
+    assert!(id > live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_sid_twice_is_stored_and_delivered_once() {
+    let c = inbox_cluster("inbox-sid", 2, 2, &[]).await;
+    let publisher = c.publisher("proxy0");
+    let a = publisher.send_user(9, "once", 1, Some(4242)).await.unwrap();
+    let b = publisher.send_user(9, "twice", 1, Some(4242)).await.unwrap();
+    assert_eq!(a, b, "a retry with the same sid returns the first id");
+    let after = publisher.send_user(9, "next", 1, Some(4243)).await.unwrap();
+    let mut dev = c.device("gw0", 9, "phone").await;
+    let got = collect_inbox(&mut dev, 3, Duration::from_secs(5)).await;
+    assert_eq!(
+        got,
+        vec![(a, "once".to_string()), (after, "next".to_string())],
+        "stored once, delivered once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_gets_its_copy_and_unacked_ones_are_redelivered() {
+    let c = inbox_cluster("inbox-devices", 2, 2, &[]).await;
+    let publisher = c.publisher("proxy0");
+    let mut phone = c.device("gw0", 11, "phone").await;
+    let mut laptop = c.device("gw0", 11, "laptop").await;
+    // both devices are known before the message: expiry waits for both
+    assert_eventually("both devices online", Duration::from_secs(10), || {
+        let admin = c.admin("broker0");
+        async move {
+            let n = metric(&admin, "pixiu_queue_depth{queue=\"inbox_devices\"}")
+                .await
+                .map_err(|e| e.to_string())?;
+            if n >= 2.0 { Ok(()) } else { Err(format!("{n} devices")) }
+        }
+    })
+    .await;
+    let id = publisher.send_user(11, "hello", 1, None).await.unwrap();
+    let got = collect_inbox(&mut phone, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(id, "hello".to_string())]);
+    // the laptop does not ack: it is pushed again after redeliver_ms
+    let mut pushes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pushes < 2 && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(ServerFrame::Inbox { id: got, .. })) =
+            tokio::time::timeout(Duration::from_secs(3), laptop.next_event()).await
+        {
+            assert_eq!(got.0, id);
+            pushes += 1;
+        }
+    }
+    assert_eq!(pushes, 2, "an unacknowledged message is redelivered");
+    // reconnecting gets it again (its cursor never moved); acking ends it
+    laptop.close().await;
+    let mut laptop = c.device("gw0", 11, "laptop").await;
+    let got = collect_inbox(&mut laptop, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(id, "hello".to_string())]);
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), laptop.next_event()).await;
+    assert!(
+        !matches!(quiet, Ok(Some(ServerFrame::Inbox { .. }))),
+        "acknowledged: not pushed again ({quiet:?})"
+    );
+    // sync replays from a position
+    laptop.sync(0).await.unwrap();
+    let got = collect_inbox(&mut laptop, 1, Duration::from_secs(5)).await;
+    assert!(got.is_empty() || got == vec![(id, "hello".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_cannot_reach_min_insync_is_refused_with_503() {
+    let mut c = inbox_cluster("inbox-insync", 2, 2, &["--min-insync", "1"]).await;
+    let publisher = c.publisher("proxy0");
+    let ok = publisher.send_user(5, "in sync", 1, None).await.unwrap();
+    // kill the xiu follower (the larger id): the leader cannot reach min_insync = 1
+    c.node("xiu1").proc.kill9();
+    let refused = publisher.send_user(5, "alone", 1, Some(777)).await;
+    match refused {
+        Err(ClientError::Http { status: 503, body }) => {
+            assert!(body.contains("min_insync"), "{body}")
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // the follower comes back, catches up, and the retry with the same sid is acknowledged
+    c.node("xiu1").proc.respawn().unwrap();
+    c.wait_healthy("xiu1").await;
+    let mut retried = Err(ClientError::Closed);
+    for _ in 0..20 {
+        retried = publisher.send_user(5, "alone", 1, Some(777)).await;
+        if retried.is_ok() {
+            break;
+        }
+    }
+    let retried = retried.unwrap_or_else(|e| panic!("retry: {e}\n{}", c.logs()));
+    assert!(retried > ok);
+    let mut dev = c.device("gw0", 5, "phone").await;
+    let got = collect_inbox(&mut dev, 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        got,
+        vec![(ok, "in sync".to_string()), (retried, "alone".to_string())]
+    );
+}
