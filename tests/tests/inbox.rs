@@ -186,3 +186,99 @@ async fn a_write_that_cannot_reach_min_insync_is_refused_with_503() {
         vec![(ok, "in sync".to_string()), (retried, "alone".to_string())]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_down_during_5000_writes_catches_up_and_serves_them_as_leader() {
+    let mut c = inbox_cluster("inbox-catchup", 3, 2, &[]).await;
+    // xiu2 (the largest id) misses every write
+    c.node("xiu2").proc.kill9();
+    const USERS: u64 = 10;
+    const PER_USER: usize = 500;
+    let mut tasks = Vec::new();
+    for t in 0..10u64 {
+        let p = c.publisher("proxy0");
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..(USERS as usize * PER_USER / 10) {
+                let uid = 1 + (i as u64 + t) % USERS;
+                let sid = 1_000_000 + t * 100_000 + i as u64;
+                let body = format!("{t}-{i}");
+                let id = p.send_user(uid, &body, 1, Some(sid)).await.unwrap();
+                acked.push((uid, id, body));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), 5000);
+    // it comes back, catches up (running = a pull found nothing more), then both others die
+    c.node("xiu2").proc.respawn().unwrap();
+    c.wait_healthy("xiu2").await;
+    assert_eventually("xiu2 replicated every message", Duration::from_secs(30), || {
+        let admin = c.admin("xiu2");
+        async move {
+            let n = metric(&admin, "pixiu_messages_out_total{stage=\"replicated\"}")
+                .await
+                .map_err(|e| e.to_string())?;
+            if n >= 5000.0 { Ok(()) } else { Err(format!("{n} replicated")) }
+        }
+    })
+    .await;
+    c.node("xiu0").proc.kill9();
+    c.node("xiu1").proc.kill9();
+    // once ZooKeeper expires their sessions xiu2 leads and every message is read from it
+    for uid in 1..=USERS {
+        let mut want: Vec<(u64, String)> = acked
+            .iter()
+            .filter(|(u, _, _)| *u == uid)
+            .map(|(_, id, b)| (*id, b.clone()))
+            .collect();
+        want.sort();
+        let mut dev = c.device("gw0", uid, "phone").await;
+        let got = collect_inbox(&mut dev, want.len(), Duration::from_secs(40)).await;
+        assert_eq!(got.len(), want.len(), "uid {uid}\n{}", c.logs());
+        assert_eq!(got, want, "uid {uid}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_record_is_detected_by_its_crc_and_never_delivered() {
+    let mut c = inbox_cluster("inbox-crc", 1, 1, &["--min-insync", "0"]).await;
+    let publisher = c.publisher("proxy0");
+    let a = publisher.send_user(3, "first", 1, None).await.unwrap();
+    let b = publisher.send_user(3, "second", 1, None).await.unwrap();
+    let d = publisher.send_user(3, "third", 1, None).await.unwrap();
+    c.node("xiu0").proc.kill9();
+    {
+        // flip one byte of the second message's payload (after its 4-byte CRC)
+        let db = rocksdb::DB::open_default(c.data_dir("xiu0")).unwrap();
+        let mut key = vec![b'm'];
+        key.extend_from_slice(&(b & 0xFFFF_FFFF_FFFF).to_be_bytes());
+        let mut v = db.get(&key).unwrap().expect("the record is on disk");
+        let last = v.len() - 1;
+        v[last] ^= 0x5A;
+        db.put(&key, &v).unwrap();
+        db.flush().unwrap();
+    }
+    c.node("xiu0").proc.respawn().unwrap();
+    c.wait_healthy("xiu0").await;
+    let mut dev = c.device("gw0", 3, "phone").await;
+    let got = collect_inbox(&mut dev, 3, Duration::from_secs(5)).await;
+    assert_eq!(
+        got,
+        vec![(a, "first".to_string()), (d, "third".to_string())],
+        "the corrupt message is skipped, never delivered as garbage"
+    );
+    let corrupt = metric(&c.admin("xiu0"), "pixiu_messages_dropped_total{stage=\"read\",reason=\"corrupt\"}")
+        .await
+        .unwrap();
+    assert!(corrupt >= 1.0, "xiu reports the corrupt read");
+    let skipped = metric(&c.admin("broker0"), "pixiu_messages_dropped_total{stage=\"inbox_read\",reason=\"unreadable\"}")
+        .await
+        .unwrap();
+    assert!(skipped >= 1.0, "the broker reports the skipped message");
+    assert!(c.nodes["xiu0"].proc.log().contains("crc32 mismatch"));
+}
