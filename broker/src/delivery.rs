@@ -117,7 +117,10 @@ impl Delivery {
     }
 
     pub fn inflight(&self) -> usize {
-        self.devices.values().filter(|d| d.inflight.is_some()).count()
+        self.devices
+            .values()
+            .filter(|d| d.inflight.is_some())
+            .count()
     }
 
     fn fetch(&mut self, key: &Key, now: Instant, out: &mut Vec<Action>) {
@@ -139,7 +142,13 @@ impl Delivery {
         }
     }
 
-    fn insert(&mut self, gateway: SocketAddr, dev: &DeviceRef, position: Option<u64>, now: Instant) {
+    fn insert(
+        &mut self,
+        gateway: SocketAddr,
+        dev: &DeviceRef,
+        position: Option<u64>,
+        now: Instant,
+    ) {
         let key = (dev.uid, dev.device.clone());
         self.by_uid
             .entry(dev.uid)
@@ -253,7 +262,13 @@ impl Delivery {
     }
 
     /// The device asks for everything after `after`.
-    pub fn sync(&mut self, gateway: SocketAddr, dev: &DeviceRef, after: u64, now: Instant) -> Vec<Action> {
+    pub fn sync(
+        &mut self,
+        gateway: SocketAddr,
+        dev: &DeviceRef,
+        after: u64,
+        now: Instant,
+    ) -> Vec<Action> {
         let key = (dev.uid, dev.device.clone());
         let mut out = Vec::new();
         match self.devices.get_mut(&key) {
@@ -484,7 +499,10 @@ mod tests {
             skipped_upto: None,
         };
         assert!(d.fetched(7, "phone", e1, Some(f(&[1])), t).is_empty());
-        assert_eq!(pushed(&d.fetched(7, "phone", e2, Some(f(&[11])), t)), vec![11]);
+        assert_eq!(
+            pushed(&d.fetched(7, "phone", e2, Some(f(&[11])), t)),
+            vec![11]
+        );
     }
 
     #[test]

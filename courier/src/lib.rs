@@ -110,7 +110,11 @@ impl Courier {
         Ok(ids)
     }
 
-    async fn store(&self, partition: u32, req: StoreRequest) -> Result<(Vec<u64>, u64), CourierError> {
+    async fn store(
+        &self,
+        partition: u32,
+        req: StoreRequest,
+    ) -> Result<(Vec<u64>, u64), CourierError> {
         let deadline = tokio::time::Instant::now() + self.deadline;
         let msg = wire::encode(&Message::XiuStore(req.clone()));
         let mut last_error = String::from("no attempt");
@@ -131,7 +135,9 @@ impl Courier {
             match self.transport.request(leader, msg.clone(), left).await {
                 Ok(bytes) => match wire::decode(&bytes) {
                     Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
-                    Ok(Message::Refused { reason }) => return Err(CourierError::BadRequest(reason)),
+                    Ok(Message::Refused { reason }) => {
+                        return Err(CourierError::BadRequest(reason))
+                    }
                     Ok(Message::Unavailable { reason }) => store_said = Some(reason),
                     Ok(other) => last_error = format!("unexpected answer {}", other.kind()),
                     Err(e) => last_error = e.to_string(),

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
+use pixiu_courier::{Courier, CourierError};
 use pixiu_protocol::auth::{self, Identity};
 use pixiu_protocol::client::{
     codes, parse_client_frame, ClientRequest, ErrorReply, FrameError, Id, ServerFrame,
@@ -17,7 +18,6 @@ use pixiu_protocol::ids::{RouteKey, SnowflakeGen};
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{RoleMetrics, Shutdown};
-use pixiu_courier::{Courier, CourierError};
 use pixiu_transport::Transport;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -48,6 +48,7 @@ pub(crate) struct WsState {
 }
 
 impl WsState {
+    #[allow(clippy::too_many_arguments)] // one call site, every part named there
     pub(crate) fn new(
         s: WsSettings,
         cmds: mpsc::Sender<Cmd>,

@@ -12,15 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use lru::LruCache;
-use pixiu_protocol::auth;
 use pixiu_courier::{Courier, CourierError};
+use pixiu_protocol::auth;
 use pixiu_protocol::client::{ErrorReply, GatewaysReply, Id, IdReply, MulticastBody, PublishBody};
-use std::collections::BTreeMap;
 use pixiu_protocol::ids::SnowflakeGen;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::RoleView;
 use pixiu_runtime::RoleMetrics;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -224,7 +224,11 @@ async fn deliver(
         Err(CourierError::Unavailable(reason)) => {
             s.metrics.drop("http", "inbox_unavailable");
             tracing::warn!("inbox message not acknowledged: {reason}");
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason))
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                reason,
+            ))
         }
     }
 }
@@ -282,7 +286,10 @@ async fn send_multicast(State(s): State<Arc<HttpState>>, req: Request<Body>) -> 
         Ok(ids) => (
             StatusCode::CREATED,
             Json(IdsReply {
-                ids: ids.into_iter().map(|(u, id)| (u.to_string(), Id(id))).collect(),
+                ids: ids
+                    .into_iter()
+                    .map(|(u, id)| (u.to_string(), Id(id)))
+                    .collect(),
             }),
         )
             .into_response(),

@@ -67,7 +67,12 @@ async fn offline_user_gets_everything_in_order_then_live_messages() {
     let publisher = c.publisher("proxy0");
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(publisher.send_user(7, &format!("m{i}"), 1, None).await.unwrap());
+        ids.push(
+            publisher
+                .send_user(7, &format!("m{i}"), 1, None)
+                .await
+                .unwrap(),
+        );
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
     let mut dev = c.device("gw0", 7, "phone").await;
@@ -93,7 +98,10 @@ async fn same_sid_twice_is_stored_and_delivered_once() {
     let c = inbox_cluster("inbox-sid", 2, 2, &[]).await;
     let publisher = c.publisher("proxy0");
     let a = publisher.send_user(9, "once", 1, Some(4242)).await.unwrap();
-    let b = publisher.send_user(9, "twice", 1, Some(4242)).await.unwrap();
+    let b = publisher
+        .send_user(9, "twice", 1, Some(4242))
+        .await
+        .unwrap();
     assert_eq!(a, b, "a retry with the same sid returns the first id");
     let after = publisher.send_user(9, "next", 1, Some(4243)).await.unwrap();
     let mut dev = c.device("gw0", 9, "phone").await;
@@ -118,7 +126,11 @@ async fn every_device_gets_its_copy_and_unacked_ones_are_redelivered() {
             let n = metric(&admin, "pixiu_queue_depth{queue=\"inbox_devices\"}")
                 .await
                 .map_err(|e| e.to_string())?;
-            if n >= 2.0 { Ok(()) } else { Err(format!("{n} devices")) }
+            if n >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} devices"))
+            }
         }
     })
     .await;
@@ -217,15 +229,23 @@ async fn a_follower_down_during_5000_writes_catches_up_and_serves_them_as_leader
     // it comes back, catches up (running = a pull found nothing more), then both others die
     c.node("xiu2").proc.respawn().unwrap();
     c.wait_healthy("xiu2").await;
-    assert_eventually("xiu2 replicated every message", Duration::from_secs(30), || {
-        let admin = c.admin("xiu2");
-        async move {
-            let n = metric(&admin, "pixiu_messages_out_total{stage=\"replicated\"}")
-                .await
-                .map_err(|e| e.to_string())?;
-            if n >= 5000.0 { Ok(()) } else { Err(format!("{n} replicated")) }
-        }
-    })
+    assert_eventually(
+        "xiu2 replicated every message",
+        Duration::from_secs(30),
+        || {
+            let admin = c.admin("xiu2");
+            async move {
+                let n = metric(&admin, "pixiu_messages_out_total{stage=\"replicated\"}")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n >= 5000.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} replicated"))
+                }
+            }
+        },
+    )
     .await;
     c.node("xiu0").proc.kill9();
     c.node("xiu1").proc.kill9();
@@ -272,13 +292,19 @@ async fn a_corrupted_record_is_detected_by_its_crc_and_never_delivered() {
         vec![(a, "first".to_string()), (d, "third".to_string())],
         "the corrupt message is skipped, never delivered as garbage"
     );
-    let corrupt = metric(&c.admin("xiu0"), "pixiu_messages_dropped_total{stage=\"read\",reason=\"corrupt\"}")
-        .await
-        .unwrap();
+    let corrupt = metric(
+        &c.admin("xiu0"),
+        "pixiu_messages_dropped_total{stage=\"read\",reason=\"corrupt\"}",
+    )
+    .await
+    .unwrap();
     assert!(corrupt >= 1.0, "xiu reports the corrupt read");
-    let skipped = metric(&c.admin("broker0"), "pixiu_messages_dropped_total{stage=\"inbox_read\",reason=\"unreadable\"}")
-        .await
-        .unwrap();
+    let skipped = metric(
+        &c.admin("broker0"),
+        "pixiu_messages_dropped_total{stage=\"inbox_read\",reason=\"unreadable\"}",
+    )
+    .await
+    .unwrap();
     assert!(skipped >= 1.0, "the broker reports the skipped message");
     assert!(c.nodes["xiu0"].proc.log().contains("crc32 mismatch"));
 }
