@@ -1,0 +1,149 @@
+//! Benchmark (not a test): personal inboxes on a replicated cluster.
+//!
+//! Starts ZooKeeper and real processes from the release build: 2 Xiu and 2 Pi replicas of
+//! one partition each, a router, a broker, a gateway and a proxy, all on this machine. 200
+//! receivers are online (one device each, acking every message). Reports, for `min_insync` 0
+//! and 1 (fsync on):
+//! - throughput: messages stored and acknowledged (HTTP 201) per second with 32 concurrent
+//!   publishers;
+//! - latency: at a steady rate, send-to-delivery time p50/p99 (the publish instant is in the
+//!   body; the receiving device records when the `inbox` frame arrives).
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
+//! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_protocol::client::ServerFrame;
+use pixiu_tests::Cluster;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+const RECEIVERS: u64 = 200;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
+    let mut c = Cluster::start(&format!("bench-inbox-{min_insync}"), 1, 1).await;
+    for i in 0..2 {
+        c.spawn_store(&format!("xiu{i}"), "xiu", 0, &["--min-insync", min_insync]);
+        c.spawn_store(&format!("pi{i}"), "pi", 0, &["--min-insync", min_insync]);
+    }
+    c.spawn_router("router0", 0);
+    c.spawn_broker("broker0", 0);
+    let g = c.config_file("gateway", "inbox_heartbeat_ms = 1000\n");
+    let g: Vec<&str> = g.iter().map(String::as_str).collect();
+    c.spawn_gateway("gw0", &g);
+    c.spawn_proxy("proxy0", &[]);
+    c.wait_all_healthy().await;
+
+    let start = Instant::now();
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for uid in 1..=RECEIVERS {
+        let mut client = c.device("gw0", uid, "bench").await;
+        let latencies = latencies.clone();
+        receivers.push(tokio::spawn(async move {
+            while let Ok(Some(ev)) =
+                tokio::time::timeout(Duration::from_secs(5), client.next_event()).await
+            {
+                if let ServerFrame::Inbox { id, body, .. } = ev {
+                    let _ = client.ack(id.0).await;
+                    if let Some(us) = body.strip_prefix("s:").and_then(|v| v.parse::<u64>().ok()) {
+                        let now = start.elapsed();
+                        latencies
+                            .lock()
+                            .await
+                            .push(now.saturating_sub(Duration::from_micros(us)));
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // throughput: 32 publishers as fast as they can
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..32u64 {
+        let publisher = c.publisher("proxy0");
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            for i in 0..messages / 32 {
+                let uid = 1 + (p * 7 + i) % RECEIVERS;
+                if publisher.send_user(uid, "b", 1, None).await.is_ok() {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    let took = t0.elapsed();
+    println!(
+        "min_insync={min_insync}: {ok} messages stored and acknowledged in {:.2} s = {:.0} msg/s (32 concurrent publishers)",
+        took.as_secs_f64(),
+        ok as f64 / took.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // latency at a steady rate
+    let publisher = Arc::new(c.publisher("proxy0"));
+    let total = rate * secs;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let mut sends = Vec::new();
+    for i in 0..total {
+        tick.tick().await;
+        let publisher = publisher.clone();
+        let body = format!("s:{}", start.elapsed().as_micros());
+        sends.push(tokio::spawn(async move {
+            publisher
+                .send_user(1 + i % RECEIVERS, &body, 1, None)
+                .await
+                .is_ok()
+        }));
+    }
+    let mut acked = 0;
+    for s in sends {
+        if s.await.unwrap() {
+            acked += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut l = latencies.lock().await.clone();
+    l.sort();
+    println!(
+        "min_insync={min_insync}: steady {rate} msg/s for {secs} s: {acked} acknowledged, {} delivered; send-to-delivery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        l.len(),
+        percentile(&l, 0.5).as_secs_f64() * 1000.0,
+        percentile(&l, 0.99).as_secs_f64() * 1000.0,
+        l.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+    for r in receivers {
+        r.abort();
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let messages = env_or("PIXIU_BENCH_MESSAGES", 5000);
+    let rate = env_or("PIXIU_BENCH_RATE", 500);
+    let secs = env_or("PIXIU_BENCH_STEADY_SECS", 10);
+    bench("0", messages, rate, secs).await;
+    bench("1", messages, rate, secs).await;
+}
