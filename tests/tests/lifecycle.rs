@@ -36,6 +36,16 @@ fn bad_configuration_exits_with_a_one_line_reason() {
             "no_such_setting",
         ),
         (
+            "pixiu-xiu",
+            vec!["--config", unknown_toml.to_str().unwrap()],
+            "no_such_setting",
+        ),
+        (
+            "pixiu-pi",
+            vec!["--config", bad_toml.to_str().unwrap()],
+            "partition",
+        ),
+        (
             "pixiu-gateway",
             vec!["--config", "/nonexistent/pixiu.toml"],
             "/nonexistent/pixiu.toml",
@@ -91,6 +101,8 @@ fn bad_configuration_exits_with_a_one_line_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_deregisters() {
     let mut c = Cluster::start("sigterm", 1, 1).await;
+    c.spawn_store("xiu", "xiu", 0, &["--min-insync", "0"]);
+    c.spawn_store("pi", "pi", 0, &["--min-insync", "0"]);
     c.spawn_router("router", 0);
     c.spawn_broker("broker", 0);
     c.spawn_gateway("gw", &[]);
@@ -109,6 +121,8 @@ async fn sigterm_drains_and_deregisters() {
         ("proxy", "proxy"),
         ("broker", "broker"),
         ("router", "router"),
+        ("xiu", "xiu"),
+        ("pi", "pi"),
     ] {
         assert_eq!(count(&c, role), 1, "{role} registered");
         c.node(name).proc.sigterm();
