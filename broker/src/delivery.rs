@@ -80,6 +80,8 @@ struct Dev {
     /// Fetch after this; `None` until Pi told us the cursor.
     position: Option<u64>,
     inflight: Option<Inflight>,
+    /// The last fetch filled a whole batch: more may be waiting.
+    full: bool,
     fetching: Option<u64>,
     /// News arrived while fetching: fetch again when it ends.
     again: bool,
@@ -163,6 +165,7 @@ impl Delivery {
                 acked: 0,
                 position,
                 inflight: None,
+                full: false,
                 fetching: None,
                 again: false,
                 last_fetch: now,
@@ -255,7 +258,8 @@ impl Delivery {
                 d.inflight = None;
             }
         }
-        if d.inflight.is_none() && d.fetching.is_none() {
+        // seed 8.5: fetch again only when news came meanwhile or the batch was full
+        if d.inflight.is_none() && d.fetching.is_none() && (d.again || d.full) {
             self.fetch(&key, now, &mut out);
         }
         out
@@ -314,6 +318,7 @@ impl Delivery {
             pos = pos.max(last.id);
         }
         d.position = Some(pos);
+        d.full = f.items.len() + usize::from(f.skipped_upto.is_some()) >= self.cfg.batch;
         if f.items.is_empty() {
             if d.again || f.skipped_upto.is_some() {
                 self.fetch(&key, now, &mut out);
@@ -457,13 +462,38 @@ mod tests {
         assert_eq!(pushed(&a), vec![3, 4]);
         // a notify while in flight does not fetch
         assert!(d.notify(7, t).is_empty());
-        // partial ack keeps the rest in flight
+        // a partial ack keeps the rest in flight
         let a = d.ack(&dev(1), 3, t);
         assert!(matches!(a[0], Action::SaveCursor { id: 3, .. }));
         assert_eq!(a.len(), 1);
+        // a full batch (2 of 2): the ack of its last id fetches the next one
         let a = d.ack(&dev(1), 4, t);
         let (_, after) = epoch_of(&a);
         assert_eq!(after, Some(4));
+    }
+
+    #[test]
+    fn after_a_short_batch_only_news_causes_a_fetch() {
+        let t = Instant::now();
+        let mut d = Delivery::new(cfg());
+        let (e, _) = epoch_of(&d.online(gw(), &dev(1), t));
+        let one = |id: u64| Fetched {
+            items: vec![item(id)],
+            cursor: 0,
+            skipped_upto: None,
+        };
+        d.fetched(7, "phone", e, Some(one(3)), t);
+        // 1 of 2: nothing more was waiting, the ack only saves the cursor
+        let a = d.ack(&dev(1), 3, t);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(matches!(a[0], Action::SaveCursor { id: 3, .. }));
+        // news while the next batch is in flight is fetched once it is acknowledged
+        let (e, after) = epoch_of(&d.notify(7, t));
+        assert_eq!(after, Some(3));
+        d.fetched(7, "phone", e, Some(one(5)), t);
+        assert!(d.notify(7, t).is_empty());
+        let (_, after) = epoch_of(&d.ack(&dev(1), 5, t));
+        assert_eq!(after, Some(5));
     }
 
     #[test]

@@ -154,6 +154,11 @@ impl Head {
         *self.0.borrow()
     }
 
+    /// Wakes whenever the head moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+
     /// Waits until the head is above `after`, at most `wait`.
     pub async fn wait_above(&self, after: u64, wait: Duration) {
         let mut rx = self.0.subscribe();

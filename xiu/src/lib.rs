@@ -12,7 +12,9 @@
 //!   [`XiuError::Corrupt`], never returned as data.
 //! - Durability is explicit, see [`Durability`].
 //! - [`XiuStore::entries_after`] and [`XiuStore::apply_replicated`] carry raw records from a
-//!   leader to a follower (the transport comes later).
+//!   leader to a follower; [`XiuStore::sid_at`] and [`XiuStore::truncate_after`] let a
+//!   follower find and drop a tail its leader never had. The `pixiu-xiu` service
+//!   ([`service`]) carries them over QUIC.
 //!
 //! On disk: `m | counter (8 bytes BE)` -> record, `s | sid (8 bytes BE)` -> MsgId (8 bytes BE),
 //! `!last` -> last assigned MsgId (8 bytes BE). Messages are keyed by counter alone (one counter
@@ -516,6 +518,34 @@ mod tests {
             cache_entries,
             sync: Durability::GroupCommit,
         }
+    }
+
+    #[test]
+    fn a_divergent_tail_is_found_by_sid_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(0, 16)).unwrap();
+        assert_eq!(s.sid_at(0).unwrap(), None);
+        let ids: Vec<MsgId> = (0..5)
+            .map(|i| s.store(100 + i, KIND_PERSONAL, 1, &[7], "m", 0).unwrap().0)
+            .collect();
+        assert_eq!(s.sid_at(3).unwrap(), Some(102));
+        assert_eq!(s.sid_at(9).unwrap(), None);
+        assert_eq!(s.indexed().unwrap(), 0);
+        s.set_indexed(2).unwrap();
+        assert_eq!(s.indexed().unwrap(), 2);
+        // drop counters 4 and 5: their messages, their sids, and the counter goes back
+        assert_eq!(s.truncate_after(3).unwrap(), 2);
+        assert_eq!(s.last_id().counter(), 3);
+        assert!(matches!(one(&mut s, ids[4]), Err(XiuError::NotFound(_))));
+        assert_eq!(one(&mut s, ids[2]).unwrap().to, vec![7]);
+        // the dropped sid is free again and gets the next counter, also after a reopen
+        let (again, fresh) = s.store(104, KIND_PERSONAL, 1, &[7], "other", 0).unwrap();
+        assert!(fresh);
+        assert_eq!(again.counter(), 4);
+        drop(s);
+        let s = XiuStore::open(dir.path(), opts(0, 16)).unwrap();
+        assert_eq!(s.last_id().counter(), 4);
+        assert_eq!(s.sid_at(4).unwrap(), Some(104));
     }
 
     fn one(store: &mut XiuStore, id: MsgId) -> Result<StoredMessage, XiuError> {

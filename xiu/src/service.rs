@@ -405,7 +405,10 @@ async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest, StoreRepl
 
 /// Puts in-sync ids into Pi, in id order, one batch at a time.
 async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
-    let mut head_wake = node.followers.subscribe();
+    // woken by new writes (head) and by follower reports (insync); the timer only covers a
+    // follower going stale and a change of leadership
+    let mut reports = node.followers.subscribe();
+    let mut writes = node.head.subscribe();
     while !shutdown.is_cancelled() {
         let done = *node.indexed.borrow();
         let ready = if node.leading.load(Ordering::SeqCst) {
@@ -418,8 +421,9 @@ async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
         if ready <= done {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = head_wake.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = reports.changed() => {}
+                _ = writes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
             continue;
         }
