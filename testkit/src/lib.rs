@@ -20,20 +20,64 @@ use anyhow::{bail, Context};
 mod tcp_proxy;
 pub use tcp_proxy::TcpProxy;
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago (and free for UDP too).
+///
+/// Ports come from [`port_range`], below the kernel's ephemeral range, and each is handed
+/// out once per test process. Asking the kernel for port 0 instead would race: the port is
+/// released before the child binds it, and in between it can go to an outgoing connection
+/// (every ZooKeeper session and WebSocket client takes an ephemeral port) or to the next
+/// `bind(0)` of a test running alongside. That race once failed CI ("cannot serve admin on
+/// 127.0.0.1:39267: Address already in use", while another test's node answered there).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 for a free TCP port")
+    free_port()
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
+/// A UDP port on 127.0.0.1 that was free a moment ago (and free for TCP too); see
+/// [`free_tcp_port`].
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 for a free UDP port")
+    free_port()
+}
+
+/// The ports [`free_tcp_port`] hands out: `[low, high)`, outside the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, Linux default 32768-60999).
+pub fn port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if ephemeral.0 >= 12_000 {
+        (10_000, ephemeral.0)
+    } else if ephemeral.1 <= 63_000 {
+        (ephemeral.1 + 1, 65_535)
+    } else {
+        // The ephemeral range covers nearly everything; share it and rely on the bind check.
+        (10_000, 65_535)
+    }
+}
+
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    // Handed out in order from an offset that differs per process, so a test process that
+    // starts while an earlier one's children are still exiting is unlikely to meet them.
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = port_range();
+    let span = u32::from(high - low);
+    let start = *START.get_or_init(|| std::process::id().wrapping_mul(7919) % span);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + ((start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}..{high}");
 }
 
 /// The workspace binary `name` (e.g. `pixiu-gateway`), built by cargo next to the test
@@ -554,6 +598,17 @@ mod tests {
         let u = free_udp_port();
         assert_ne!(u, 0);
         UdpSocket::bind(("127.0.0.1", u)).expect("free UDP port binds");
+    }
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_never_repeat() {
+        let (low, high) = port_range();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let p = free_tcp_port();
+            assert!((low..high).contains(&p), "{p} outside {low}..{high}");
+            assert!(seen.insert(p), "{p} handed out twice");
+        }
     }
 
     #[tokio::test]

@@ -237,10 +237,17 @@ impl Cluster {
 
     /// Wait until every node answers `/healthz` 200; on timeout print the logs of the
     /// ones that do not.
-    pub async fn wait_all_healthy(&self) {
+    pub async fn wait_all_healthy(&mut self) {
         for (name, n) in &self.nodes {
             if let Err(e) = wait_healthy(&n.admin, Duration::from_secs(30)).await {
                 panic!("{name} not healthy: {e}\n--- log ---\n{}", n.proc.log());
+            }
+        }
+        // A node that exited at start (e.g. its admin port was taken) must not pass because
+        // something else answered on that port.
+        for (name, n) in self.nodes.iter_mut() {
+            if !n.proc.is_running() {
+                panic!("{name} exited at start\n--- log ---\n{}", n.proc.log());
             }
         }
         // and every proxy can route to every broker replica (its registry view and heartbeats
