@@ -233,7 +233,7 @@ async fn fetch(
     let mut skipped_upto = None;
     for (p, part_ids) in by_part {
         let leader = leader_of(&io.xius.borrow(), u32::from(p))?;
-        match request(io, leader, &Message::XiuRead { ids: part_ids }).await? {
+        match request(io, leader, &Message::XiuRead { uid, ids: part_ids }).await? {
             Message::XiuMessages { items: results } => {
                 for r in results {
                     match r {

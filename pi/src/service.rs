@@ -383,6 +383,7 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
         node: node.me(),
         after,
         check: 0,
+        check_epoch: 0,
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };
@@ -607,6 +608,7 @@ async fn serve_pull(node: &Node, follower: u64, after: u64, max: u32, wait_ms: u
         return Message::Diverged {
             after,
             leader_last: last,
+            last_epoch: 0,
         };
     }
     if node.leading() {

@@ -107,8 +107,11 @@ pub enum Message {
         /// false when the `sid` was stored before (the first id is returned)
         fresh: bool,
     },
-    /// Request to a Xiu leader: messages by id.
+    /// Request to a Xiu leader: messages by id, for the inbox of `uid`. A message that is
+    /// not addressed to `uid` is answered `Missing`, never given out (an index entry that
+    /// names another user's message must not leak it).
     XiuRead {
+        uid: u64,
         ids: Vec<u64>,
     },
     /// Response to `XiuRead`: one entry per id asked, in order.
@@ -124,14 +127,20 @@ pub enum Message {
         /// Xiu: the `sid` of the follower's record at `after` (0 when none), so that the
         /// leader can tell whether their copies agree up to there. Pi: 0.
         check: u64,
+        /// Xiu: the epoch of that record (0 when none). Pi: 0.
+        check_epoch: u64,
         max: u32,
         wait_ms: u32,
     },
     /// Xiu leader to follower: your copy disagrees with mine at or before `after` (or runs
-    /// past my last counter `leader_last`); drop your tail and ask again.
+    /// past my last counter `leader_last`); drop your tail and ask again. `last_epoch` is the
+    /// epoch of my last record: a new leader pulling from a peer at takeover compares
+    /// `(last_epoch, leader_last)` with its own to tell whether the peer's copy is the more
+    /// recent one (then it drops its own tail) or not (then it keeps its copy).
     Diverged {
         after: u64,
         leader_last: u64,
+        last_epoch: u64,
     },
     /// Xiu leader to follower: raw records after the position asked, plus the leader's
     /// indexed watermark (every id up to it is in Pi).

@@ -4,7 +4,9 @@
 
 use pixiu_client::{Client, ClientError};
 use pixiu_protocol::client::ServerFrame;
+use pixiu_protocol::wire::{self, Message, ReadResult};
 use pixiu_tests::{assert_eventually, metric, Cluster};
+use pixiu_transport::{TlsMaterial, Transport, TransportConfig};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -13,14 +15,18 @@ const BROKER_TOML: &str =
 const GATEWAY_TOML: &str = "inbox_heartbeat_ms = 500\n";
 
 /// ZooKeeper, one router, one broker, `xius` Xiu and `pis` Pi replicas of partition 0, one
-/// gateway and one proxy; every store argument appended to each Xiu and Pi.
+/// gateway and one proxy; every store argument appended to each Xiu and Pi. Replicas are
+/// started one after the other, each once the previous one is healthy, so their registry ids
+/// follow their names: `xiu0` leads, `xiu1` is next in line.
 async fn inbox_cluster(name: &str, xius: usize, pis: usize, store_args: &[&str]) -> Cluster {
     let mut c = Cluster::start(name, 1, 1).await;
     for i in 0..xius {
         c.spawn_store(&format!("xiu{i}"), "xiu", 0, store_args);
+        c.wait_healthy(&format!("xiu{i}")).await;
     }
     for i in 0..pis {
         c.spawn_store(&format!("pi{i}"), "pi", 0, store_args);
+        c.wait_healthy(&format!("pi{i}")).await;
     }
     c.spawn_router("router0", 0);
     let broker_cfg = c.config_file("broker", BROKER_TOML);
@@ -262,6 +268,183 @@ async fn a_follower_down_during_5000_writes_catches_up_and_serves_them_as_leader
         assert_eq!(got.len(), want.len(), "uid {uid}\n{}", c.logs());
         assert_eq!(got, want, "uid {uid}");
     }
+}
+
+/// Three Xiu replicas; `xiu2` is paused (SIGSTOP, still registered) while writes are
+/// acknowledged by `xiu0` and `xiu1`; `xiu0` is killed. `xiu1` takes over while `xiu2`, live
+/// again, lags behind it: the new leader must take what a peer has beyond its own copy and
+/// never cut its own copy down to a lagging peer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_never_cuts_its_copy_down_to_a_lagging_peer() {
+    let mut c = inbox_cluster("inbox-lagging", 3, 2, &[]).await;
+    let publisher = c.publisher("proxy0");
+    let first = publisher.send_user(1, "before", 1, None).await.unwrap();
+    let mut acked = vec![(1u64, first, "before".to_string())];
+    c.node("xiu2").proc.sigstop();
+    // short enough for xiu2's ZooKeeper session (3 s) to outlive the pause
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let p = c.publisher("proxy0");
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..25u64 {
+                let uid = 1 + (t + i) % 4;
+                let body = format!("{t}-{i}");
+                let id = p.send_user(uid, &body, 1, None).await.unwrap();
+                out.push((uid, id, body));
+            }
+            out
+        }));
+    }
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    c.node("xiu0").proc.kill9();
+    c.node("xiu2").proc.sigcont();
+    for uid in 1..=4u64 {
+        let mut want: Vec<(u64, String)> = acked
+            .iter()
+            .filter(|(u, _, _)| *u == uid)
+            .map(|(_, id, b)| (*id, b.clone()))
+            .collect();
+        want.sort();
+        let mut dev = c.device("gw0", uid, "phone").await;
+        let got = collect_inbox(&mut dev, want.len(), Duration::from_secs(30)).await;
+        assert_eq!(got, want, "uid {uid}\n{}", c.logs());
+    }
+    // and the new leader kept going: a new message is acknowledged with a larger id
+    let next = publisher.send_user(1, "after", 1, None).await.unwrap();
+    assert!(acked.iter().all(|(_, id, _)| *id < next));
+    // the scenario happened: xiu1 met xiu2 behind it at takeover and kept its own copy
+    let log = c.nodes["xiu1"].proc.log();
+    assert!(
+        log.contains("keeping my copy over a less recent peer's"),
+        "xiu2 was not a lagging peer at takeover:\n{log}"
+    );
+}
+
+/// Sends until acknowledged (bounded: 40 tries of up to 5 s each).
+async fn send_until_acked(p: &pixiu_client::Publisher, uid: u64, body: &str, sid: u64) -> u64 {
+    let mut last = None;
+    for _ in 0..40 {
+        match p.send_user(uid, body, 1, Some(sid)).await {
+            Ok(id) => return id,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("{body} never acknowledged: {last:?}");
+}
+
+/// Two Xiu replicas, `min_insync` 1. A store the leader (`xiu0`) cannot replicate is refused
+/// with 503 but stays in its WAL; `xiu0` dies; `xiu1` leads and assigns the same counter to
+/// another message; `xiu0` returns as a follower, finds that its record there differs
+/// (`Diverged`), drops it, and copies the leader's. After `xiu1` dies, `xiu0` serves exactly
+/// the acknowledged messages, and the refused one, retried with its sid, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoining_replica_drops_its_unacknowledged_tail() {
+    let mut c = inbox_cluster("inbox-diverge", 2, 2, &[]).await;
+    let publisher = c.publisher("proxy0");
+    let first = publisher.send_user(5, "first", 1, Some(776)).await.unwrap();
+    c.node("xiu1").proc.kill9();
+    let refused = publisher.send_user(5, "refused", 1, Some(777)).await;
+    assert!(
+        matches!(refused, Err(ClientError::Http { status: 503, .. })),
+        "{refused:?}"
+    );
+    // xiu0 dies with the refused message in its WAL; xiu1 returns and leads alone
+    c.node("xiu0").proc.kill9();
+    c.node("xiu1").proc.respawn().unwrap();
+    c.wait_healthy("xiu1").await;
+    // xiu1 stores another message under the same counter (refused too: no follower yet)
+    let alone = publisher.send_user(5, "second", 1, Some(778)).await;
+    assert!(
+        matches!(alone, Err(ClientError::Http { status: 503, .. })),
+        "{alone:?}"
+    );
+    // xiu0 returns as a follower: its record at that counter differs, it drops it
+    c.node("xiu0").proc.respawn().unwrap();
+    c.wait_healthy("xiu0").await;
+    let second = send_until_acked(&publisher, 5, "second", 778).await;
+    // the counter xiu0 had used for the refused message, now another message's
+    assert_eq!(second & 0xFFFF_FFFF_FFFF, (first & 0xFFFF_FFFF_FFFF) + 1);
+    let dropped = metric(
+        &c.admin("xiu0"),
+        "pixiu_messages_out_total{stage=\"diverged_dropped\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(dropped, 1.0, "xiu0 dropped its unacknowledged record");
+    // the refused message is not lost for a publisher that retries it with its sid
+    let third = send_until_acked(&publisher, 5, "refused", 777).await;
+    assert!(third > second);
+    // xiu1 dies; xiu0 leads and serves exactly what was acknowledged
+    c.node("xiu1").proc.kill9();
+    let mut dev = c.device("gw0", 5, "phone").await;
+    let got = collect_inbox(&mut dev, 3, Duration::from_secs(30)).await;
+    assert_eq!(
+        got,
+        vec![
+            (first, "first".to_string()),
+            (second, "second".to_string()),
+            (third, "refused".to_string())
+        ],
+        "{}",
+        c.logs()
+    );
+}
+
+/// Xiu gives a message only to a read for one of its receivers: an index entry naming
+/// another user's message (a bug, or a stale replica) must not leak it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xiu_refuses_to_read_a_message_for_a_user_it_is_not_addressed_to() {
+    let mut c = inbox_cluster("inbox-misaddressed", 1, 1, &["--min-insync", "0"]).await;
+    let id = c
+        .publisher("proxy0")
+        .send_user(3, "for three", 1, None)
+        .await
+        .unwrap();
+    let status = c.status();
+    let xiu = status["nodes"]
+        .as_array()
+        .expect("status nodes")
+        .iter()
+        .find(|n| n["admin"].as_str() == Some(c.admin("xiu0").as_str()))
+        .expect("xiu0 is registered");
+    let addr: std::net::SocketAddr = xiu["addr"].as_str().unwrap().parse().unwrap();
+    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
+    let (transport, _inbound) =
+        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
+            .await
+            .unwrap();
+    let read = |uid: u64| {
+        let transport = transport.clone();
+        async move {
+            let req = wire::encode(&Message::XiuRead { uid, ids: vec![id] });
+            let answer = transport
+                .request(addr, req, Duration::from_secs(5))
+                .await
+                .unwrap();
+            match wire::decode(&answer).unwrap() {
+                Message::XiuMessages { mut items } => items.pop().unwrap(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    match read(4).await {
+        ReadResult::Missing { reason, .. } => assert!(reason.contains("not addressed"), "{reason}"),
+        other => panic!("another user's message was given out: {other:?}"),
+    }
+    match read(3).await {
+        ReadResult::Found(m) => assert_eq!(m.body, "for three"),
+        other => panic!("{other:?}"),
+    }
+    let refused = metric(
+        &c.admin("xiu0"),
+        "pixiu_messages_dropped_total{stage=\"read\",reason=\"misaddressed\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

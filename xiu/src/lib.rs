@@ -7,13 +7,17 @@
 //! - Ids strictly increase across restarts by construction: the last assigned id is written
 //!   in the same `WriteBatch` as the message, and [`XiuStore::open`] resumes from the larger of
 //!   that record and the highest stored message key.
-//! - Each record on disk is `crc32 (4 bytes, big-endian) | postcard(StoredMessage)`; the CRC is
-//!   checked on every read from disk, and a record that fails is reported as
-//!   [`XiuError::Corrupt`], never returned as data.
+//! - Each record on disk is `crc32 (4 bytes, big-endian) | epoch (8 bytes BE) |
+//!   postcard(StoredMessage)`; the CRC covers epoch and message and is checked on every read
+//!   from disk, and a record that fails is reported as [`XiuError::Corrupt`], never returned as
+//!   data. The epoch is the leadership term in which a leader assigned the record's id
+//!   ([`XiuStore::set_epoch`]); replicas copy records with their epoch.
 //! - Durability is explicit, see [`Durability`].
 //! - [`XiuStore::entries_after`] and [`XiuStore::apply_replicated`] carry raw records from a
-//!   leader to a follower; [`XiuStore::sid_at`] and [`XiuStore::truncate_after`] let a
-//!   follower find and drop a tail its leader never had. The `pixiu-xiu` service
+//!   leader to a follower; [`XiuStore::mark_at`] (epoch and sid of a record) and
+//!   [`XiuStore::truncate_after`] let a follower find and drop a tail its leader never had,
+//!   and let a new leader tell which of two copies is the more recent (Raft's rule: the
+//!   larger epoch of the last record, then the longer copy). The `pixiu-xiu` service
 //!   ([`service`]) carries them over QUIC.
 //!
 //! On disk: `m | counter (8 bytes BE)` -> record, `s | sid (8 bytes BE)` -> MsgId (8 bytes BE),
@@ -113,30 +117,53 @@ fn id_from_value(what: &str, v: &[u8]) -> Result<MsgId, XiuError> {
     Ok(MsgId::from_be_bytes(bytes))
 }
 
-/// `crc32 (BE) | postcard(msg)`.
-pub fn encode_record(msg: &StoredMessage) -> Vec<u8> {
+/// `crc32 (BE) | epoch (BE) | postcard(msg)`, the CRC over epoch and message.
+pub fn encode_record(msg: &StoredMessage, epoch: u64) -> Vec<u8> {
     let payload = postcard::to_allocvec(msg).expect("serializing a message into a Vec cannot fail");
-    let mut out = Vec::with_capacity(4 + payload.len());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    let mut out = Vec::with_capacity(12 + payload.len());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&epoch.to_be_bytes());
     out.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_be_bytes());
     out
 }
 
 /// Checks the CRC of a record and decodes it; `id` only names the record in errors.
 pub fn decode_record(id: MsgId, record: &[u8]) -> Result<StoredMessage, XiuError> {
+    decode_record_with_epoch(id, record).map(|(_, m)| m)
+}
+
+/// [`decode_record`], with the epoch in which the record's id was assigned.
+pub fn decode_record_with_epoch(
+    id: MsgId,
+    record: &[u8],
+) -> Result<(u64, StoredMessage), XiuError> {
     let corrupt = |reason: String| XiuError::Corrupt { id, reason };
-    if record.len() < 4 {
+    if record.len() < 12 {
         return Err(corrupt(format!("record of {} bytes", record.len())));
     }
-    let (crc, payload) = record.split_at(4);
+    let (crc, rest) = record.split_at(4);
     let stored = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    let actual = crc32fast::hash(payload);
+    let actual = crc32fast::hash(rest);
     if stored != actual {
         return Err(corrupt(format!(
             "crc32 mismatch: stored {stored:08x}, computed {actual:08x}"
         )));
     }
-    postcard::from_bytes(payload).map_err(|e| corrupt(format!("undecodable: {e}")))
+    let (epoch, payload) = rest.split_at(8);
+    let epoch = u64::from_be_bytes(epoch.try_into().expect("split_at(8) gives 8 bytes"));
+    let msg = postcard::from_bytes(payload).map_err(|e| corrupt(format!("undecodable: {e}")))?;
+    Ok((epoch, msg))
+}
+
+/// Where a copy stands at one counter: the epoch and the sid of its record there. Two copies
+/// with the same mark at a counter agree up to it (a leader assigns each counter once per
+/// epoch, and a follower appends only after its mark at `after` matched its leader's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark {
+    pub epoch: u64,
+    pub sid: u64,
 }
 
 /// The message store of one Xiu partition.
@@ -147,6 +174,8 @@ pub struct XiuStore {
     cache: Option<LruCache<MsgId, StoredMessage>>,
     /// The last assigned (or replicated) id; the next counter is `last.counter() + 1`.
     last: MsgId,
+    /// Written into every record [`XiuStore::store`] creates.
+    epoch: u64,
 }
 
 impl XiuStore {
@@ -200,7 +229,18 @@ impl XiuStore {
             sync: options.sync,
             cache,
             last,
+            epoch: 0,
         })
+    }
+
+    /// The epoch written into the records [`XiuStore::store`] creates from now on: a new
+    /// leader sets one above every epoch in its copy, see [`XiuStore::mark_at`].
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn partition(&self) -> u8 {
@@ -264,7 +304,7 @@ impl XiuStore {
             ts,
         };
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put(msg_key(counter), encode_record(&msg));
+        batch.put(msg_key(counter), encode_record(&msg, self.epoch));
         batch.put(sid_key(sid), id.to_be_bytes());
         batch.put(META_LAST, id.to_be_bytes());
         self.write(batch)?;
@@ -440,10 +480,10 @@ impl XiuStore {
         Ok(())
     }
 
-    /// The `sid` of the message stored under `counter`, `None` when there is none (counter 0
-    /// included): what a follower and its leader compare to find out whether their copies
+    /// The [`Mark`] of the record stored under `counter`, `None` when there is none (counter
+    /// 0 included): what a follower and its leader compare to find out whether their copies
     /// agree up to that counter.
-    pub fn sid_at(&self, counter: u64) -> Result<Option<u64>, XiuError> {
+    pub fn mark_at(&self, counter: u64) -> Result<Option<Mark>, XiuError> {
         if counter == 0 {
             return Ok(None);
         }
@@ -451,7 +491,25 @@ impl XiuStore {
             return Ok(None);
         };
         let named = MsgId::new(self.partition, KIND_NONE, counter);
-        Ok(Some(check_record(counter, named, &raw)?.sid))
+        let (epoch, msg) = decode_record_with_epoch(named, &raw)?;
+        if msg.id.counter() != counter {
+            return Err(XiuError::Corrupt {
+                id: named,
+                reason: format!("stored under counter {counter} but holds id {}", msg.id),
+            });
+        }
+        Ok(Some(Mark {
+            epoch,
+            sid: msg.sid,
+        }))
+    }
+
+    /// How recent this copy is: the epoch of its last record and its last counter, compared
+    /// as a pair (Raft's "at least as up to date"). `(0, 0)` when empty.
+    pub fn recency(&self) -> Result<(u64, u64), XiuError> {
+        let last = self.last.counter();
+        let epoch = self.mark_at(last)?.map_or(0, |m| m.epoch);
+        Ok((epoch, last))
     }
 
     /// Deletes every message above `counter` (with its sid index entry) and moves the last id
@@ -521,15 +579,18 @@ mod tests {
     }
 
     #[test]
-    fn a_divergent_tail_is_found_by_sid_and_dropped() {
+    fn a_divergent_tail_is_found_by_its_mark_and_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = XiuStore::open(dir.path(), opts(0, 16)).unwrap();
-        assert_eq!(s.sid_at(0).unwrap(), None);
+        assert_eq!(s.mark_at(0).unwrap(), None);
+        assert_eq!(s.recency().unwrap(), (0, 0));
+        s.set_epoch(5);
         let ids: Vec<MsgId> = (0..5)
             .map(|i| s.store(100 + i, KIND_PERSONAL, 1, &[7], "m", 0).unwrap().0)
             .collect();
-        assert_eq!(s.sid_at(3).unwrap(), Some(102));
-        assert_eq!(s.sid_at(9).unwrap(), None);
+        assert_eq!(s.mark_at(3).unwrap(), Some(Mark { epoch: 5, sid: 102 }));
+        assert_eq!(s.mark_at(9).unwrap(), None);
+        assert_eq!(s.recency().unwrap(), (5, 5));
         assert_eq!(s.indexed().unwrap(), 0);
         s.set_indexed(2).unwrap();
         assert_eq!(s.indexed().unwrap(), 2);
@@ -543,9 +604,14 @@ mod tests {
         assert!(fresh);
         assert_eq!(again.counter(), 4);
         drop(s);
-        let s = XiuStore::open(dir.path(), opts(0, 16)).unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(0, 16)).unwrap();
         assert_eq!(s.last_id().counter(), 4);
-        assert_eq!(s.sid_at(4).unwrap(), Some(104));
+        assert_eq!(s.mark_at(4).unwrap(), Some(Mark { epoch: 5, sid: 104 }));
+        // a later epoch's record makes this copy more recent than a longer one of epoch 5
+        s.set_epoch(9);
+        s.store(105, KIND_PERSONAL, 1, &[7], "later", 0).unwrap();
+        assert_eq!(s.recency().unwrap(), (9, 5));
+        assert!(s.recency().unwrap() > (5, 6));
     }
 
     fn one(store: &mut XiuStore, id: MsgId) -> Result<StoredMessage, XiuError> {

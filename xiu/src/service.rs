@@ -10,13 +10,19 @@
 //!   sync; so a user's Pi list only ever grows at its end, which is what keeps delivery in
 //!   order (see `pixiu_protocol::inbox`). The watermark of indexed ids is replicated with the
 //!   data, and a new leader re-indexes from it (Pi ignores ids it already has).
-//! - **Followers** long-poll the leader with their last counter and the `sid` stored there; a
-//!   leader that disagrees answers `Diverged`, and the follower drops its tail (a dead
-//!   leader's unreplicated, hence unacknowledged, writes) until the copies agree.
-//! - **Takeover**: when the leader's node leaves the registry, the next smallest takes over:
-//!   it first pulls whatever another live replica holds beyond its own copy, so every id any
-//!   replica holds is kept and the counter continues above all of them (ids are never
-//!   reused), then re-indexes from its watermark, then serves.
+//! - **Epochs**: a leader writes every record it creates with its epoch, larger than every
+//!   epoch in its copy (its registry id, or one more than the epoch of its last record).
+//! - **Followers** long-poll the leader with their last counter and the mark (epoch and
+//!   `sid`) of their record there; a leader that disagrees answers `Diverged`, and the
+//!   follower drops its tail (a dead leader's unreplicated, hence unacknowledged, writes)
+//!   until the copies agree.
+//! - **Takeover**: when the leader's node leaves the registry, the next smallest takes over.
+//!   It first asks every other live replica for what it holds beyond its own copy: a peer
+//!   whose copy is more recent (larger epoch of its last record, then longer: Raft's rule)
+//!   wins, and the new leader drops its own disagreeing tail and copies the peer's; a peer
+//!   that lags or holds a stale tail is left alone (it will follow). So every acknowledged
+//!   id survives, whatever the order in which replicas fail and return; then it re-indexes
+//!   from its watermark, then serves.
 
 use crate::{Durability, XiuError, XiuOptions, XiuStore};
 use pixiu_protocol::inbox::{owns_uid, MsgId, KIND_NONE, KIND_PERSONAL};
@@ -234,6 +240,19 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
             Place::Leader => {
                 if !node.leading.load(Ordering::SeqCst) {
                     take_over(&node).await;
+                    {
+                        let mut s = node.store();
+                        let last_epoch = match s.recency() {
+                            Ok((epoch, _)) => epoch,
+                            Err(e) => {
+                                // the last record is unreadable: fall back on the registry
+                                // id, which is larger than every earlier leader's
+                                tracing::error!("reading the epoch of my last record: {e}");
+                                0
+                            }
+                        };
+                        s.set_epoch(node.me().max(last_epoch + 1));
+                    }
                     node.followers.clear();
                     node.leading.store(true, Ordering::SeqCst);
                     tracing::info!(partition = node.partition, last = %node.store().last_id(), "xiu leading");
@@ -249,7 +268,7 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                 if node.leading.swap(false, Ordering::SeqCst) {
                     tracing::warn!(partition = node.partition, "xiu no longer leads");
                 }
-                match pull_once(&node, addr, PULL_WAIT).await {
+                match pull_once(&node, addr, PULL_WAIT, Pull::Follow).await {
                     Ok(caught_up) => {
                         if caught_up {
                             let _ = state.send(NodeState::Running);
@@ -276,7 +295,8 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
     }
 }
 
-/// A new leader first takes whatever another live replica holds beyond its own copy.
+/// A new leader first takes whatever another live replica holds beyond its own copy, if that
+/// copy is more recent than its own (see the module doc).
 async fn take_over(node: &Node) {
     let me = node.me();
     let peers: Vec<SocketAddr> = node
@@ -289,7 +309,7 @@ async fn take_over(node: &Node) {
         .collect();
     for peer in peers {
         for _ in 0..100_000 {
-            match pull_once(node, peer, Duration::ZERO).await {
+            match pull_once(node, peer, Duration::ZERO, Pull::TakeOver).await {
                 Ok(true) => break,
                 Ok(false) => continue,
                 Err(e) => {
@@ -301,18 +321,36 @@ async fn take_over(node: &Node) {
     }
 }
 
+/// Why a replica pulls.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pull {
+    /// A follower from its leader: the leader's copy wins.
+    Follow,
+    /// A new leader from a peer: the more recent copy wins.
+    TakeOver,
+}
+
 /// One pull from `from`: apply what it sends. `Ok(true)` when nothing more is to be had.
-async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool, String> {
-    let (after, check) = {
+async fn pull_once(
+    node: &Node,
+    from: SocketAddr,
+    wait: Duration,
+    why: Pull,
+) -> Result<bool, String> {
+    let (after, check, mine) = {
         let s = node.store();
         let after = s.last_id().counter();
-        let check = s.sid_at(after).map_err(|e| e.to_string())?.unwrap_or(0);
-        (after, check)
+        let check = s
+            .mark_at(after)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        (after, check, (check.epoch, after))
     };
     let req = Message::ReplicaPull {
         node: node.me(),
         after,
-        check,
+        check: check.sid,
+        check_epoch: check.epoch,
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };
@@ -344,11 +382,30 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
             node.metrics.add_out("replicated", applied as u64);
             Ok(n < node.cfg.pull_batch as usize)
         }
-        Message::Diverged { after, leader_last } => {
+        Message::Diverged {
+            after,
+            leader_last,
+            last_epoch,
+        } => {
+            if why == Pull::TakeOver && (last_epoch, leader_last) <= mine {
+                // the peer lags or holds a stale tail: my copy is the more recent one
+                tracing::info!(%from, peer_last = leader_last, peer_epoch = last_epoch, "keeping my copy over a less recent peer's");
+                return Ok(true);
+            }
             // drop the record the leader does not have (or everything past its end)
             let to = after.saturating_sub(1).min(leader_last);
-            let n = node.store().truncate_after(to).map_err(|e| e.to_string())?;
-            tracing::warn!(%from, after, dropped = n, "copy disagreed with the leader's; dropped the tail");
+            let n = {
+                let mut s = node.store();
+                let n = s.truncate_after(to).map_err(|e| e.to_string())?;
+                // what replaces the dropped records must be indexed again
+                if *node.indexed.borrow() > to {
+                    s.set_indexed(to).map_err(|e| e.to_string())?;
+                    node.indexed.send_replace(to);
+                }
+                n
+            };
+            node.metrics.add_out("diverged_dropped", n as u64);
+            tracing::warn!(%from, after, dropped = n, ?why, "copy disagreed with a more recent one; dropped the tail");
             Ok(false)
         }
         Message::Unavailable { reason } | Message::Refused { reason } => Err(reason),
@@ -551,7 +608,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
             node.metrics.inc_in("store");
             store(node, req).await
         }
-        Message::XiuRead { ids } => {
+        Message::XiuRead { uid, ids } => {
             node.metrics.inc_in("read");
             if !node.leading.load(Ordering::SeqCst) {
                 return unavailable("not the leader of this xiu partition");
@@ -562,6 +619,14 @@ async fn handle(node: &Node, msg: Message) -> Message {
                 .iter()
                 .zip(results)
                 .map(|(id, r)| match r {
+                    Ok(m) if !m.to.contains(&uid) => {
+                        node.metrics.drop("read", "misaddressed");
+                        tracing::error!(%id, uid, "refusing to read another user's message");
+                        ReadResult::Missing {
+                            id: id.0,
+                            reason: format!("message {id} is not addressed to {uid}"),
+                        }
+                    }
                     Ok(m) => ReadResult::Found(InboxItem {
                         id: m.id.0,
                         from: m.from,
@@ -587,9 +652,16 @@ async fn handle(node: &Node, msg: Message) -> Message {
             node: follower,
             after,
             check,
+            check_epoch,
             max,
             wait_ms,
-        } => serve_pull(node, follower, after, check, max, wait_ms).await,
+        } => {
+            let check = crate::Mark {
+                epoch: check_epoch,
+                sid: check,
+            };
+            serve_pull(node, follower, after, check, max, wait_ms).await
+        }
         other => {
             node.metrics.drop("request", "unexpected_kind");
             Message::Refused {
@@ -666,7 +738,7 @@ async fn serve_pull(
     node: &Node,
     follower: u64,
     after: u64,
-    check: u64,
+    check: crate::Mark,
     max: u32,
     wait_ms: u32,
 ) -> Message {
@@ -676,7 +748,7 @@ async fn serve_pull(
         let mine = if after == 0 || after > last {
             None
         } else {
-            match s.sid_at(after) {
+            match s.mark_at(after) {
                 Ok(x) => x,
                 Err(e) => return unavailable(format!("reading my record {after}: {e}")),
             }
@@ -684,9 +756,14 @@ async fn serve_pull(
         (last, mine)
     };
     if after > last || (after > 0 && mine != Some(check)) {
+        let last_epoch = match node.store().recency() {
+            Ok((epoch, _)) => epoch,
+            Err(e) => return unavailable(format!("reading my last record: {e}")),
+        };
         return Message::Diverged {
             after,
             leader_last: last,
+            last_epoch,
         };
     }
     let leading = node.leading.load(Ordering::SeqCst);
