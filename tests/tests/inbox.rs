@@ -397,7 +397,7 @@ async fn a_rejoining_replica_drops_its_unacknowledged_tail() {
 /// another user's message (a bug, or a stale replica) must not leak it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xiu_refuses_to_read_a_message_for_a_user_it_is_not_addressed_to() {
-    let mut c = inbox_cluster("inbox-misaddressed", 1, 1, &["--min-insync", "0"]).await;
+    let c = inbox_cluster("inbox-misaddressed", 1, 1, &["--min-insync", "0"]).await;
     let id = c
         .publisher("proxy0")
         .send_user(3, "for three", 1, None)
