@@ -61,6 +61,27 @@ async fn collect_inbox(c: &mut Client, n: usize, within: Duration) -> Vec<(u64, 
     seen
 }
 
+/// Each user in `uids` connects a device and gets exactly its acknowledged `(uid, id, body)`
+/// messages, in id order.
+async fn assert_every_inbox(
+    c: &Cluster,
+    acked: &[(u64, u64, String)],
+    uids: std::ops::RangeInclusive<u64>,
+    within: Duration,
+) {
+    for uid in uids {
+        let mut want: Vec<(u64, String)> = acked
+            .iter()
+            .filter(|(u, _, _)| *u == uid)
+            .map(|(_, id, b)| (*id, b.clone()))
+            .collect();
+        want.sort();
+        let mut dev = c.device("gw0", uid, "phone").await;
+        let got = collect_inbox(&mut dev, want.len(), within).await;
+        assert_eq!(got, want, "uid {uid}\n{}", c.logs());
+    }
+}
+
 fn assert_increasing(got: &[(u64, String)]) {
     for w in got.windows(2) {
         assert!(w[0].0 < w[1].0, "ids out of order: {got:?}");
@@ -256,18 +277,7 @@ async fn a_follower_down_during_5000_writes_catches_up_and_serves_them_as_leader
     c.node("xiu0").proc.kill9();
     c.node("xiu1").proc.kill9();
     // once ZooKeeper expires their sessions xiu2 leads and every message is read from it
-    for uid in 1..=USERS {
-        let mut want: Vec<(u64, String)> = acked
-            .iter()
-            .filter(|(u, _, _)| *u == uid)
-            .map(|(_, id, b)| (*id, b.clone()))
-            .collect();
-        want.sort();
-        let mut dev = c.device("gw0", uid, "phone").await;
-        let got = collect_inbox(&mut dev, want.len(), Duration::from_secs(40)).await;
-        assert_eq!(got.len(), want.len(), "uid {uid}\n{}", c.logs());
-        assert_eq!(got, want, "uid {uid}");
-    }
+    assert_every_inbox(&c, &acked, 1..=USERS, Duration::from_secs(40)).await;
 }
 
 /// Three Xiu replicas; `xiu2` is paused (SIGSTOP, still registered) while writes are
@@ -301,17 +311,7 @@ async fn a_new_leader_never_cuts_its_copy_down_to_a_lagging_peer() {
     }
     c.node("xiu0").proc.kill9();
     c.node("xiu2").proc.sigcont();
-    for uid in 1..=4u64 {
-        let mut want: Vec<(u64, String)> = acked
-            .iter()
-            .filter(|(u, _, _)| *u == uid)
-            .map(|(_, id, b)| (*id, b.clone()))
-            .collect();
-        want.sort();
-        let mut dev = c.device("gw0", uid, "phone").await;
-        let got = collect_inbox(&mut dev, want.len(), Duration::from_secs(30)).await;
-        assert_eq!(got, want, "uid {uid}\n{}", c.logs());
-    }
+    assert_every_inbox(&c, &acked, 1..=4, Duration::from_secs(30)).await;
     // and the new leader kept going: a new message is acknowledged with a larger id
     let next = publisher.send_user(1, "after", 1, None).await.unwrap();
     assert!(acked.iter().all(|(_, id, _)| *id < next));
