@@ -132,7 +132,16 @@ impl Courier {
                 continue;
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.transport.request(leader, msg.clone(), left).await {
+            let answer = tokio::select! {
+                r = self.transport.request(leader, msg.clone(), left) => r,
+                () = pixiu_registry::leader_changes(self.xius.clone(), partition, leader) => {
+                    // a killed leader never answers: go to its successor (same sid, so a
+                    // store the old leader did make is not made twice)
+                    last_error = format!("xiu {leader} stopped leading partition {partition}");
+                    continue;
+                }
+            };
+            match answer {
                 Ok(bytes) => match wire::decode(&bytes) {
                     Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
                     Ok(Message::Refused { reason }) => {

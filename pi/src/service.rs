@@ -17,7 +17,7 @@ use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, 
 use pixiu_protocol::inbox::{owns_uid, MsgId};
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::replication::{place, Followers, Head, Place};
+use pixiu_runtime::replication::{mark_running, place, Followers, Head, Place};
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -227,7 +227,7 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     synced_with = None;
                     tracing::info!(partition = node.cfg.partition, last_log = %node.index().last_log_id(), "pi leading");
                 }
-                let _ = state.send(NodeState::Running);
+                mark_running(&state);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = pis.changed() => {}
@@ -244,12 +244,17 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                         false
                     })
                 } else {
-                    pull_once(&node, addr, PULL_WAIT).await
+                    // a killed leader never answers: stop waiting once the registry names
+                    // another
+                    tokio::select! {
+                        r = pull_once(&node, addr, PULL_WAIT) => r,
+                        () = pixiu_registry::leader_changes(node.pis.clone(), node.cfg.partition, addr) => continue,
+                    }
                 };
                 match step {
                     Ok(caught_up) => {
                         if caught_up {
-                            let _ = state.send(NodeState::Running);
+                            mark_running(&state);
                         }
                     }
                     Err(PullError::Resync(why)) => {

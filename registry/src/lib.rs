@@ -193,6 +193,29 @@ impl RoleView {
     }
 }
 
+/// Resolves once `view` names another leader than the one at `leader` for `partition` (or
+/// none); never, if the view stops changing. For racing a request to a leader that may have
+/// been killed: it will never answer, and its successor is known as soon as its session
+/// expires.
+pub async fn leader_changes(
+    mut view: watch::Receiver<Arc<RoleView>>,
+    partition: u32,
+    leader: std::net::SocketAddr,
+) {
+    loop {
+        let now = view
+            .borrow_and_update()
+            .leader(partition)
+            .and_then(|m| m.info.addr.parse::<std::net::SocketAddr>().ok());
+        if now != Some(leader) {
+            return;
+        }
+        if view.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Partition counts of the partitioned roles (each a power of two).
 #[derive(Clone, Debug)]
 pub struct Layout {

@@ -172,6 +172,16 @@ mod tests {
     use pixiu_registry::{Member, NodeInfo};
 
     #[test]
+    fn marking_running_again_notifies_nobody() {
+        let (tx, mut rx) = watch::channel(pixiu_registry::NodeState::Init);
+        mark_running(&tx);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), pixiu_registry::NodeState::Running);
+        mark_running(&tx);
+        assert!(!rx.has_changed().unwrap(), "no second registry write");
+    }
+
+    #[test]
     fn smallest_id_leads() {
         let mut view = RoleView::default();
         let m = |id: u64, addr: &str| Member {
@@ -237,4 +247,11 @@ mod tests {
         h.set(4);
         assert!(t.await.unwrap() < Duration::from_secs(4));
     }
+}
+
+/// Marks a replica running; a no-op when it already is, so that a role loop may say it on
+/// every turn without a registry write each time.
+pub fn mark_running(state: &tokio::sync::watch::Sender<pixiu_registry::NodeState>) {
+    use pixiu_registry::NodeState;
+    state.send_if_modified(|s| std::mem::replace(s, NodeState::Running) != NodeState::Running);
 }

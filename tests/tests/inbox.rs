@@ -323,6 +323,42 @@ async fn a_new_leader_never_cuts_its_copy_down_to_a_lagging_peer() {
     );
 }
 
+/// Three Xiu replicas; the leader is killed and a message is sent at once. The proxy's store
+/// goes to the successor as soon as the registry names it, instead of waiting out its
+/// deadline (15 s here) on a leader that will never answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_sent_while_the_leader_dies_is_acknowledged_by_its_successor() {
+    let mut c = inbox_cluster("inbox-failover-store", 3, 2, &[]).await;
+    let cfg = c.config_file("proxy-slow", "inbox_timeout_ms = 15000\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    c.spawn_proxy("proxy1", &cfg);
+    c.wait_all_healthy().await;
+    let publisher = c.publisher("proxy1");
+    let before = publisher.send_user(9, "before", 1, None).await.unwrap();
+    c.node("xiu0").proc.kill9();
+    let started = std::time::Instant::now();
+    let during = publisher
+        .send_user(9, "during", 1, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let took = started.elapsed();
+    eprintln!("acknowledged {took:?} after the leader was killed (session timeout 4 s)");
+    assert!(during > before);
+    assert!(
+        took < Duration::from_secs(14),
+        "the store waited out its deadline on the dead leader: {took:?}"
+    );
+    let mut dev = c.device("gw0", 9, "phone").await;
+    let got = collect_inbox(&mut dev, 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        got,
+        vec![
+            (before, "before".to_string()),
+            (during, "during".to_string())
+        ]
+    );
+}
+
 /// Sends until acknowledged (bounded: 40 tries of up to 5 s each).
 async fn send_until_acked(p: &pixiu_client::Publisher, uid: u64, body: &str, sid: u64) -> u64 {
     let mut last = None;

@@ -29,7 +29,7 @@ use pixiu_protocol::inbox::{owns_uid, MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::replication::{place, Followers, Head, Place};
+use pixiu_runtime::replication::{mark_running, place, Followers, Head, Place};
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -257,7 +257,7 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     node.leading.store(true, Ordering::SeqCst);
                     tracing::info!(partition = node.partition, last = %node.store().last_id(), "xiu leading");
                 }
-                let _ = state.send(NodeState::Running);
+                mark_running(&state);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = xius.changed() => {}
@@ -268,10 +268,15 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                 if node.leading.swap(false, Ordering::SeqCst) {
                     tracing::warn!(partition = node.partition, "xiu no longer leads");
                 }
-                match pull_once(&node, addr, PULL_WAIT, Pull::Follow).await {
+                // a killed leader never answers: stop waiting once the registry names another
+                let pulled = tokio::select! {
+                    r = pull_once(&node, addr, PULL_WAIT, Pull::Follow) => r,
+                    () = pixiu_registry::leader_changes(node.xius.clone(), node.cfg.partition, addr) => continue,
+                };
+                match pulled {
                     Ok(caught_up) => {
                         if caught_up {
-                            let _ = state.send(NodeState::Running);
+                            mark_running(&state);
                         }
                     }
                     Err(e) => {
