@@ -166,6 +166,13 @@ impl Head {
     }
 }
 
+/// Marks a replica running; a no-op when it already is, so that a role loop may say it on
+/// every turn without a registry write each time.
+pub fn mark_running(state: &watch::Sender<pixiu_registry::NodeState>) {
+    use pixiu_registry::NodeState;
+    state.send_if_modified(|s| std::mem::replace(s, NodeState::Running) != NodeState::Running);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,11 +254,4 @@ mod tests {
         h.set(4);
         assert!(t.await.unwrap() < Duration::from_secs(4));
     }
-}
-
-/// Marks a replica running; a no-op when it already is, so that a role loop may say it on
-/// every turn without a registry write each time.
-pub fn mark_running(state: &tokio::sync::watch::Sender<pixiu_registry::NodeState>) {
-    use pixiu_registry::NodeState;
-    state.send_if_modified(|s| std::mem::replace(s, NodeState::Running) != NodeState::Running);
 }
