@@ -17,7 +17,9 @@ use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, 
 use pixiu_protocol::inbox::{owns_uid, MsgId};
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::replication::{mark_running, place, Followers, Head, Place};
+use pixiu_runtime::replication::{
+    mark_running, peers, place, serve_replica, Followers, Head, Place,
+};
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -149,7 +151,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         },
     )?;
     let metrics = RoleMetrics::new(&env.metrics, "pi");
-    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+    let (transport, inbound) = Transport::bind(TransportConfig::new(
         config.common.listen,
         (*env.tls).clone(),
     ))
@@ -181,34 +183,32 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         leading: AtomicBool::new(false),
         snapshot: Mutex::new(None),
     });
-    let (state_tx, mut state_rx) = watch::channel(NodeState::Init);
+    let (state_tx, state_rx) = watch::channel(NodeState::Init);
     tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
     tokio::spawn(maintenance(node.clone(), shutdown.clone()));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(msg) = inbound.recv() => {
-                let node = node.clone();
-                tokio::spawn(async move { on_inbound(&node, msg).await });
-            }
-            Ok(()) = state_rx.changed() => {
-                let state = *state_rx.borrow_and_update();
-                registration.set_state(state).await?;
-                env.health.set_ready(state == NodeState::Running);
-                tracing::info!(?state, leading = node.leading(), "pi state");
-            }
+    let handler = node.clone();
+    let handle = move |msg| {
+        let node = handler.clone();
+        async move { on_inbound(&node, msg).await }
+    };
+    let drain = || {
+        node.leading.store(false, Ordering::SeqCst);
+        if let Err(e) = node.index().flush_wal() {
+            tracing::error!("flushing the WAL at shutdown: {e}");
         }
-    }
-    env.health.set_ready(false);
-    node.leading.store(false, Ordering::SeqCst);
-    tracing::info!("pi draining");
-    if let Err(e) = node.index().flush_wal() {
-        tracing::error!("flushing the WAL at shutdown: {e}");
-    }
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    transport.close().await;
+    };
+    serve_replica(
+        "pi",
+        &env,
+        registration,
+        transport,
+        inbound,
+        state_rx,
+        shutdown,
+        handle,
+        drain,
+    )
+    .await?;
     Ok(())
 }
 
@@ -296,14 +296,7 @@ impl From<String> for PullError {
 
 async fn take_over(node: &Node) {
     let me = node.me();
-    let peers: Vec<SocketAddr> = node
-        .pis
-        .borrow()
-        .members(node.cfg.partition)
-        .iter()
-        .filter(|m| m.id != me)
-        .filter_map(|m| m.info.addr.parse().ok())
-        .collect();
+    let peers = peers(&node.pis.borrow(), node.cfg.partition, me);
     for peer in peers {
         for _ in 0..100_000 {
             match pull_once(node, peer, Duration::ZERO).await {

@@ -35,6 +35,47 @@ impl Default for CommonConfig {
     }
 }
 
+/// The flags of the replicated stores (`pixiu-xiu`, `pixiu-pi`), over their TOML settings.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Which partition this replica serves.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Where RocksDB lives.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Followers that must hold a write before it is acknowledged (default 1).
+    #[arg(long)]
+    pub min_insync: Option<usize>,
+    /// fsync the WAL before acknowledging (default true).
+    #[arg(long)]
+    pub fsync: Option<bool>,
+}
+
+impl StoreArgs {
+    /// Overrides the settings the flags name.
+    pub fn apply(
+        self,
+        partition: &mut u32,
+        data_dir: &mut Option<PathBuf>,
+        min_insync: &mut usize,
+        fsync: &mut bool,
+    ) {
+        if let Some(v) = self.partition {
+            *partition = v;
+        }
+        if self.data_dir.is_some() {
+            *data_dir = self.data_dir;
+        }
+        if let Some(v) = self.min_insync {
+            *min_insync = v;
+        }
+        if let Some(v) = self.fsync {
+            *fsync = v;
+        }
+    }
+}
+
 /// The flags every service binary takes.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CommonArgs {

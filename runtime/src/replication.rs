@@ -166,6 +166,60 @@ impl Head {
     }
 }
 
+/// The other members of `partition` in `view` (not `me`), as addresses: the peers a new
+/// leader asks for what they hold beyond its own copy.
+pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
+    view.members(partition)
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| m.info.addr.parse().ok())
+        .collect()
+}
+
+/// The request loop of a replicated store (Xiu, Pi), until `shutdown`: each inbound request
+/// is handled on its own task by `handle`; each change of `state` (from the role loop) is
+/// published in the registry and on `/healthz` (ready when running). Then the drain: not
+/// ready, `drain()` (the service's last writes), deregister, close the transport.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_replica<H, Fut>(
+    what: &str,
+    env: &crate::NodeEnv,
+    registration: pixiu_registry::Registration,
+    transport: pixiu_transport::Transport,
+    mut inbound: tokio::sync::mpsc::Receiver<pixiu_transport::Inbound>,
+    mut state: watch::Receiver<pixiu_registry::NodeState>,
+    shutdown: crate::Shutdown,
+    handle: H,
+    drain: impl FnOnce(),
+) -> Result<(), pixiu_registry::RegistryError>
+where
+    H: Fn(pixiu_transport::Inbound) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(msg) = inbound.recv() => {
+                tokio::spawn(handle(msg));
+            }
+            Ok(()) = state.changed() => {
+                let now = *state.borrow_and_update();
+                registration.set_state(now).await?;
+                env.health.set_ready(now == pixiu_registry::NodeState::Running);
+                tracing::info!(state = ?now, "{what} state");
+            }
+        }
+    }
+    env.health.set_ready(false);
+    tracing::info!("{what} draining");
+    drain();
+    if let Err(e) = registration.deregister().await {
+        tracing::warn!("deregistering: {e}");
+    }
+    transport.close().await;
+    Ok(())
+}
+
 /// Marks a replica running; a no-op when it already is, so that a role loop may say it on
 /// every turn without a registry write each time.
 pub fn mark_running(state: &watch::Sender<pixiu_registry::NodeState>) {

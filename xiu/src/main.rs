@@ -2,8 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs};
-use std::path::PathBuf;
+use pixiu_runtime::{config::load_toml, config::StoreArgs, CommonArgs};
 use std::time::Duration;
 
 /// PiXiu Xiu: the replicated message store of personal inboxes.
@@ -12,18 +11,8 @@ use std::time::Duration;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Which partition this replica serves (0..=255).
-    #[arg(long)]
-    partition: Option<u32>,
-    /// Where RocksDB lives.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Followers that must hold a message before it is acknowledged (default 1).
-    #[arg(long)]
-    min_insync: Option<usize>,
-    /// fsync the WAL before acknowledging (default true).
-    #[arg(long)]
-    fsync: Option<bool>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 fn main() {
@@ -36,18 +25,12 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     let (mut common, mut x): (_, pixiu_xiu::service::XiuConfig) =
         load_toml(args.common.config.as_deref()).context("loading the config file")?;
     args.common.apply(&mut common);
-    if let Some(v) = args.partition {
-        x.partition = v;
-    }
-    if let Some(v) = args.data_dir {
-        x.data_dir = Some(v);
-    }
-    if let Some(v) = args.min_insync {
-        x.min_insync = v;
-    }
-    if let Some(v) = args.fsync {
-        x.fsync = v;
-    }
+    args.store.apply(
+        &mut x.partition,
+        &mut x.data_dir,
+        &mut x.min_insync,
+        &mut x.fsync,
+    );
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_xiu::service::Config { common, xiu: x };
     pixiu_runtime::serve_until_signalled("xiu", drain, |shutdown| {

@@ -29,7 +29,9 @@ use pixiu_protocol::inbox::{owns_uid, MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::replication::{mark_running, place, Followers, Head, Place};
+use pixiu_runtime::replication::{
+    mark_running, peers, place, serve_replica, Followers, Head, Place,
+};
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -160,7 +162,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         },
     )?;
     let metrics = RoleMetrics::new(&env.metrics, "xiu");
-    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
+    let (transport, inbound) = Transport::bind(TransportConfig::new(
         config.common.listen,
         (*env.tls).clone(),
     ))
@@ -202,33 +204,31 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     tokio::spawn(writer(node.clone(), write_rx));
     tokio::spawn(indexer(node.clone(), shutdown.clone()));
 
-    let (state_tx, mut state_rx) = watch::channel(NodeState::Init);
+    let (state_tx, state_rx) = watch::channel(NodeState::Init);
     tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(msg) = inbound.recv() => {
-                let node = node.clone();
-                tokio::spawn(async move { on_inbound(&node, msg).await });
-            }
-            Ok(()) = state_rx.changed() => {
-                let state = *state_rx.borrow_and_update();
-                registration.set_state(state).await?;
-                env.health.set_ready(state == NodeState::Running);
-                tracing::info!(?state, leading = node.leading.load(Ordering::SeqCst), "xiu state");
-            }
+    let handler = node.clone();
+    let handle = move |msg| {
+        let node = handler.clone();
+        async move { on_inbound(&node, msg).await }
+    };
+    let drain = || {
+        node.leading.store(false, Ordering::SeqCst);
+        if let Err(e) = node.store().flush_wal() {
+            tracing::error!("flushing the WAL at shutdown: {e}");
         }
-    }
-    env.health.set_ready(false);
-    node.leading.store(false, Ordering::SeqCst);
-    tracing::info!("xiu draining");
-    if let Err(e) = node.store().flush_wal() {
-        tracing::error!("flushing the WAL at shutdown: {e}");
-    }
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    transport.close().await;
+    };
+    serve_replica(
+        "xiu",
+        &env,
+        registration,
+        transport,
+        inbound,
+        state_rx,
+        shutdown,
+        handle,
+        drain,
+    )
+    .await?;
     Ok(())
 }
 
@@ -304,14 +304,7 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
 /// copy is more recent than its own (see the module doc).
 async fn take_over(node: &Node) {
     let me = node.me();
-    let peers: Vec<SocketAddr> = node
-        .xius
-        .borrow()
-        .members(node.cfg.partition)
-        .iter()
-        .filter(|m| m.id != me)
-        .filter_map(|m| m.info.addr.parse().ok())
-        .collect();
+    let peers = peers(&node.xius.borrow(), node.cfg.partition, me);
     for peer in peers {
         for _ in 0..100_000 {
             match pull_once(node, peer, Duration::ZERO, Pull::TakeOver).await {
