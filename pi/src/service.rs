@@ -382,6 +382,7 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
         after,
         check: 0,
         check_epoch: 0,
+        takeover: false,
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };

@@ -129,6 +129,10 @@ pub enum Message {
         check: u64,
         /// Xiu: the epoch of that record (0 when none). Pi: 0.
         check_epoch: u64,
+        /// Xiu: a new leader asking a peer at takeover (any replica answers). Otherwise the
+        /// puller is a follower, and only a leader that has finished taking over answers;
+        /// so no follower copies a tail its new leader may still drop. Pi: false.
+        takeover: bool,
         max: u32,
         wait_ms: u32,
     },

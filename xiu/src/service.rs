@@ -15,7 +15,8 @@
 //! - **Followers** long-poll the leader with their last counter and the mark (epoch and
 //!   `sid`) of their record there; a leader that disagrees answers `Diverged`, and the
 //!   follower drops its tail (a dead leader's unreplicated, hence unacknowledged, writes)
-//!   until the copies agree.
+//!   until the copies agree. A leader answers followers only once it has taken over, so no
+//!   follower copies a tail the new leader may still drop.
 //! - **Takeover**: when the leader's node leaves the registry, the next smallest takes over.
 //!   It first asks every other live replica for what it holds beyond its own copy: a peer
 //!   whose copy is more recent (larger epoch of its last record, then longer: Raft's rule)
@@ -349,6 +350,7 @@ async fn pull_once(
         after,
         check: check.sid,
         check_epoch: check.epoch,
+        takeover: why == Pull::TakeOver,
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };
@@ -651,9 +653,13 @@ async fn handle(node: &Node, msg: Message) -> Message {
             after,
             check,
             check_epoch,
+            takeover,
             max,
             wait_ms,
         } => {
+            if !takeover && !node.leading.load(Ordering::SeqCst) {
+                return unavailable("not leading this xiu partition (yet)");
+            }
             let check = crate::Mark {
                 epoch: check_epoch,
                 sid: check,
