@@ -1,5 +1,6 @@
-//! What the leader-based roles (Xiu, Pi) share about replication: who leads a partition, where
-//! each follower is, and waiting until `min_insync` followers hold a position.
+//! What the leader-based roles (Xiu, Pi) share about replication: who leads a partition
+//! ([`place`], [`peers`]), where each follower is, waiting until `min_insync` followers hold a
+//! position, and the request/drain loop of a replica ([`serve_replica`], [`mark_running`]).
 //!
 //! A position is the store's own order: a Xiu counter or a Pi LogId. Followers pull: each
 //! pull says "I durably hold everything up to `after`", which is what the leader records.
