@@ -1,22 +1,15 @@
 #!/usr/bin/env bash
-# Install what the tests need (ZooKeeper and Java for the real registry, clang for RocksDB),
-# build every binary, run every test: unit tests and the end-to-end tests that start a real
-# ZooKeeper and real processes of the PiXiu binaries.
+# The test command: install what the tests need (scripts/prereqs.sh), check formatting and
+# lints, build every binary, run every test: unit tests and the end-to-end tests that start a
+# real ZooKeeper, real processes of the PiXiu binaries and a headless Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
-[ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
-command -v clang >/dev/null 2>&1 || need+=(clang)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
-fi
+./scripts/prereqs.sh test
+
+# the lint gate: unformatted code or any clippy warning fails the run
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # the end-to-end tests run the binaries, so build them first
 cargo build --workspace --bins --locked
