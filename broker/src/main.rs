@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check};
+use pixiu_runtime::CommonArgs;
 use std::time::Duration;
 
 /// PiXiu broker: forwards each room message once to every gateway with members in the room.
@@ -31,6 +32,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     }
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_broker::Config { common, broker: b };
+    if args.common.check_config {
+        return report_check("pixiu-broker", &cfg.common, || {
+            Ok::<(), pixiu_broker::Error>(())
+        });
+    }
     pixiu_runtime::serve_until_signalled("broker", drain, |shutdown| {
         pixiu_broker::run(cfg, shutdown)
     })

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check};
+use pixiu_runtime::CommonArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +38,9 @@ struct Args {
     /// Publishes a connection may send per second (0: unlimited); burst is twice that.
     #[arg(long)]
     publish_rate: Option<u32>,
+    /// Serve the demo page at GET / on the client port (default true).
+    #[arg(long)]
+    demo: Option<bool>,
 }
 
 fn main() {
@@ -74,10 +78,17 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         g.publish_rate = v;
         g.publish_burst = v.saturating_mul(2);
     }
-    g.auth_secret = pixiu_runtime::auth_secret(g.auth_secret_file.as_deref())
+    if let Some(v) = args.demo {
+        g.demo = v;
+    }
+    let check_only = args.common.check_config;
+    g.auth_secret = pixiu_runtime::auth_secret(g.auth_secret_file.as_deref(), check_only)
         .context("reading the auth secret")?;
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_gateway::Config { common, gateway: g };
+    if check_only {
+        return report_check("pixiu-gateway", &cfg.common, || pixiu_gateway::check(&cfg));
+    }
     pixiu_runtime::serve_until_signalled("gateway", drain, |shutdown| {
         pixiu_gateway::run(cfg, shutdown)
     })

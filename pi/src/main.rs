@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, config::StoreArgs, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check, StoreArgs};
+use pixiu_runtime::CommonArgs;
 use std::time::Duration;
 
 /// PiXiu Pi: the replicated per-user MsgID index of personal inboxes.
@@ -33,6 +34,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     );
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_pi::service::Config { common, pi: x };
+    if args.common.check_config {
+        return report_check("pixiu-pi", &cfg.common, || {
+            pixiu_pi::service::check(&cfg).map(drop)
+        });
+    }
     pixiu_runtime::serve_until_signalled("pi", drain, |shutdown| {
         pixiu_pi::service::run(cfg, shutdown)
     })

@@ -136,13 +136,20 @@ impl Node {
     }
 }
 
-/// Run a Pi replica in a given environment.
-pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
-    let pc = config.pi.clone();
-    let dir = pc
+/// What a Pi replica refuses in its own settings before it starts (`--check-config` too).
+/// Returns the data dir.
+pub fn check(config: &Config) -> Result<std::path::PathBuf, Error> {
+    config
+        .pi
         .data_dir
         .clone()
-        .ok_or_else(|| Error::Config("--data-dir is required".into()))?;
+        .ok_or_else(|| Error::Config("--data-dir is required".into()))
+}
+
+/// Run a Pi replica in a given environment.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    let dir = check(&config)?;
+    let pc = config.pi.clone();
     let index = PiIndex::open(
         &dir,
         PiOptions {

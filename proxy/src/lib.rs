@@ -92,6 +92,18 @@ pub enum Error {
     },
 }
 
+/// What the proxy refuses in its own settings before it starts (`--check-config` too).
+pub fn check(config: &Config) -> Result<(), Error> {
+    let pc = &config.proxy;
+    if pc.auth_secret.is_none() && pc.auth_secret_file.is_none() && !pc.insecure_dev_auth {
+        return Err(Error::Config(
+            "the proxy needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
+        ));
+    }
+    BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
+    Ok(())
+}
+
 /// Run a proxy against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::for_service(&config.common, &shutdown).await?;
@@ -103,10 +115,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
 
 /// Run a proxy in a given environment.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    check(&config)?;
     let pc = config.proxy.clone();
     if pc.auth_secret.is_none() && !pc.insecure_dev_auth {
         return Err(Error::Config(
-            "the proxy needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
+            "the proxy's auth secret was not loaded (--auth-secret-file or PIXIU_AUTH_SECRET)"
+                .into(),
         ));
     }
     if pc.insecure_dev_auth {

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check};
+use pixiu_runtime::CommonArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,9 +50,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if let Some(v) = args.big_rooms {
         r.big_rooms = v;
     }
-    r.auth_secret = pixiu_runtime::auth_secret(r.auth_secret_file.as_deref())
+    let check_only = args.common.check_config;
+    r.auth_secret = pixiu_runtime::auth_secret(r.auth_secret_file.as_deref(), check_only)
         .context("reading the auth secret")?;
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_proxy::Config { common, proxy: r };
+    if check_only {
+        return report_check("pixiu-proxy", &cfg.common, || pixiu_proxy::check(&cfg));
+    }
     pixiu_runtime::serve_until_signalled("proxy", drain, |shutdown| pixiu_proxy::run(cfg, shutdown))
 }

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check};
+use pixiu_runtime::CommonArgs;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +39,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     }
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_router::Config { common, router: r };
+    if args.common.check_config {
+        return report_check("pixiu-router", &cfg.common, || {
+            Ok::<(), pixiu_router::Error>(())
+        });
+    }
     pixiu_runtime::serve_until_signalled("router", drain, |shutdown| {
         pixiu_router::run(cfg, shutdown)
     })

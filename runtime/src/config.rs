@@ -100,6 +100,10 @@ pub struct CommonArgs {
     /// ZooKeeper session timeout in milliseconds.
     #[arg(long)]
     pub zk_session_timeout_ms: Option<u64>,
+    /// Check the settings (file and flags) and exit: 0 with "configuration ok", 2 with the
+    /// reason. Connects nowhere and reads none of the files the settings name.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl CommonArgs {
@@ -124,6 +128,53 @@ impl CommonArgs {
             c.zk_session_timeout_ms = v;
         }
     }
+}
+
+/// What a service refuses in the common settings before it starts; `--check-config` runs the
+/// same check. It connects nowhere and reads no file.
+pub fn check_common(c: &CommonConfig) -> Result<(), crate::RuntimeError> {
+    let err = |m: String| Err(crate::RuntimeError::Config(m));
+    if c.listen.ip().is_unspecified() {
+        // the bound address is what gets registered, and peers cannot connect to 0.0.0.0
+        return err(format!(
+            "--listen {} is a wildcard address; give the address peers should connect to",
+            c.listen
+        ));
+    }
+    if c.zk.as_deref().is_none_or(|z| z.trim().is_empty()) {
+        return err("--zk (or PIXIU_ZK) is required".into());
+    }
+    if c.tls_dir.is_none() {
+        return err(
+            "--tls-dir is required (create one with `pixiu-ctl init --tls-dir DIR`)".into(),
+        );
+    }
+    if c.cluster.is_empty() || c.cluster.contains('/') {
+        return err(format!(
+            "cluster name {:?} must be non-empty and have no '/'",
+            c.cluster
+        ));
+    }
+    if c.zk_session_timeout_ms == 0 {
+        return err("zk_session_timeout_ms must be above 0".into());
+    }
+    Ok(())
+}
+
+/// `--check-config`: the common check, then the role's own; prints `<name>: configuration ok`
+/// when both pass. The caller exits with the error (one line, status 2) otherwise.
+pub fn report_check<E>(
+    name: &str,
+    common: &CommonConfig,
+    role_check: impl FnOnce() -> Result<(), E>,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    check_common(common)?;
+    role_check()?;
+    println!("{name}: configuration ok");
+    Ok(())
 }
 
 /// Keys of the TOML file that belong to [`CommonConfig`]; the rest belong to the role.

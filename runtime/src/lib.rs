@@ -59,22 +59,12 @@ pub struct NodeEnv {
 impl NodeEnv {
     /// Connect to ZooKeeper and load the TLS material named by the common config.
     pub async fn from_common(common: &CommonConfig) -> Result<NodeEnv, RuntimeError> {
-        if common.listen.ip().is_unspecified() {
-            // the bound address is what gets registered, and peers cannot connect to 0.0.0.0
-            return Err(RuntimeError::Config(format!(
-                "--listen {} is a wildcard address; give the address peers should connect to",
-                common.listen
-            )));
-        }
-        let hosts = common
-            .zk
+        config::check_common(common)?;
+        let hosts = common.zk.clone().expect("check_common requires --zk");
+        let tls_dir = common
+            .tls_dir
             .clone()
-            .ok_or_else(|| RuntimeError::Config("--zk (or PIXIU_ZK) is required".into()))?;
-        let tls_dir = common.tls_dir.clone().ok_or_else(|| {
-            RuntimeError::Config(
-                "--tls-dir is required (create one with `pixiu-ctl init --tls-dir DIR`)".into(),
-            )
-        })?;
+            .expect("check_common requires --tls-dir");
         let tls = TlsMaterial::load(&tls_dir)?;
         let registry = Registry::zookeeper(ZkConfig {
             hosts,
@@ -241,8 +231,14 @@ where
 }
 
 /// The auth secret: from the file when one is named, else `PIXIU_AUTH_SECRET`.
-pub fn auth_secret(file: Option<&std::path::Path>) -> Result<Option<String>, RuntimeError> {
+///
+/// With `check_only` (`--check-config`) a named file is not read: the secret counts as given.
+pub fn auth_secret(
+    file: Option<&std::path::Path>,
+    check_only: bool,
+) -> Result<Option<String>, RuntimeError> {
     match file {
+        Some(_) if check_only => Ok(None),
         Some(f) => read_secret_file(f).map(Some),
         None => Ok(std::env::var("PIXIU_AUTH_SECRET")
             .ok()

@@ -98,6 +98,123 @@ fn bad_configuration_exits_with_a_one_line_reason() {
     assert!(!out.status.success());
 }
 
+/// `--check-config` says "configuration ok" for settings the role would start with, connects
+/// nowhere (the ZooKeeper address here has nothing behind it) and reads no named file, and
+/// refuses what the role would refuse, with the same one-line reason and exit 2.
+#[test]
+fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
+    let dir = pixiu_tests::TestDir::new("checkcfg");
+    let common = ["--zk", "127.0.0.1:1", "--tls-dir", "/nonexistent/tls"];
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let good: Vec<(&str, Vec<&str>)> = vec![
+        ("pixiu-broker", vec!["--partition", "1"]),
+        ("pixiu-router", vec!["--partition", "0"]),
+        ("pixiu-xiu", vec!["--partition", "255", "--data-dir", store]),
+        ("pixiu-pi", vec!["--data-dir", store]),
+        (
+            "pixiu-gateway",
+            vec![
+                "--auth-secret-file",
+                "/nonexistent/secret",
+                "--demo",
+                "false",
+            ],
+        ),
+        (
+            "pixiu-proxy",
+            vec!["--insecure-dev-auth", "--big-rooms", "1000..2000"],
+        ),
+    ];
+    for (name, extra) in good {
+        let out = Command::new(bin(name))
+            .args(common)
+            .args(&extra)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name} {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.trim(), format!("{name}: configuration ok"));
+    }
+    assert!(!store_exists(&dir), "--check-config created the data dir");
+
+    let bad: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("pixiu-broker", vec!["--tls-dir", "/t"], "--zk"),
+        ("pixiu-router", vec!["--zk", "127.0.0.1:1"], "--tls-dir"),
+        (
+            "pixiu-broker",
+            vec!["--zk", "z:1", "--tls-dir", "/t", "--listen", "0.0.0.0:7000"],
+            "wildcard",
+        ),
+        (
+            "pixiu-xiu",
+            vec![
+                "--zk",
+                "z:1",
+                "--tls-dir",
+                "/t",
+                "--partition",
+                "256",
+                "--data-dir",
+                "/d",
+            ],
+            "256",
+        ),
+        (
+            "pixiu-pi",
+            vec!["--zk", "z:1", "--tls-dir", "/t"],
+            "--data-dir",
+        ),
+        (
+            "pixiu-gateway",
+            vec!["--zk", "z:1", "--tls-dir", "/t"],
+            "--auth-secret-file",
+        ),
+        (
+            "pixiu-proxy",
+            vec![
+                "--zk",
+                "z:1",
+                "--tls-dir",
+                "/t",
+                "--insecure-dev-auth",
+                "--big-rooms",
+                "9..3",
+            ],
+            "9..3",
+        ),
+    ];
+    for (name, args, mention) in bad {
+        let out = Command::new(bin(name))
+            .args(&args)
+            .arg("--check-config")
+            .env_remove("PIXIU_ZK")
+            .env_remove("PIXIU_AUTH_SECRET")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            stderr.contains(mention),
+            "{name} {args:?}: {stderr} should mention {mention}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{name}: nothing on stdout when refused"
+        );
+    }
+}
+
+fn store_exists(dir: &pixiu_tests::TestDir) -> bool {
+    dir.path().join("store").exists()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_deregisters() {
     let mut c = Cluster::start("sigterm", 1, 1).await;

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::{config::load_toml, config::StoreArgs, CommonArgs};
+use pixiu_runtime::config::{load_toml, report_check, StoreArgs};
+use pixiu_runtime::CommonArgs;
 use std::time::Duration;
 
 /// PiXiu Xiu: the replicated message store of personal inboxes.
@@ -33,6 +34,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     );
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_xiu::service::Config { common, xiu: x };
+    if args.common.check_config {
+        return report_check("pixiu-xiu", &cfg.common, || {
+            pixiu_xiu::service::check(&cfg).map(drop)
+        });
+    }
     pixiu_runtime::serve_until_signalled("xiu", drain, |shutdown| {
         pixiu_xiu::service::run(cfg, shutdown)
     })

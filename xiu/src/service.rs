@@ -141,9 +141,10 @@ impl Node {
     }
 }
 
-/// Run a Xiu replica in a given environment.
-pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
-    let xc = config.xiu.clone();
+/// What a Xiu replica refuses in its own settings before it starts (`--check-config` too).
+/// Returns the partition byte and the data dir.
+pub fn check(config: &Config) -> Result<(u8, std::path::PathBuf), Error> {
+    let xc = &config.xiu;
     let partition = u8::try_from(xc.partition).map_err(|_| {
         Error::Config(format!(
             "--partition {} does not fit the MsgID's partition byte (at most 255)",
@@ -154,6 +155,13 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         .data_dir
         .clone()
         .ok_or_else(|| Error::Config("--data-dir is required".into()))?;
+    Ok((partition, dir))
+}
+
+/// Run a Xiu replica in a given environment.
+pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    let (partition, dir) = check(&config)?;
+    let xc = config.xiu.clone();
     let store = XiuStore::open(
         &dir,
         XiuOptions {
