@@ -6,6 +6,7 @@
 //! brokers stop sending it. Client `publish` goes to a proxy.
 
 mod core;
+mod demo;
 mod rate;
 mod ws;
 
@@ -55,6 +56,8 @@ pub struct GatewayConfig {
     pub inbox_heartbeat_ms: u64,
     /// How long a client `send` may take to be acknowledged before `unavailable`.
     pub inbox_timeout_ms: u64,
+    /// Serve the demo page at `GET /` on the client port.
+    pub demo: bool,
 }
 
 impl Default for GatewayConfig {
@@ -77,6 +80,7 @@ impl Default for GatewayConfig {
             publish_burst: 200,
             inbox_heartbeat_ms: 10_000,
             inbox_timeout_ms: 5000,
+            demo: true,
         }
     }
 }
@@ -102,6 +106,18 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// What the gateway refuses in its own settings before it starts (`--check-config` too).
+pub fn check(config: &Config) -> Result<(), Error> {
+    let g = &config.gateway;
+    if g.auth_secret.is_none() && g.auth_secret_file.is_none() && !g.insecure_dev_auth {
+        return Err(Error::Config(
+            "the gateway needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
+        ));
+    }
+    BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
+    Ok(())
 }
 
 /// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
@@ -132,11 +148,13 @@ pub async fn run_reporting(
     shutdown: Shutdown,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), Error> {
+    check(&config)?;
     let g = config.gateway.clone();
     let secret = g.auth_secret.clone();
     if secret.is_none() && !g.insecure_dev_auth {
         return Err(Error::Config(
-            "the gateway needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
+            "the gateway's auth secret was not loaded (--auth-secret-file or PIXIU_AUTH_SECRET)"
+                .into(),
         ));
     }
     if g.insecure_dev_auth {
@@ -232,7 +250,11 @@ pub async fn run_reporting(
         shutdown.clone(),
         courier,
     ));
-    let app = ws::router(ws_state);
+    let app = if g.demo {
+        ws::router(ws_state).merge(demo::router())
+    } else {
+        ws::router(ws_state)
+    };
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod browser;
 mod tcp_proxy;
 pub use tcp_proxy::TcpProxy;
 
