@@ -64,7 +64,8 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
-    /// One of every role in one process, no ZooKeeper.
+    /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
+    /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
     Standalone {
         #[arg(long, default_value = "127.0.0.1:8700")]
         client_listen: SocketAddr,
@@ -79,6 +80,9 @@ enum Cmd {
         /// Room ids START..END split into 64 virtual rooms.
         #[arg(long, default_value = "")]
         big_rooms: String,
+        /// Serve the demo page at GET / on the client port.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        demo: bool,
     },
 }
 
@@ -183,6 +187,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 insecure_dev_auth,
                 big_rooms,
+                demo,
             } => {
                 pixiu_protocol::routing::BigRooms::parse(&big_rooms).map_err(anyhow::Error::msg)?;
                 let shutdown = Shutdown::new();
@@ -194,9 +199,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     insecure_dev_auth,
                     big_rooms,
+                    demo,
                 };
                 let (started, handle) = standalone::start(cfg, shutdown.clone()).await?;
-                print_started(&started);
+                if !shutdown.is_cancelled() {
+                    print_started(&started);
+                }
                 shutdown.cancelled().await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
                 Ok(())
@@ -206,9 +214,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn print_started(s: &standalone::Started) {
-    println!("PiXiu standalone: proxy, broker, router and gateway are running in this process.");
+    println!(
+        "PiXiu standalone: proxy, broker, router, gateway, xiu and pi are running in this process."
+    );
     match &s.secret {
         None => {
+            if let Some(demo) = &s.demo_url {
+                println!("  demo page (uid 1): {demo}?uid=1&dev=web");
+            }
             println!(
                 "  WebSocket (insecure dev auth): {}?uid=1&dev=web",
                 s.ws_url
@@ -223,6 +236,12 @@ fn print_started(s: &standalone::Started) {
             let client =
                 pixiu_protocol::auth::issue(secret.as_bytes(), 1, Some("web"), false, 86_400);
             let publisher = pixiu_protocol::auth::issue(secret.as_bytes(), 0, None, true, 86_400);
+            if let Some(demo) = &s.demo_url {
+                let second =
+                    pixiu_protocol::auth::issue(secret.as_bytes(), 2, Some("web"), false, 86_400);
+                println!("  demo page as uid 1: {demo}#token={client}");
+                println!("  demo page as uid 2: {demo}#token={second}");
+            }
             println!(
                 "  WebSocket (uid 1, token valid 24 h): {}?token={client}",
                 s.ws_url

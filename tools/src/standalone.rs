@@ -19,12 +19,16 @@ pub struct StandaloneConfig {
     pub data_dir: PathBuf,
     pub insecure_dev_auth: bool,
     pub big_rooms: String,
+    /// Serve the demo page at `GET /` on the client port.
+    pub demo: bool,
 }
 
 /// Where a started standalone cluster listens, and its secret when it made one.
 #[derive(Clone, Debug)]
 pub struct Started {
     pub ws_url: String,
+    /// The demo page, when it is served.
+    pub demo_url: Option<String>,
     pub http_url: String,
     pub admin: SocketAddr,
     pub secret: Option<String>,
@@ -187,6 +191,7 @@ pub async fn start(
             auth_secret: secret.clone(),
             insecure_dev_auth: cfg.insecure_dev_auth,
             big_rooms: cfg.big_rooms.clone(),
+            demo: cfg.demo,
             ..Default::default()
         },
     };
@@ -200,6 +205,10 @@ pub async fn start(
     // wait until every role runs, or one of them fails
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !healths.iter().all(Health::is_ready) {
+        if shutdown.is_cancelled() {
+            // asked to stop (a signal) while starting: the roles drain as after a start
+            break;
+        }
         if let Some(res) = tasks.try_join_next() {
             shutdown.cancel();
             match res {
@@ -226,6 +235,7 @@ pub async fn start(
     Ok((
         Started {
             ws_url: format!("ws://{}/v1/ws", cfg.client_listen),
+            demo_url: cfg.demo.then(|| format!("http://{}/", cfg.client_listen)),
             http_url: format!("http://{}", cfg.http),
             admin: admin_addr,
             secret,
