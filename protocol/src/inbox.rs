@@ -1,19 +1,26 @@
-//! Personal inboxes (seed section 8): the Xiu `MsgID` layout, message kinds, the record Xiu
+//! Personal inboxes (seed section 8): the Xiu `MsgID` layout, its type byte, the record Xiu
 //! stores for each message, and the partition rule of Xiu and Pi.
 //!
-//! A [`MsgId`] is `1 byte Xiu partition | 1 byte message kind | 6 bytes counter` (seed 8.2.1),
-//! most significant byte first. One Xiu partition has a single counter shared by every kind, so
-//! within one partition and one kind, counter order is id order. Across kinds of the same
-//! partition the kind byte decides first: a multicast id is larger than every personal id of
-//! the same partition, whatever their counters. Pi orders a user's list by the whole `u64`.
+//! A [`MsgId`] is `1 byte Xiu partition | 1 byte message type | 6 bytes counter` (seed 8.2.1),
+//! most significant byte first. One Xiu partition has a single counter, so within one
+//! partition and one type, counter order is id order. Pi orders a user's list by the whole
+//! `u64`, in which the partition and type bytes rank above the counter.
 //!
-//! **Why one user's ids only grow.** The services store every message for `uid` in Xiu
-//! partition `uid % N` with kind [`KIND_PERSONAL`] (the chat message type), a multicast
-//! message included: it is stored once per Xiu partition of its receivers, not once per
-//! receiver and not once overall. So every id of one inbox comes from one counter, and
-//! assignment order is id order. (Mixing kinds or partitions in one inbox would not keep
-//! that: the kind and partition bytes rank above the counter.) [`KIND_MULTICAST`] stays
-//! reserved for a future message type and is not assigned by the services.
+//! **The type byte.** The services give every stored message type [`KIND_PERSONAL`] (1), the
+//! chat message type, whatever its number of receivers. [`KIND_NONE`] (0) only builds
+//! positions such as "everything after counter n". [`KIND_MULTICAST`] (2) is assigned by no
+//! service; only tests use it.
+//!
+//! **Multicast.** A message to several users (`POST /v1/users/messages`) is not a type of its
+//! own. The courier groups its receivers by Xiu partition (`uid % N`) and stores one copy per
+//! partition, with type 1 and that partition's next counter. Each copy's
+//! `StoredMessage::to` lists the receivers of that partition, and Pi indexes the copy's id
+//! in each of their inboxes. So the receivers of one multicast message may get different ids.
+//!
+//! **Why one user's ids only grow.** Every message for `uid` is stored in Xiu partition
+//! `uid % N` with type 1, so every id of one inbox comes from one counter, and assignment
+//! order is id order. (Mixing types or partitions in one inbox would not keep that: the
+//! partition and type bytes rank above the counter.)
 
 use serde::{Deserialize, Serialize};
 
@@ -22,20 +29,22 @@ pub const COUNTER_BITS: u32 = 48;
 /// Largest counter a [`MsgId`] can hold (`2^48 - 1`).
 pub const MAX_COUNTER: u64 = (1 << COUNTER_BITS) - 1;
 
-/// No kind: used by positions such as "everything after counter n", never by a stored message.
+/// No type: used by positions such as "everything after counter n", never by a stored message.
 pub const KIND_NONE: u8 = 0;
-/// A message for one receiver.
+/// The type of every stored message, for one receiver or several (a multicast message is
+/// stored as one copy of this type per Xiu partition of its receivers).
 pub const KIND_PERSONAL: u8 = 1;
-/// A message stored once and indexed in many inboxes (the multicast endpoint).
+/// A type no service assigns: multicast messages are stored with [`KIND_PERSONAL`] (see the
+/// module doc). Only tests use it, to check the layout with a second type value.
 pub const KIND_MULTICAST: u8 = 2;
 
-/// A Xiu message id: `partition (8 bits) | kind (8 bits) | counter (48 bits)`.
+/// A Xiu message id: `partition (8 bits) | type (8 bits) | counter (48 bits)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MsgId(pub u64);
 
 impl MsgId {
     /// Builds an id. A counter above [`MAX_COUNTER`] is masked to its low 48 bits (it would
-    /// otherwise spill into the kind byte); callers that allocate counters must refuse to go
+    /// otherwise spill into the type byte); callers that allocate counters must refuse to go
     /// past [`MAX_COUNTER`] themselves, or use [`MsgId::try_new`].
     pub const fn new(partition: u8, kind: u8, counter: u64) -> MsgId {
         MsgId(((partition as u64) << 56) | ((kind as u64) << 48) | (counter & MAX_COUNTER))
@@ -55,7 +64,7 @@ impl MsgId {
         (self.0 >> 56) as u8
     }
 
-    /// The message kind ([`KIND_PERSONAL`], [`KIND_MULTICAST`], ...).
+    /// The type byte: [`KIND_PERSONAL`] for every stored message, [`KIND_NONE`] in positions.
     pub const fn kind(self) -> u8 {
         (self.0 >> 48) as u8
     }
@@ -65,7 +74,7 @@ impl MsgId {
         self.0 & MAX_COUNTER
     }
 
-    /// Big-endian bytes: byte 0 is the partition, byte 1 the kind, bytes 2..8 the counter.
+    /// Big-endian bytes: byte 0 is the partition, byte 1 the type, bytes 2..8 the counter.
     /// Sorting these bytes sorts ids numerically, which is what keys of RocksDB need.
     pub const fn to_be_bytes(self) -> [u8; 8] {
         self.0.to_be_bytes()
@@ -91,8 +100,8 @@ pub struct StoredMessage {
     pub sid: u64,
     /// The sender.
     pub from: u64,
-    /// Every receiver whose inbox indexes this copy (one for a personal message; the
-    /// receivers of this Xiu partition for a multicast one).
+    /// Every receiver whose inbox indexes this copy: one for a message to one user; for a
+    /// multicast message, its receivers that belong to this Xiu partition.
     pub to: Vec<u64>,
     pub body: String,
     /// Milliseconds since the Unix epoch.
