@@ -192,13 +192,82 @@ async fn bad_input_is_refused_counted_and_harmless() {
         })
     };
 
-    // ---- WebSocket frames --------------------------------------------------------------
+    let mut prober = websocket_frames(&c, &gw_a).await;
+    bad_tokens(&c, &gw_b).await;
+    publisher_http(&c, &proxy, &mut prober).await;
+    junk_at_node_ports(&c).await;
+    expired_token_is_refused(&c, &expiring).await;
+
+    // ---- nothing crashed; the bystanders got everything exactly once -----------------------
+    stop.store(true, Ordering::Relaxed);
+    let ids = background.await.expect("background publisher");
+    assert!(ids.len() >= 50, "only {} background messages", ids.len());
+    eprintln!(
+        "{} background messages, each to {BYSTANDERS} bystanders",
+        ids.len()
+    );
+    let want: HashSet<u64> = ids.iter().copied().collect();
+    assert_eq!(want.len(), ids.len(), "ids are unique");
+    for (uid, b) in bystanders.iter_mut() {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < want.len() && tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
+                Ok(Some(ev)) => got.push(ev),
+                _ => break,
+            }
+        }
+        got.extend(drain_events(b, Duration::from_millis(300)).await);
+        let mut seen = HashSet::new();
+        for ev in &got {
+            let ServerFrame::Room { room, id, body, .. } = ev else {
+                panic!("bystander {uid}: unexpected frame {ev:?}");
+            };
+            assert_eq!(room.0, ROOM, "bystander {uid}: {ev:?}");
+            assert!(
+                body.starts_with("bg:"),
+                "bystander {uid}: foreign message {ev:?}"
+            );
+            assert!(seen.insert(id.0), "bystander {uid}: id {} twice", id.0);
+            assert!(want.contains(&id.0), "bystander {uid}: unknown id {}", id.0);
+        }
+        assert_eq!(
+            seen.len(),
+            want.len(),
+            "bystander {uid}: got {} of {} messages\n{}",
+            seen.len(),
+            want.len(),
+            c.logs()
+        );
+    }
+    assert!(drain_events(&mut prober, Duration::from_millis(200))
+        .await
+        .is_empty());
+    prober
+        .ping()
+        .await
+        .expect("the prober's connection still works");
+
+    for name in ["router", "broker", "gw-a", "gw-b", "proxy"] {
+        assert!(
+            c.node(name).proc.is_running(),
+            "{name} died\n--- log ---\n{}",
+            c.node(name).proc.log()
+        );
+        c.wait_healthy(name).await;
+    }
+}
+
+/// Junk WebSocket frames, bad ids, oversized bodies, unjoined publishes and bad inbox ops on
+/// one connection of `gw-a`: each refused with its code, counted, and the connection still
+/// usable. Returns that connection (the prober), which is in `PROBE_ROOM`.
+async fn websocket_frames(c: &Cluster, gw_a: &str) -> Client {
     let mut prober = c.client("gw-a", 100).await;
     prober.join(PROBE_ROOM).await.expect("prober join");
     let bad_request = dropped("frame", "bad_request");
-    let base_bad = read_metric(&gw_a, &bad_request).await;
-    let base_large = read_metric(&gw_a, &dropped("frame", "too_large")).await;
-    let base_nj = read_metric(&gw_a, &dropped("publish", "not_joined")).await;
+    let base_bad = read_metric(gw_a, &bad_request).await;
+    let base_large = read_metric(gw_a, &dropped("frame", "too_large")).await;
+    let base_nj = read_metric(gw_a, &dropped("publish", "not_joined")).await;
 
     for (i, junk) in ["{not json", "", "[1,2,3]", "\"op\"", "{\"op\":42}", "null"]
         .iter()
@@ -282,21 +351,24 @@ async fn bad_input_is_refused_counted_and_harmless() {
     // The SDK sends text frames only: binary frames are not tested here.
 
     assert!(
-        read_metric(&gw_a, &bad_request).await >= base_bad + 8.0,
+        read_metric(gw_a, &bad_request).await >= base_bad + 8.0,
         "bad_request counted"
     );
     assert!(
-        read_metric(&gw_a, &dropped("frame", "too_large")).await > base_large,
+        read_metric(gw_a, &dropped("frame", "too_large")).await > base_large,
         "too_large counted"
     );
     assert!(
-        read_metric(&gw_a, &dropped("publish", "not_joined")).await > base_nj,
+        read_metric(gw_a, &dropped("publish", "not_joined")).await > base_nj,
         "not_joined counted"
     );
+    prober
+}
 
-    // ---- bad tokens ----------------------------------------------------------------------
+/// Bad tokens at connect: 401, counted.
+async fn bad_tokens(c: &Cluster, gw_b: &str) {
     let unauthorized = dropped("connect", "unauthorized");
-    let base_unauth = read_metric(&gw_b, &unauthorized).await;
+    let base_unauth = read_metric(gw_b, &unauthorized).await;
     let other_secret =
         pixiu_protocol::auth::issue(b"some-other-secret-0123456789", 1, Some("x"), false, 3600);
     let bad_tokens = [
@@ -329,18 +401,21 @@ async fn bad_input_is_refused_counted_and_harmless() {
         other => panic!("no token: expected 401, got {:?}", other.map(|_| ())),
     }
     assert!(
-        read_metric(&gw_b, &unauthorized).await >= base_unauth + bad_tokens.len() as f64 + 1.0,
+        read_metric(gw_b, &unauthorized).await >= base_unauth + bad_tokens.len() as f64 + 1.0,
         "unauthorized connects counted"
     );
+}
 
-    // ---- publisher HTTP -----------------------------------------------------------------
+/// Bad publisher HTTP requests: 400, 413 or 401 with a code, counted; only the accepted 64 KiB
+/// message reaches the prober.
+async fn publisher_http(c: &Cluster, proxy: &str, prober: &mut Client) {
     let purl = c.url("proxy");
     let p = c.publisher("proxy");
     let path = format!("/v1/rooms/{ROOM}/messages");
     let json = "application/json";
-    let base_http_bad = read_metric(&proxy, &dropped("http", "bad_request")).await;
-    let base_http_large = read_metric(&proxy, &dropped("http", "too_large")).await;
-    let base_http_unauth = read_metric(&proxy, &dropped("http", "unauthorized")).await;
+    let base_http_bad = read_metric(proxy, &dropped("http", "bad_request")).await;
+    let base_http_large = read_metric(proxy, &dropped("http", "too_large")).await;
+    let base_http_unauth = read_metric(proxy, &dropped("http", "unauthorized")).await;
 
     assert_http(
         p.raw_post(&path, b"{\"body\": oops".to_vec(), json)
@@ -451,19 +526,22 @@ async fn bad_input_is_refused_counted_and_harmless() {
         Err(ClientError::Unauthorized)
     ));
 
-    assert!(read_metric(&proxy, &dropped("http", "bad_request")).await >= base_http_bad + 5.0);
-    assert!(read_metric(&proxy, &dropped("http", "too_large")).await >= base_http_large + 2.0);
-    assert!(read_metric(&proxy, &dropped("http", "unauthorized")).await >= base_http_unauth + 5.0);
+    assert!(read_metric(proxy, &dropped("http", "bad_request")).await >= base_http_bad + 5.0);
+    assert!(read_metric(proxy, &dropped("http", "too_large")).await >= base_http_large + 2.0);
+    assert!(read_metric(proxy, &dropped("http", "unauthorized")).await >= base_http_unauth + 5.0);
     // the prober got the accepted 64 KiB HTTP message, nothing else
-    match next(&mut prober, "64 KiB HTTP message").await {
+    match next(prober, "64 KiB HTTP message").await {
         ServerFrame::Room { room, body, .. } => {
             assert_eq!(room.0, PROBE_ROOM);
             assert_eq!(body.len(), MAX_BODY);
         }
         other => panic!("expected the 64 KiB HTTP message, got {other:?}"),
     }
+}
 
-    // ---- random bytes at the node-to-node ports ------------------------------------------
+/// Random UDP datagrams, then random and truncated frames over an authenticated QUIC
+/// connection, at every node's node-to-node port: dropped and counted.
+async fn junk_at_node_ports(c: &Cluster) {
     let seed: u64 = rand::random();
     eprintln!("random seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -552,13 +630,16 @@ async fn bad_input_is_refused_counted_and_harmless() {
             sent.get(name).copied().unwrap_or(0)
         );
     }
+    transport.close().await;
+}
 
-    // ---- the expired token is refused now --------------------------------------------------
+/// A token that expired is refused once the leeway has passed.
+async fn expired_token_is_refused(c: &Cluster, expiring: &str) {
     assert_eventually(
         "the expired token is refused",
         Duration::from_secs(15),
         || {
-            let (url, token) = (c.url("gw-b"), expiring.clone());
+            let (url, token) = (c.url("gw-b"), expiring.to_string());
             async move {
                 match Client::connect(&url, &Auth::Token(token)).await {
                     Err(ClientError::Unauthorized) => Ok(()),
@@ -572,66 +653,6 @@ async fn bad_input_is_refused_counted_and_harmless() {
         },
     )
     .await;
-
-    // ---- nothing crashed; the bystanders got everything exactly once -----------------------
-    stop.store(true, Ordering::Relaxed);
-    let ids = background.await.expect("background publisher");
-    assert!(ids.len() >= 50, "only {} background messages", ids.len());
-    eprintln!(
-        "{} background messages, each to {BYSTANDERS} bystanders",
-        ids.len()
-    );
-    let want: HashSet<u64> = ids.iter().copied().collect();
-    assert_eq!(want.len(), ids.len(), "ids are unique");
-    for (uid, b) in bystanders.iter_mut() {
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while got.len() < want.len() && tokio::time::Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(5), b.next_event()).await {
-                Ok(Some(ev)) => got.push(ev),
-                _ => break,
-            }
-        }
-        got.extend(drain_events(b, Duration::from_millis(300)).await);
-        let mut seen = HashSet::new();
-        for ev in &got {
-            let ServerFrame::Room { room, id, body, .. } = ev else {
-                panic!("bystander {uid}: unexpected frame {ev:?}");
-            };
-            assert_eq!(room.0, ROOM, "bystander {uid}: {ev:?}");
-            assert!(
-                body.starts_with("bg:"),
-                "bystander {uid}: foreign message {ev:?}"
-            );
-            assert!(seen.insert(id.0), "bystander {uid}: id {} twice", id.0);
-            assert!(want.contains(&id.0), "bystander {uid}: unknown id {}", id.0);
-        }
-        assert_eq!(
-            seen.len(),
-            want.len(),
-            "bystander {uid}: got {} of {} messages\n{}",
-            seen.len(),
-            want.len(),
-            c.logs()
-        );
-    }
-    assert!(drain_events(&mut prober, Duration::from_millis(200))
-        .await
-        .is_empty());
-    prober
-        .ping()
-        .await
-        .expect("the prober's connection still works");
-
-    for name in ["router", "broker", "gw-a", "gw-b", "proxy"] {
-        assert!(
-            c.node(name).proc.is_running(),
-            "{name} died\n--- log ---\n{}",
-            c.node(name).proc.log()
-        );
-        c.wait_healthy(name).await;
-    }
-    transport.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,11 +265,37 @@ async fn leaving_stops_delivery_and_lost_leaves_are_repaired_by_feedback() {
     c8.join(8).await.unwrap();
     let mut watcher = c.client("gw-a", 4).await;
     watcher.join(8).await.unwrap();
+    // gw-b's updates to a router: sent, or dropped when it knows of no router
+    let updates = |gw: String| async move {
+        let sent = metric(&gw, "pixiu_messages_out_total{stage=\"gateway_update\"}").await?;
+        let dropped = metric(
+            &gw,
+            "pixiu_messages_dropped_total{stage=\"gateway_update\"}",
+        )
+        .await?;
+        anyhow::Ok(sent + dropped)
+    };
+    let updates_before = updates(gw_b.clone()).await.unwrap();
     c.node("router").proc.kill9();
     c8.close().await;
     let feedback = "pixiu_messages_out_total{stage=\"feedback\"}";
     let fb_before = metric(&gw_b, feedback).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await; // let gw-b send its (lost) leave
+    assert_eventually(
+        "gw-b sends its leave (lost: the router is down)",
+        Duration::from_secs(10),
+        || {
+            let (gw_b, updates) = (gw_b.clone(), &updates);
+            async move {
+                let n = updates(gw_b).await.map_err(|e| e.to_string())?;
+                if n > updates_before {
+                    Ok(())
+                } else {
+                    Err(format!("gateway updates still {n}"))
+                }
+            }
+        },
+    )
+    .await;
     c.node("router").proc.respawn().unwrap();
     c.wait_healthy("router").await;
     assert_eventually(

@@ -192,7 +192,10 @@ async fn foreign_ca_cannot_deliver() {
         );
         // Also the other direction: the good node refuses the evil server.
         assert!(b.send(e.local_addr(), Bytes::from_static(b"hi")));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // poll until both sides have seen the refused handshake (bounded by LIMIT)
+        while e.stats().handshake_failures == 0 || b.stats().handshake_failures == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let se = e.stats();
         let sb = b.stats();
         assert!(se.handshake_failures >= 1, "{se:?}");
@@ -235,7 +238,7 @@ async fn random_udp_bytes_do_not_disturb() {
             }
             junk.send_to(&buf, b.local_addr()).unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // no wait needed: the junk is already in b's socket buffer, ahead of what follows
         assert!(a.send(b.local_addr(), Bytes::from_static(b"still fine")));
         let (from, bytes) = next_message(&mut rb).await;
         assert_eq!(from, a.local_addr());
