@@ -527,3 +527,83 @@ async fn a_corrupted_record_is_detected_by_its_crc_and_never_delivered() {
     assert!(skipped >= 1.0, "the broker reports the skipped message");
     assert!(c.nodes["xiu0"].proc.log().contains("crc32 mismatch"));
 }
+
+/// `POST /v1/users/messages` (multicast): one stored copy per Xiu partition, indexed in every
+/// listed inbox, delivered to each receiver once; a retried `sid` answers the same ids; a bad
+/// list is refused with 400 and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multicast_reaches_every_listed_inbox_across_partitions() {
+    let mut c = Cluster::start_layout("inbox-multicast", 1, 1, 2, 2).await;
+    for p in 0..2 {
+        c.spawn_store(&format!("xiu{p}"), "xiu", p, &["--min-insync", "0"]);
+        c.spawn_store(&format!("pi{p}"), "pi", p, &["--min-insync", "0"]);
+    }
+    c.spawn_router("router0", 0);
+    let broker_cfg = c.config_file("broker", BROKER_TOML);
+    let b: Vec<&str> = broker_cfg.iter().map(String::as_str).collect();
+    c.spawn_broker_with("broker0", 0, &b);
+    let gw_cfg = c.config_file("gateway", GATEWAY_TOML);
+    let g: Vec<&str> = gw_cfg.iter().map(String::as_str).collect();
+    c.spawn_gateway("gw0", &g);
+    c.spawn_proxy("proxy0", &[]);
+    c.wait_all_healthy().await;
+    let publisher = c.publisher("proxy0");
+
+    // users 10 and 12 live in partition 0, 11 and 13 in partition 1; 10 is listed twice
+    let to = [10, 11, 12, 13, 10];
+    let ids = publisher
+        .send_users(&to, "to all four", 1, Some(77))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([10, 11, 12, 13])
+    );
+    // one stored message per partition: its id carries that partition
+    assert_eq!(ids[&10], ids[&12]);
+    assert_eq!(ids[&11], ids[&13]);
+    assert_eq!(pixiu_protocol::inbox::MsgId(ids[&10]).partition(), 0);
+    assert_eq!(pixiu_protocol::inbox::MsgId(ids[&11]).partition(), 1);
+
+    // a retry of the same sid stores nothing new and answers the same ids
+    let again = publisher
+        .send_users(&to, "to all four", 1, Some(77))
+        .await
+        .unwrap();
+    assert_eq!(again, ids);
+
+    for uid in 10..=13 {
+        let mut dev = c.device("gw0", uid, "phone").await;
+        // waits for a second message too, so a duplicate would show
+        let got = collect_inbox(&mut dev, 2, Duration::from_secs(2)).await;
+        assert_eq!(
+            got,
+            vec![(ids[&uid], "to all four".to_string())],
+            "uid {uid} gets the message once\n{}",
+            c.logs()
+        );
+    }
+
+    // refused with a reason: no receivers, too many receivers
+    for (to, why) in [
+        (vec![], "no receivers"),
+        (
+            (0..=pixiu_courier::MAX_RECEIVERS as u64).collect(),
+            "too many receivers",
+        ),
+    ] {
+        match publisher.send_users(&to, "refused", 1, None).await {
+            Err(ClientError::Http { status: 400, body }) => {
+                assert!(body.contains("bad_request"), "{why}: {body}")
+            }
+            other => panic!("{why}: expected 400, got {other:?}"),
+        }
+    }
+    // and nothing of the refused sends reached an inbox: the next thing user 10's phone (which
+    // acknowledged everything above) gets is the next accepted message
+    let after = publisher.send_users(&[10], "after", 1, None).await.unwrap()[&10];
+    assert!(after > ids[&10], "ids of one inbox only grow");
+    let mut dev = c.device("gw0", 10, "phone").await;
+    let got = collect_inbox(&mut dev, 2, Duration::from_secs(3)).await;
+    assert_eq!(got, vec![(after, "after".to_string())], "{}", c.logs());
+}
