@@ -3,6 +3,7 @@
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Fetched};
 use pixiu_protocol::inbox::{device_key, MsgId};
+use pixiu_protocol::routing::user_partition;
 use pixiu_protocol::wire::{self, DeviceRef, InboxItem, Message, ReadResult};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{RoleMetrics, Shutdown};
@@ -192,7 +193,7 @@ async fn pi_request(io: &Io, uid: u64, msg: &Message) -> Result<Message, String>
         if pis.partition_num == 0 {
             return Err("pi has no partitions".into());
         }
-        leader_of(&pis, (uid % u64::from(pis.partition_num)) as u32)?
+        leader_of(&pis, user_partition(uid, pis.partition_num))?
     };
     request(io, leader, msg).await
 }

@@ -16,7 +16,7 @@ mod inbox;
 use pixiu_protocol::routing::{partition_matches, router_partitions_for_broker};
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message, RouteRow};
-use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_registry::{Member, NodeInfo, NodeState, Role, RoleView};
 use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -82,6 +82,19 @@ pub enum Error {
     Transport(#[from] pixiu_transport::TransportError),
 }
 
+/// What the broker refuses in its own settings before it starts (`--check-config` too).
+pub fn check(config: &Config) -> Result<(), Error> {
+    let bc = &config.broker;
+    pixiu_runtime::config::at_least(&[
+        ("inbox_batch", bc.inbox_batch as u64, 1),
+        ("redeliver_ms", bc.redeliver_ms, 10),
+        ("redeliver_tries", u64::from(bc.redeliver_tries), 1),
+        ("device_timeout_ms", bc.device_timeout_ms, 100),
+        ("inbox_poll_ms", bc.inbox_poll_ms, 100),
+    ])
+    .map_err(Error::Config)
+}
+
 /// Run a broker against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::for_service(&config.common, &shutdown).await?;
@@ -129,6 +142,7 @@ struct SyncResult {
 /// merged. The same merge happens whenever the broker moves to another router replica, so the
 /// updates applied while it was switching are not lost.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    check(&config)?;
     let bc = config.broker.clone();
     let metrics = RoleMetrics::new(&env.metrics, "broker");
     let (transport, mut inbound) = Transport::bind(TransportConfig::new(
@@ -162,11 +176,11 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     let (sync_tx, mut sync_rx) = mpsc::channel::<SyncResult>(16);
     let inbox = inbox::spawn(
         delivery::DeliveryConfig {
-            batch: bc.inbox_batch.max(1),
-            redeliver_after: Duration::from_millis(bc.redeliver_ms.max(10)),
-            max_tries: bc.redeliver_tries.max(1),
-            device_timeout: Duration::from_millis(bc.device_timeout_ms.max(100)),
-            poll_interval: Duration::from_millis(bc.inbox_poll_ms.max(100)),
+            batch: bc.inbox_batch,
+            redeliver_after: Duration::from_millis(bc.redeliver_ms),
+            max_tries: bc.redeliver_tries,
+            device_timeout: Duration::from_millis(bc.device_timeout_ms),
+            poll_interval: Duration::from_millis(bc.inbox_poll_ms),
             retry_after: Duration::from_millis(300),
         },
         transport.clone(),
@@ -279,16 +293,12 @@ impl Broker {
         self.targets = parts.clone();
         for rp in parts {
             // prefer running replicas: one still in `init` may not have its whole table yet
-            let members = self.routers.members(rp);
-            let running: Vec<SocketAddr> = members
-                .iter()
-                .filter(|m| m.info.state == NodeState::Running)
-                .filter_map(|m| m.info.addr.parse().ok())
-                .collect();
+            let running = self.routers.running_addrs(rp);
             let replicas: Vec<SocketAddr> = if running.is_empty() {
-                members
+                self.routers
+                    .members(rp)
                     .iter()
-                    .filter_map(|m| m.info.addr.parse().ok())
+                    .filter_map(Member::addr)
                     .collect()
             } else {
                 running

@@ -33,9 +33,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_broker::Config { common, broker: b };
     if args.common.check_config {
-        return report_check("pixiu-broker", &cfg.common, || {
-            Ok::<(), pixiu_broker::Error>(())
-        });
+        return report_check("pixiu-broker", &cfg.common, || pixiu_broker::check(&cfg));
     }
     pixiu_runtime::serve_until_signalled("broker", drain, |shutdown| {
         pixiu_broker::run(cfg, shutdown)

@@ -7,9 +7,9 @@
 //! `min_insync` not met, Pi not indexing) is retried with the same `sid` until the deadline;
 //! Xiu returns the first id for a sid it has, so a retry never stores twice.
 
-use pixiu_protocol::routing::{broker_partition, pick_replica};
+use pixiu_protocol::routing::{group_users, user_partition, user_replica};
 use pixiu_protocol::wire::{self, Message, StoreRequest};
-use pixiu_registry::{NodeState, RoleView};
+use pixiu_registry::RoleView;
 use pixiu_transport::Transport;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -80,13 +80,10 @@ impl Courier {
                 "the cluster has no xiu partitions".into(),
             ));
         }
-        let mut groups: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for uid in to {
-            let g = groups.entry((uid % u64::from(num)) as u32).or_default();
-            if !g.contains(uid) {
-                g.push(*uid);
-            }
-        }
+        let mut receivers = to.to_vec();
+        receivers.sort_unstable();
+        receivers.dedup();
+        let groups = group_users(receivers, num, |uid| *uid);
         let stores = groups.into_iter().map(|(p, to)| {
             let req = StoreRequest {
                 sid,
@@ -121,11 +118,7 @@ impl Courier {
         // what the store itself said beats a transport timeout of a later attempt
         let mut store_said: Option<String> = None;
         while tokio::time::Instant::now() < deadline {
-            let leader = self
-                .xius
-                .borrow()
-                .leader(partition)
-                .and_then(|m| m.info.addr.parse::<SocketAddr>().ok());
+            let leader = self.xius.borrow().leader_addr(partition);
             let Some(leader) = leader else {
                 last_error = format!("xiu partition {partition} has no replica");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -177,16 +170,12 @@ pub fn broker_replicas(view: &RoleView, uid: u64) -> Vec<SocketAddr> {
     if view.partition_num == 0 {
         return Vec::new();
     }
-    view.members(broker_partition(uid, view.partition_num))
-        .iter()
-        .filter(|m| m.info.state == NodeState::Running)
-        .filter_map(|m| m.info.addr.parse().ok())
-        .collect()
+    view.running_addrs(user_partition(uid, view.partition_num))
 }
 
 /// The broker replica a gateway reports user `uid`'s devices to: partition `uid % N`,
 /// replica `(uid / N) % running replicas` (the room rule, with the user id as the hash).
 pub fn user_broker(view: &RoleView, uid: u64) -> Option<SocketAddr> {
     let replicas = broker_replicas(view, uid);
-    pick_replica(uid, view.partition_num, replicas.len()).map(|i| replicas[i])
+    user_replica(uid, view.partition_num, replicas.len()).map(|i| replicas[i])
 }

@@ -450,12 +450,7 @@ impl Core {
         );
         let mut sent = false;
         for p in parts {
-            let running: Vec<SocketAddr> = self
-                .routers
-                .running(p)
-                .into_iter()
-                .filter_map(|m| m.info.addr.parse().ok())
-                .collect();
+            let running = self.routers.running_addrs(p);
             let alive: Vec<SocketAddr> = running
                 .iter()
                 .copied()
@@ -507,11 +502,7 @@ impl Core {
 
     fn heartbeat(&mut self) {
         let now = Instant::now();
-        let addrs: HashSet<SocketAddr> = self
-            .routers
-            .all()
-            .filter_map(|(_, m)| m.info.addr.parse().ok())
-            .collect();
+        let addrs = self.routers.all_addrs();
         self.router_live.retain(|a| addrs.contains(a));
         for a in addrs {
             let seq = self.router_live.ping_sent(a, now);

@@ -117,7 +117,23 @@ pub fn check(config: &Config) -> Result<(), Error> {
         ));
     }
     BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
-    Ok(())
+    pixiu_runtime::config::at_least(&[
+        ("inbox_timeout_ms", g.inbox_timeout_ms, 100),
+        ("refresh_interval_ms", g.refresh_interval_ms, 100),
+        ("heartbeat_interval_ms", g.heartbeat_interval_ms, 10),
+        ("heartbeat_timeout_ms", g.heartbeat_timeout_ms, 10),
+        ("dedup_capacity", g.dedup_capacity as u64, 16),
+        ("inbox_heartbeat_ms", g.inbox_heartbeat_ms, 50),
+        ("idle_timeout_ms", g.idle_timeout_ms, 100),
+        ("client_queue", g.client_queue as u64, 8),
+        // a burst matters only when the rate limits (publish_rate 0 is unlimited)
+        (
+            "publish_burst",
+            u64::from(g.publish_burst),
+            u64::from(g.publish_rate > 0),
+        ),
+    ])
+    .map_err(Error::Config)
 }
 
 /// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
@@ -129,25 +145,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     res
 }
 
-/// Where a running gateway can be reached (for tests and the standalone mode).
-#[derive(Clone, Debug)]
-pub struct Bound {
-    pub client_addr: SocketAddr,
-    pub node_addr: SocketAddr,
-}
-
 /// Run a gateway in a given environment (shared registry and metrics in standalone mode).
-/// `bound` receives the listening addresses once they are known.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
-    run_reporting(config, env, shutdown, None).await
-}
-
-pub async fn run_reporting(
-    config: Config,
-    env: NodeEnv,
-    shutdown: Shutdown,
-    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
-) -> Result<(), Error> {
     check(&config)?;
     let g = config.gateway.clone();
     let secret = g.auth_secret.clone();
@@ -210,7 +209,7 @@ pub async fn run_reporting(
         transport.clone(),
         env.registry.watch(Role::Xiu).await?,
         brokers.clone(),
-        Duration::from_millis(g.inbox_timeout_ms.max(100)),
+        Duration::from_millis(g.inbox_timeout_ms),
     );
 
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(65_536);
@@ -218,12 +217,12 @@ pub async fn run_reporting(
         core::CoreSettings {
             big_rooms,
             join_timeout: Duration::from_millis(g.join_timeout_ms),
-            refresh_interval: Duration::from_millis(g.refresh_interval_ms.max(100)),
-            heartbeat_interval: Duration::from_millis(g.heartbeat_interval_ms.max(10)),
-            heartbeat_timeout: Duration::from_millis(g.heartbeat_timeout_ms.max(10)),
-            dedup_capacity: g.dedup_capacity.max(16),
+            refresh_interval: Duration::from_millis(g.refresh_interval_ms),
+            heartbeat_interval: Duration::from_millis(g.heartbeat_interval_ms),
+            heartbeat_timeout: Duration::from_millis(g.heartbeat_timeout_ms),
+            dedup_capacity: g.dedup_capacity,
             node_addr,
-            inbox_heartbeat: Duration::from_millis(g.inbox_heartbeat_ms.max(50)),
+            inbox_heartbeat: Duration::from_millis(g.inbox_heartbeat_ms),
         },
         transport.clone(),
         metrics.clone(),
@@ -237,8 +236,8 @@ pub async fn run_reporting(
         ws::WsSettings {
             secret: secret.map(String::into_bytes),
             insecure_dev_auth: g.insecure_dev_auth,
-            idle_timeout: Duration::from_millis(g.idle_timeout_ms.max(100)),
-            client_queue: g.client_queue.max(8),
+            idle_timeout: Duration::from_millis(g.idle_timeout_ms),
+            client_queue: g.client_queue,
             publish_rate: g.publish_rate,
             publish_burst: g.publish_burst,
         },
@@ -264,12 +263,6 @@ pub async fn run_reporting(
 
     registration.set_state(NodeState::Running).await?;
     env.health.set_ready(true);
-    if let Some(b) = bound {
-        let _ = b.send(Bound {
-            client_addr,
-            node_addr,
-        });
-    }
     tracing::info!("gateway running");
 
     // keep the registered load (connection count) roughly current, least loaded first in /v1/gateways

@@ -15,12 +15,12 @@ use pixiu_protocol::client::{
     codes, parse_client_frame, ClientRequest, ErrorReply, FrameError, Id, ServerFrame,
 };
 use pixiu_protocol::ids::{RouteKey, SnowflakeGen};
+use pixiu_protocol::routing::user_proxy;
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{RoleMetrics, Shutdown};
 use pixiu_transport::Transport;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -354,22 +354,15 @@ async fn reply(tx: &mpsc::Sender<Utf8Bytes>, frame: ServerFrame) -> Result<(), (
 }
 
 fn publish(state: &WsState, uid: u64, room: u64, body: String, cid: Option<String>) -> ServerFrame {
-    let proxies = state.proxies.borrow().clone();
-    let running: Vec<SocketAddr> = proxies
-        .running(0)
-        .into_iter()
-        .filter_map(|m| m.info.addr.parse().ok())
-        .collect();
-    if running.is_empty() {
+    let running = state.proxies.borrow().running_addrs(0);
+    let Some(to) = user_proxy(uid, running.len()).map(|i| running[i]) else {
         state.metrics.drop("publish", "no_proxy");
         return ServerFrame::Error {
             code: codes::UNAVAILABLE.into(),
             reason: "no running proxy".into(),
             cid,
         };
-    }
-    // seed 8.4: ProxyID = UIN % ProxyNum
-    let to = running[(uid % running.len() as u64) as usize];
+    };
     let id = state.ids.next();
     let msg = Message::Publish(RoomMessage {
         id,

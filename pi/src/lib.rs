@@ -395,11 +395,6 @@ impl PiIndex {
         self.partition
     }
 
-    /// Does this partition own `uid` while `partition_num` partitions are published?
-    pub fn owns(&self, uid: u64, partition_num: u32) -> bool {
-        pixiu_protocol::inbox::owns_uid(uid, self.partition, partition_num)
-    }
-
     /// The last LogId written (0 when the log is empty).
     pub fn last_log_id(&self) -> LogId {
         self.last_log

@@ -14,7 +14,8 @@
 //!   its own (every follower's log is a prefix of the old leader's), then serves.
 
 use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, SnapshotChunk};
-use pixiu_protocol::inbox::{owns_uid, MsgId};
+use pixiu_protocol::inbox::MsgId;
+use pixiu_protocol::routing::{owns_user, user_partition};
 use pixiu_protocol::wire::{self, Message};
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
 use pixiu_runtime::replication::{
@@ -139,6 +140,12 @@ impl Node {
 /// What a Pi replica refuses in its own settings before it starts (`--check-config` too).
 /// Returns the data dir.
 pub fn check(config: &Config) -> Result<std::path::PathBuf, Error> {
+    pixiu_runtime::config::at_least(&[(
+        "maintenance_interval_ms",
+        config.pi.maintenance_interval_ms,
+        100,
+    )])
+    .map_err(Error::Config)?;
     config
         .pi
         .data_dir
@@ -434,9 +441,7 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
 
 /// Retention and log trimming, on the leader.
 async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(Duration::from_millis(
-        node.cfg.maintenance_interval_ms.max(100),
-    ));
+    let mut tick = tokio::time::interval(Duration::from_millis(node.cfg.maintenance_interval_ms));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -495,10 +500,10 @@ fn unavailable(reason: impl Into<String>) -> Message {
 
 fn not_ours(node: &Node, uid: u64) -> Option<Message> {
     let num = node.pis.borrow().partition_num;
-    (!owns_uid(uid, node.cfg.partition, num)).then(|| Message::Refused {
+    (!owns_user(uid, node.cfg.partition, num)).then(|| Message::Refused {
         reason: format!(
             "user {uid} belongs to pi partition {} of {num}, not {}",
-            uid % u64::from(num.max(1)),
+            user_partition(uid, num),
             node.cfg.partition
         ),
     })

@@ -118,12 +118,6 @@ pub fn device_key(device: &str) -> u64 {
     h
 }
 
-/// Does partition `partition` of Xiu or Pi, with `partition_num` partitions published, own
-/// receiver `uid`? The seed's `UIN % N == PartitionID % N` (8.2.1 step 2, 8.3.1 step 1).
-pub fn owns_uid(uid: u64, partition: u32, partition_num: u32) -> bool {
-    crate::routing::partition_matches(uid, partition, partition_num)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,13 +204,5 @@ mod tests {
         let bytes = postcard::to_allocvec(&m).expect("serializing into a Vec");
         let back: StoredMessage = postcard::from_bytes(&bytes).expect("decoding what we encoded");
         assert_eq!(back, m);
-    }
-
-    #[test]
-    fn ownership_follows_the_seed_rule() {
-        assert!(owns_uid(10, 2, 4));
-        assert!(!owns_uid(10, 1, 4));
-        // During a doubling from 2 to 4, partitions 0 and 2 both own even uids under N = 2.
-        assert!(owns_uid(6, 0, 2) && owns_uid(6, 2, 2));
     }
 }

@@ -49,6 +49,47 @@ pub fn broker_partition(hash: u64, partition_num: u32) -> u32 {
     (hash % partition_num.max(1) as u64) as u32
 }
 
+/// The partition of a user-keyed role (Xiu, Pi, and the broker for a user's devices) that
+/// serves user `uid`: `uid % N` (seed 8.2.1 step 2, 8.3.1 step 1, 8.4).
+pub fn user_partition(uid: u64, partition_num: u32) -> u32 {
+    (uid % u64::from(partition_num.max(1))) as u32
+}
+
+/// Does partition `partition` of a user-keyed role, with `partition_num` published, serve user
+/// `uid`? The seed's `UIN % N == PartitionID % N`, so during a doubling the parent and its
+/// child both do.
+pub fn owns_user(uid: u64, partition: u32, partition_num: u32) -> bool {
+    partition_matches(uid, partition, partition_num)
+}
+
+/// Users grouped by [`user_partition`], each user once, in the order first seen.
+pub fn group_users<T>(
+    items: impl IntoIterator<Item = T>,
+    partition_num: u32,
+    uid_of: impl Fn(&T) -> u64,
+) -> std::collections::BTreeMap<u32, Vec<T>> {
+    let mut groups: std::collections::BTreeMap<u32, Vec<T>> = std::collections::BTreeMap::new();
+    for item in items {
+        groups
+            .entry(user_partition(uid_of(&item), partition_num))
+            .or_default()
+            .push(item);
+    }
+    groups
+}
+
+/// Which of the `replicas` running replicas of user `uid`'s broker partition serves that
+/// user's devices: the room rule with the user id as the hash, `(uid / N) % replicas`.
+pub fn user_replica(uid: u64, partition_num: u32, replicas: usize) -> Option<usize> {
+    pick_replica(uid, partition_num, replicas)
+}
+
+/// Which of `proxies` running proxies a gateway sends user `uid`'s publishes to (seed 8.4:
+/// `ProxyID = UIN % ProxyNum`).
+pub fn user_proxy(uid: u64, proxies: usize) -> Option<usize> {
+    (proxies > 0).then(|| (uid % proxies as u64) as usize)
+}
+
 /// The router partitions a broker partition must subscribe to so that it sees every gateway
 /// message of its rooms: those with `rp % m == bp % m`, `m = min(router N, broker N)`
 /// (seed 7.4: with 4 brokers and 2 routers broker 3 listens to router 1; with 4 brokers and
@@ -142,6 +183,26 @@ mod tests {
         // after N = 4 only one partition
         assert_eq!(target_partitions(5, 4, 0..4), vec![1]);
         assert_eq!(broker_partition(5, 4), 1);
+    }
+
+    #[test]
+    fn user_rules() {
+        assert_eq!(user_partition(10, 4), 2);
+        assert_eq!(
+            user_partition(10, 0),
+            0,
+            "no partitions published counts as one"
+        );
+        assert!(owns_user(10, 2, 4) && !owns_user(10, 1, 4));
+        // doubling 2 -> 4 under way: the parent 0 and its child 2 both own user 6
+        assert!(owns_user(6, 0, 2) && owns_user(6, 2, 2));
+        let groups = group_users([(4u64, 'a'), (5, 'b'), (6, 'c')], 2, |(u, _)| *u);
+        assert_eq!(groups[&0], vec![(4, 'a'), (6, 'c')]);
+        assert_eq!(groups[&1], vec![(5, 'b')]);
+        assert_eq!(user_replica(9, 2, 0), None);
+        assert_eq!(user_replica(9, 2, 3), Some(1));
+        assert_eq!(user_proxy(7, 0), None);
+        assert_eq!(user_proxy(7, 3), Some(1));
     }
 
     #[test]

@@ -35,10 +35,6 @@ impl RouteTable {
         }
     }
 
-    pub fn apply_update(&mut self, u: &GatewayUpdate) -> bool {
-        self.apply(row_of(u))
-    }
-
     /// Does the table reflect this update or a newer one from the same gateway instance?
     pub fn covers(&self, key: &RouteKey, instance: u64, version: GatewayMsgId) -> bool {
         self.rows

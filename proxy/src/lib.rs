@@ -20,7 +20,6 @@ use pixiu_registry::{NodeInfo, NodeState, Role};
 use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,7 +100,20 @@ pub fn check(config: &Config) -> Result<(), Error> {
         ));
     }
     BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
-    Ok(())
+    if let Some(q) = pc.convert_queues {
+        if !(1..=64).contains(&q) {
+            return Err(Error::Config(format!(
+                "convert_queues = {q} is outside 1..=64"
+            )));
+        }
+    }
+    pixiu_runtime::config::at_least(&[
+        ("inbox_timeout_ms", pc.inbox_timeout_ms, 100),
+        ("queue_capacity", pc.queue_capacity as u64, 16),
+        ("sid_cache", pc.sid_cache as u64, 1),
+        ("heartbeat_interval_ms", pc.heartbeat_interval_ms, 10),
+    ])
+    .map_err(Error::Config)
 }
 
 /// Run a proxy against ZooKeeper until `shutdown`.
@@ -142,16 +154,16 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         transport.clone(),
         env.registry.watch(Role::Xiu).await?,
         brokers_rx.clone(),
-        Duration::from_millis(pc.inbox_timeout_ms.max(100)),
+        Duration::from_millis(pc.inbox_timeout_ms),
     );
     let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
     let n = pc
         .convert_queues
-        .unwrap_or(brokers_rx.borrow().partition_num as usize)
-        .clamp(1, 64);
+        // one queue per broker partition unless set, as the seed's pipeline has
+        .unwrap_or_else(|| (brokers_rx.borrow().partition_num as usize).clamp(1, 64));
     let pipeline = Pipeline::start(
         n,
-        pc.queue_capacity.max(16),
+        pc.queue_capacity,
         big_rooms,
         routes.clone(),
         transport.clone(),
@@ -192,7 +204,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         routes: routes.clone(),
         ids,
         sids: std::sync::Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(pc.sid_cache.max(1)).expect("at least 1"),
+            std::num::NonZeroUsize::new(pc.sid_cache).expect("at least 1"),
         )),
         gateways: gateways_rx,
         metrics: metrics.clone(),
@@ -214,8 +226,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     env.health.set_ready(true);
     tracing::info!(id = registration.id(), %node_addr, %http_addr, convert_queues = n, "proxy running");
 
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_millis(pc.heartbeat_interval_ms.max(10)));
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(pc.heartbeat_interval_ms));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -249,7 +260,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             }
             _ = heartbeat.tick() => {
                 let now = Instant::now();
-                let addrs: HashSet<SocketAddr> = brokers.all().filter_map(|(_, m)| m.info.addr.parse().ok()).collect();
+                let addrs = brokers.all_addrs();
                 live.retain(|a| addrs.contains(a));
                 for a in addrs {
                     let seq = live.ping_sent(a, now);

@@ -11,7 +11,7 @@ use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
 use pixiu_protocol::ids::RouteKey;
 use pixiu_protocol::routing::{broker_partition, pick_replica, BigRooms};
 use pixiu_protocol::wire::{self, Message, RoomMessage};
-use pixiu_registry::{NodeState, RoleView};
+use pixiu_registry::RoleView;
 use pixiu_runtime::{Liveness, RoleMetrics};
 use pixiu_transport::Transport;
 use std::net::SocketAddr;
@@ -40,10 +40,8 @@ impl Routes {
         let n = view.partition_num;
         let partitions = (0..n)
             .map(|p| {
-                view.members(p)
-                    .iter()
-                    .filter(|m| m.info.state == NodeState::Running)
-                    .filter_map(|m| m.info.addr.parse::<SocketAddr>().ok())
+                view.running_addrs(p)
+                    .into_iter()
                     .filter(|a| live.is_alive(a, now))
                     .collect()
             })

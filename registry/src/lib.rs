@@ -146,6 +146,19 @@ pub struct Member {
     pub info: NodeInfo,
 }
 
+impl Member {
+    /// The node-to-node address; `None` when the registered text is not `ip:port` (such a
+    /// node cannot be reached, so callers skip it).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.info.addr.parse().ok()
+    }
+
+    /// Is the node in state [`NodeState::Running`]?
+    pub fn is_running(&self) -> bool {
+        self.info.state == NodeState::Running
+    }
+}
+
 /// Snapshot of one role.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoleView {
@@ -169,8 +182,27 @@ impl RoleView {
     pub fn running(&self, partition: u32) -> Vec<&Member> {
         self.members(partition)
             .iter()
-            .filter(|m| m.info.state == NodeState::Running)
+            .filter(|m| m.is_running())
             .collect()
+    }
+
+    /// Addresses of the running members of a partition, by id.
+    pub fn running_addrs(&self, partition: u32) -> Vec<std::net::SocketAddr> {
+        self.members(partition)
+            .iter()
+            .filter(|m| m.is_running())
+            .filter_map(Member::addr)
+            .collect()
+    }
+
+    /// Addresses of every member of the role, whatever its partition or state.
+    pub fn all_addrs(&self) -> std::collections::HashSet<std::net::SocketAddr> {
+        self.all().filter_map(|(_, m)| m.addr()).collect()
+    }
+
+    /// The address of a partition's leader (its smallest id), if it has one.
+    pub fn leader_addr(&self, partition: u32) -> Option<std::net::SocketAddr> {
+        self.leader(partition).and_then(Member::addr)
     }
 
     /// Every member with its partition, by partition then id.
@@ -203,10 +235,7 @@ pub async fn leader_changes(
     leader: std::net::SocketAddr,
 ) {
     loop {
-        let now = view
-            .borrow_and_update()
-            .leader(partition)
-            .and_then(|m| m.info.addr.parse::<std::net::SocketAddr>().ok());
+        let now = view.borrow_and_update().leader_addr(partition);
         if now != Some(leader) {
             return;
         }
@@ -429,11 +458,6 @@ impl Registry {
             Backend::Zk(z) => &z.cluster,
             Backend::Embedded(e) => &e.cluster,
         }
-    }
-
-    /// Whether this is the embedded (in-process) backend.
-    pub fn is_embedded(&self) -> bool {
-        matches!(self.backend(), Backend::Embedded(_))
     }
 
     /// Creates the layout. Idempotent when the counts match; fails with

@@ -9,7 +9,7 @@ mod store;
 use pixiu_protocol::routing::partition_matches;
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message};
-use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_registry::{Member, NodeInfo, NodeState, Role, RoleView};
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
@@ -65,6 +65,15 @@ pub enum Error {
     Store(#[from] store::StoreError),
 }
 
+/// What the router refuses in its own settings before it starts (`--check-config` too).
+pub fn check(config: &Config) -> Result<(), Error> {
+    pixiu_runtime::config::at_least(&[
+        ("sweep_interval_ms", config.router.sweep_interval_ms, 100),
+        ("subscriber_ttl_ms", config.router.subscriber_ttl_ms, 100),
+    ])
+    .map_err(Error::Config)
+}
+
 /// Run a router against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let env = NodeEnv::for_service(&config.common, &shutdown).await?;
@@ -94,6 +103,7 @@ struct Router {
 
 /// Run a router in a given environment.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
+    check(&config)?;
     let rc = config.router.clone();
     let metrics = RoleMetrics::new(&env.metrics, "router");
     let store = Store::open(&rc.data_dir.join(format!("routes-p{}", rc.partition)))?;
@@ -156,7 +166,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     }
 
     let mut sweeper = GatewaySweeper::default();
-    let mut sweep = tokio::time::interval(Duration::from_millis(rc.sweep_interval_ms.max(100)));
+    let mut sweep = tokio::time::interval(Duration::from_millis(rc.sweep_interval_ms));
     let mut running = false;
     loop {
         tokio::select! {
@@ -245,8 +255,8 @@ impl Router {
             .members(self.partition)
             .iter()
             .filter(|m| m.id != me)
-            .filter(|m| !running_only || m.info.state == NodeState::Running)
-            .filter_map(|m| m.info.addr.parse().ok())
+            .filter(|m| !running_only || m.is_running())
+            .filter_map(Member::addr)
             .collect()
     }
 

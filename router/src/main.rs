@@ -40,9 +40,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     let drain = Duration::from_millis(common.drain_ms);
     let cfg = pixiu_router::Config { common, router: r };
     if args.common.check_config {
-        return report_check("pixiu-router", &cfg.common, || {
-            Ok::<(), pixiu_router::Error>(())
-        });
+        return report_check("pixiu-router", &cfg.common, || pixiu_router::check(&cfg));
     }
     pixiu_runtime::serve_until_signalled("router", drain, |shutdown| {
         pixiu_router::run(cfg, shutdown)

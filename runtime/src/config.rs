@@ -161,6 +161,15 @@ pub fn check_common(c: &CommonConfig) -> Result<(), crate::RuntimeError> {
     Ok(())
 }
 
+/// Settings with a floor: each `(key, value, least)` must have `value >= least`. The error
+/// names the first that does not, as the config key (the flag is the same with dashes).
+pub fn at_least(settings: &[(&str, u64, u64)]) -> Result<(), String> {
+    match settings.iter().find(|(_, v, least)| v < least) {
+        Some((key, v, least)) => Err(format!("{key} = {v} is below its least value, {least}")),
+        None => Ok(()),
+    }
+}
+
 /// `--check-config`: the common check, then the role's own; prints `<name>: configuration ok`
 /// when both pass. The caller exits with the error (one line, status 2) otherwise.
 pub fn report_check<E>(

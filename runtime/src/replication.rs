@@ -5,7 +5,7 @@
 //! A position is the store's own order: a Xiu counter or a Pi LogId. Followers pull: each
 //! pull says "I durably hold everything up to `after`", which is what the leader records.
 
-use pixiu_registry::RoleView;
+use pixiu_registry::{Member, RoleView};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -32,9 +32,9 @@ pub fn place(view: &RoleView, partition: u32, me: u64) -> Place {
     }
     match view.leader(partition) {
         Some(l) if l.id == me => Place::Leader,
-        Some(l) => match l.info.addr.parse() {
-            Ok(addr) => Place::Follower { leader: l.id, addr },
-            Err(_) => Place::Unknown,
+        Some(l) => match l.addr() {
+            Some(addr) => Place::Follower { leader: l.id, addr },
+            None => Place::Unknown,
         },
         None => Place::Unknown,
     }
@@ -173,7 +173,7 @@ pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
     view.members(partition)
         .iter()
         .filter(|m| m.id != me)
-        .filter_map(|m| m.info.addr.parse().ok())
+        .filter_map(Member::addr)
         .collect()
 }
 

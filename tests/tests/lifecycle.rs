@@ -189,6 +189,41 @@ fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
             "9..3",
         ),
     ];
+    // settings out of range are refused, not clamped
+    let range = |file: &str, toml: &str| {
+        let p = dir.path().join(file);
+        std::fs::write(&p, toml).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let broker_poll = range("broker-poll.toml", "inbox_poll_ms = 5\n");
+    let router_sweep = range("router-sweep.toml", "sweep_interval_ms = 0\n");
+    let gateway_queue = range(
+        "gateway-queue.toml",
+        "insecure_dev_auth = true\nclient_queue = 1\n",
+    );
+    let proxy_queues = range(
+        "proxy-queues.toml",
+        "insecure_dev_auth = true\nconvert_queues = 100\n",
+    );
+    let pi_maintenance = range(
+        "pi-maintenance.toml",
+        "data_dir = \"/d\"\nmaintenance_interval_ms = 1\n",
+    );
+    fn with(file: &str) -> Vec<&str> {
+        vec!["--zk", "z:1", "--tls-dir", "/t", "--config", file]
+    }
+    let mut bad = bad;
+    bad.extend([
+        ("pixiu-broker", with(&broker_poll), "inbox_poll_ms = 5"),
+        ("pixiu-router", with(&router_sweep), "sweep_interval_ms = 0"),
+        ("pixiu-gateway", with(&gateway_queue), "client_queue = 1"),
+        ("pixiu-proxy", with(&proxy_queues), "convert_queues = 100"),
+        (
+            "pixiu-pi",
+            with(&pi_maintenance),
+            "maintenance_interval_ms = 1",
+        ),
+    ]);
     for (name, args, mention) in bad {
         let out = Command::new(bin(name))
             .args(&args)

@@ -26,7 +26,8 @@
 //!   from its watermark, then serves.
 
 use crate::{Durability, XiuError, XiuOptions, XiuStore};
-use pixiu_protocol::inbox::{owns_uid, MsgId, KIND_NONE, KIND_PERSONAL};
+use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
+use pixiu_protocol::routing::{group_users, owns_user, user_partition};
 use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
@@ -36,7 +37,6 @@ use pixiu_runtime::replication::{
 use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -545,18 +545,10 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), String> 
     if pis.partition_num == 0 {
         return Err("no pi partitions".into());
     }
-    let mut groups: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-    for (uid, id) in items {
-        groups
-            .entry((uid % u64::from(pis.partition_num)) as u32)
-            .or_default()
-            .push((uid, id));
-    }
+    let groups = group_users(items, pis.partition_num, |(uid, _)| *uid);
     let ts = pixiu_protocol::now_ms();
     let calls = groups.into_iter().map(|(p, items)| {
-        let leader = pis
-            .leader(p)
-            .and_then(|m| m.info.addr.parse::<SocketAddr>().ok());
+        let leader = pis.leader_addr(p);
         let transport = node.transport.clone();
         async move {
             let leader = leader.ok_or_else(|| format!("pi partition {p} has no leader"))?;
@@ -696,12 +688,12 @@ async fn store(node: &Node, req: StoreRequest) -> Message {
     if let Some(uid) = req
         .to
         .iter()
-        .find(|uid| !owns_uid(**uid, node.cfg.partition, num))
+        .find(|uid| !owns_user(**uid, node.cfg.partition, num))
     {
         return Message::Refused {
             reason: format!(
                 "receiver {uid} belongs to xiu partition {} of {num}, not {}",
-                uid % u64::from(num.max(1)),
+                user_partition(*uid, num),
                 node.cfg.partition
             ),
         };
