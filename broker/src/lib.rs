@@ -86,6 +86,8 @@ pub enum Error {
 pub fn check(config: &Config) -> Result<(), Error> {
     let bc = &config.broker;
     pixiu_runtime::config::at_least(&[
+        ("heartbeat_interval_ms", bc.heartbeat_interval_ms, 10),
+        ("sweep_interval_ms", bc.sweep_interval_ms, 100),
         ("inbox_batch", bc.inbox_batch as u64, 1),
         ("redeliver_ms", bc.redeliver_ms, 10),
         ("redeliver_tries", u64::from(bc.redeliver_tries), 1),
@@ -208,9 +210,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     };
     b.subscribe();
 
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms.max(10)));
-    let mut sweep = tokio::time::interval(Duration::from_millis(bc.sweep_interval_ms.max(100)));
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms));
+    let mut sweep = tokio::time::interval(Duration::from_millis(bc.sweep_interval_ms));
     let mut sweeper = GatewaySweeper::default();
     loop {
         tokio::select! {
