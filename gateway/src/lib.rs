@@ -111,11 +111,13 @@ pub enum Error {
 /// What the gateway refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
     let g = &config.gateway;
-    if g.auth_secret.is_none() && g.auth_secret_file.is_none() && !g.insecure_dev_auth {
-        return Err(Error::Config(
-            "the gateway needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
-        ));
-    }
+    pixiu_runtime::config::check_auth(
+        "gateway",
+        g.auth_secret.as_deref(),
+        g.auth_secret_file.as_deref(),
+        g.insecure_dev_auth,
+    )
+    .map_err(Error::Config)?;
     BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
     pixiu_runtime::config::at_least(&[
         ("inbox_timeout_ms", g.inbox_timeout_ms, 100),

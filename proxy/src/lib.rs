@@ -94,11 +94,13 @@ pub enum Error {
 /// What the proxy refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
     let pc = &config.proxy;
-    if pc.auth_secret.is_none() && pc.auth_secret_file.is_none() && !pc.insecure_dev_auth {
-        return Err(Error::Config(
-            "the proxy needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development".into(),
-        ));
-    }
+    pixiu_runtime::config::check_auth(
+        "proxy",
+        pc.auth_secret.as_deref(),
+        pc.auth_secret_file.as_deref(),
+        pc.insecure_dev_auth,
+    )
+    .map_err(Error::Config)?;
     BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
     if let Some(q) = pc.convert_queues {
         if !(1..=64).contains(&q) {

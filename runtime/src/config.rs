@@ -161,6 +161,22 @@ pub fn check_common(c: &CommonConfig) -> Result<(), crate::RuntimeError> {
     Ok(())
 }
 
+/// The client-facing roles (gateway, proxy) need a secret to check tokens, or an explicit
+/// `--insecure-dev-auth`; `role` names the role in the error.
+pub fn check_auth(
+    role: &str,
+    secret: Option<&str>,
+    secret_file: Option<&std::path::Path>,
+    insecure_dev_auth: bool,
+) -> Result<(), String> {
+    if secret.is_none() && secret_file.is_none() && !insecure_dev_auth {
+        return Err(format!(
+            "the {role} needs --auth-secret-file (or PIXIU_AUTH_SECRET), or --insecure-dev-auth for development"
+        ));
+    }
+    Ok(())
+}
+
 /// Settings with a floor: each `(key, value, least)` must have `value >= least`. The error
 /// names the first that does not, as the config key (the flag is the same with dashes).
 pub fn at_least(settings: &[(&str, u64, u64)]) -> Result<(), String> {

@@ -28,6 +28,13 @@ async fn inbox_cluster(name: &str, xius: usize, pis: usize, store_args: &[&str])
         c.spawn_store(&format!("pi{i}"), "pi", 0, store_args);
         c.wait_healthy(&format!("pi{i}")).await;
     }
+    spawn_front(&mut c).await;
+    c
+}
+
+/// The roles in front of the stores: one router, broker, gateway and proxy; then waits until
+/// every node is healthy.
+async fn spawn_front(c: &mut Cluster) {
     c.spawn_router("router0", 0);
     let broker_cfg = c.config_file("broker", BROKER_TOML);
     let b: Vec<&str> = broker_cfg.iter().map(String::as_str).collect();
@@ -37,7 +44,6 @@ async fn inbox_cluster(name: &str, xius: usize, pis: usize, store_args: &[&str])
     c.spawn_gateway("gw0", &g);
     c.spawn_proxy("proxy0", &[]);
     c.wait_all_healthy().await;
-    c
 }
 
 /// Inbox frames until `n` distinct ids arrived (acking each), or the deadline.
@@ -538,15 +544,7 @@ async fn multicast_reaches_every_listed_inbox_across_partitions() {
         c.spawn_store(&format!("xiu{p}"), "xiu", p, &["--min-insync", "0"]);
         c.spawn_store(&format!("pi{p}"), "pi", p, &["--min-insync", "0"]);
     }
-    c.spawn_router("router0", 0);
-    let broker_cfg = c.config_file("broker", BROKER_TOML);
-    let b: Vec<&str> = broker_cfg.iter().map(String::as_str).collect();
-    c.spawn_broker_with("broker0", 0, &b);
-    let gw_cfg = c.config_file("gateway", GATEWAY_TOML);
-    let g: Vec<&str> = gw_cfg.iter().map(String::as_str).collect();
-    c.spawn_gateway("gw0", &g);
-    c.spawn_proxy("proxy0", &[]);
-    c.wait_all_healthy().await;
+    spawn_front(&mut c).await;
     let publisher = c.publisher("proxy0");
 
     // users 10 and 12 live in partition 0, 11 and 13 in partition 1; 10 is listed twice
