@@ -6,7 +6,7 @@ use pixiu_protocol::inbox::{device_key, MsgId};
 use pixiu_protocol::routing::user_partition;
 use pixiu_protocol::wire::{self, DeviceRef, InboxItem, Message, ReadResult};
 use pixiu_registry::RoleView;
-use pixiu_runtime::{RoleMetrics, Shutdown};
+use pixiu_runtime::{ask, AskError, RoleMetrics, Shutdown};
 use pixiu_transport::Transport;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -157,8 +157,8 @@ fn act(io: &Io, action: Action, done_tx: &mpsc::Sender<Done>) {
                 };
                 for _ in 0..3 {
                     match pi_request(&io, uid, &msg).await {
-                        Ok(Message::Done) => return,
-                        Ok(other) => tracing::debug!(uid, "saving a cursor: {}", other.kind()),
+                        Ok((_, Message::Done)) => return,
+                        Ok((_, other)) => tracing::debug!(uid, "saving a cursor: {}", other.kind()),
                         Err(e) => tracing::debug!(uid, "saving a cursor: {e}"),
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -169,33 +169,39 @@ fn act(io: &Io, action: Action, done_tx: &mpsc::Sender<Done>) {
     }
 }
 
-async fn request(io: &Io, to: SocketAddr, msg: &Message) -> Result<Message, String> {
-    let bytes = io
-        .transport
-        .request(to, wire::encode(msg), REQUEST_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    wire::decode(&bytes).map_err(|e| e.to_string())
+/// Why an inbox read or cursor write did not happen (the delivery state machine retries).
+#[derive(Debug, thiserror::Error)]
+enum InboxError {
+    #[error("{role} has no partitions")]
+    NoPartitions { role: &'static str },
+    #[error("{role} partition {partition} has no reachable replica")]
+    NoLeader { role: &'static str, partition: u32 },
+    #[error(transparent)]
+    Ask(#[from] AskError),
 }
 
-fn leader_of(view: &RoleView, partition: u32) -> Result<SocketAddr, String> {
-    view.leader(partition)
-        .ok_or_else(|| format!("partition {partition} has no replica"))?
-        .info
-        .addr
-        .parse()
-        .map_err(|e| format!("bad address of the leader of partition {partition}: {e}"))
+fn leader_of(
+    view: &RoleView,
+    role: &'static str,
+    partition: u32,
+) -> Result<SocketAddr, InboxError> {
+    view.leader_addr(partition)
+        .ok_or(InboxError::NoLeader { role, partition })
 }
 
-async fn pi_request(io: &Io, uid: u64, msg: &Message) -> Result<Message, String> {
+/// Ask the Pi leader of `uid`'s partition; the answer with who gave it.
+async fn pi_request(io: &Io, uid: u64, msg: &Message) -> Result<(SocketAddr, Message), InboxError> {
     let leader = {
         let pis = io.pis.borrow();
         if pis.partition_num == 0 {
-            return Err("pi has no partitions".into());
+            return Err(InboxError::NoPartitions { role: "pi" });
         }
-        leader_of(&pis, user_partition(uid, pis.partition_num))?
+        leader_of(&pis, "pi", user_partition(uid, pis.partition_num))?
     };
-    request(io, leader, msg).await
+    Ok((
+        leader,
+        ask(&io.transport, leader, msg, REQUEST_TIMEOUT).await?,
+    ))
 }
 
 /// Pi: the ids; Xiu: the messages.
@@ -205,7 +211,7 @@ async fn fetch(
     device: &str,
     after: Option<u64>,
     max: usize,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, InboxError> {
     let read = Message::PiRead {
         uid,
         device: device_key(device),
@@ -213,9 +219,8 @@ async fn fetch(
         max: max as u32,
     };
     let (ids, cursor) = match pi_request(io, uid, &read).await? {
-        Message::PiIds { ids, cursor } => (ids, cursor),
-        Message::Unavailable { reason } | Message::Refused { reason } => return Err(reason),
-        other => return Err(format!("unexpected {}", other.kind())),
+        (_, Message::PiIds { ids, cursor }) => (ids, cursor),
+        (pi, other) => return Err(AskError::unexpected(pi, &other, "pi_ids").into()),
     };
     if ids.is_empty() {
         return Ok(Fetched {
@@ -233,8 +238,9 @@ async fn fetch(
     let mut items: Vec<InboxItem> = Vec::with_capacity(ids.len());
     let mut skipped_upto = None;
     for (p, part_ids) in by_part {
-        let leader = leader_of(&io.xius.borrow(), u32::from(p))?;
-        match request(io, leader, &Message::XiuRead { uid, ids: part_ids }).await? {
+        let leader = leader_of(&io.xius.borrow(), "xiu", u32::from(p))?;
+        let read = Message::XiuRead { uid, ids: part_ids };
+        match ask(&io.transport, leader, &read, REQUEST_TIMEOUT).await? {
             Message::XiuMessages { items: results } => {
                 for r in results {
                     match r {
@@ -248,8 +254,7 @@ async fn fetch(
                     }
                 }
             }
-            Message::Unavailable { reason } | Message::Refused { reason } => return Err(reason),
-            other => return Err(format!("unexpected {}", other.kind())),
+            other => return Err(AskError::unexpected(leader, &other, "xiu_messages").into()),
         }
     }
     items.sort_by_key(|m| m.id);

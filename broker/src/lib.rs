@@ -353,28 +353,24 @@ impl Broker {
         }
         let transport = self.transport.clone();
         let tx = self.sync_tx.clone();
-        let req = wire::encode(&Message::SnapshotRequest {
+        let req = Message::SnapshotRequest {
             partition: self.partition,
             partition_num: self.brokers.partition_num,
-        });
+        };
         tokio::spawn(async move {
-            let rows = match transport.request(from, req, Duration::from_secs(5)).await {
-                Ok(bytes) => match wire::decode(&bytes) {
+            let rows =
+                match pixiu_runtime::ask(&transport, from, &req, Duration::from_secs(5)).await {
                     Ok(Message::Snapshot { rows }) => Some(rows),
                     Ok(other) => {
-                        tracing::warn!(%from, kind = other.kind(), "router refused the snapshot");
+                        let e = pixiu_runtime::AskError::unexpected(from, &other, "snapshot");
+                        tracing::warn!("loading the routing table from a router: {e}");
                         None
                     }
                     Err(e) => {
-                        tracing::warn!(%from, "bad snapshot: {e}");
+                        tracing::warn!("loading the routing table from a router: {e}");
                         None
                     }
-                },
-                Err(e) => {
-                    tracing::warn!(%from, "snapshot request failed: {e}");
-                    None
-                }
-            };
+                };
             let _ = tx
                 .send(SyncResult {
                     router_partition: rp,

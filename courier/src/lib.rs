@@ -10,6 +10,7 @@
 use pixiu_protocol::routing::{group_users, user_partition, user_replica};
 use pixiu_protocol::wire::{self, Message, StoreRequest};
 use pixiu_registry::RoleView;
+use pixiu_runtime::{ask, AskError};
 use pixiu_transport::Transport;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -113,7 +114,7 @@ impl Courier {
         req: StoreRequest,
     ) -> Result<(Vec<u64>, u64), CourierError> {
         let deadline = tokio::time::Instant::now() + self.deadline;
-        let msg = wire::encode(&Message::XiuStore(req.clone()));
+        let msg = Message::XiuStore(req.clone());
         let mut last_error = String::from("no attempt");
         // what the store itself said beats a transport timeout of a later attempt
         let mut store_said: Option<String> = None;
@@ -126,7 +127,7 @@ impl Courier {
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let answer = tokio::select! {
-                r = self.transport.request(leader, msg.clone(), left) => r,
+                r = ask(&self.transport, leader, &msg, left) => r,
                 () = pixiu_registry::leader_changes(self.xius.clone(), partition, leader) => {
                     // a killed leader never answers: go to its successor (same sid, so a
                     // store the old leader did make is not made twice)
@@ -135,16 +136,15 @@ impl Courier {
                 }
             };
             match answer {
-                Ok(bytes) => match wire::decode(&bytes) {
-                    Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
-                    Ok(Message::Refused { reason }) => {
-                        return Err(CourierError::BadRequest(reason))
-                    }
-                    Ok(Message::Unavailable { reason }) => store_said = Some(reason),
-                    Ok(other) => last_error = format!("unexpected answer {}", other.kind()),
-                    Err(e) => last_error = e.to_string(),
-                },
-                Err(e) => last_error = format!("xiu {leader}: {e}"),
+                Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
+                Ok(other) => {
+                    last_error = AskError::unexpected(leader, &other, "xiu_stored").to_string()
+                }
+                Err(AskError::Refused { reason, .. }) => {
+                    return Err(CourierError::BadRequest(reason))
+                }
+                Err(AskError::Unavailable { reason, .. }) => store_said = Some(reason),
+                Err(e) => last_error = format!("xiu: {e}"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -21,7 +21,7 @@ use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
 use pixiu_runtime::replication::{
     mark_running, peers, place, serve_replica, Followers, Head, Place,
 };
-use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{ask, AskError, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -308,6 +308,12 @@ impl From<String> for PullError {
     }
 }
 
+impl From<AskError> for PullError {
+    fn from(e: AskError) -> Self {
+        PullError::Other(e.to_string())
+    }
+}
+
 async fn take_over(node: &Node) {
     let me = node.me();
     let peers = peers(&node.pis.borrow(), node.cfg.partition, me);
@@ -325,20 +331,6 @@ async fn take_over(node: &Node) {
     }
 }
 
-async fn request(
-    node: &Node,
-    to: SocketAddr,
-    msg: &Message,
-    timeout: Duration,
-) -> Result<Message, String> {
-    let bytes = node
-        .transport
-        .request(to, wire::encode(msg), timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    wire::decode(&bytes).map_err(|e| e.to_string())
-}
-
 /// Replace this copy with the leader's snapshot.
 async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> {
     let mut upto: Option<u64> = None;
@@ -346,8 +338,8 @@ async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> 
     let mut begun = false;
     let mut entries = 0usize;
     loop {
-        let answer = request(
-            node,
+        let answer = ask(
+            &node.transport,
             leader,
             &Message::PiSnapshotRequest { upto, after },
             Duration::from_secs(10),
@@ -356,10 +348,7 @@ async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> 
         let chunk: SnapshotChunk = match answer {
             Message::PiSnapshotChunk { chunk } => postcard::from_bytes(&chunk)
                 .map_err(|e| PullError::Other(format!("undecodable snapshot chunk: {e}")))?,
-            Message::Unavailable { reason } | Message::Refused { reason } => {
-                return Err(PullError::Other(reason))
-            }
-            other => return Err(PullError::Other(format!("unexpected {}", other.kind()))),
+            other => return Err(AskError::unexpected(leader, &other, "pi_snapshot_chunk").into()),
         };
         if upto.is_some_and(|u| u != chunk.upto.0) {
             // the leader took a new snapshot meanwhile: start over
@@ -400,7 +389,7 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };
-    match request(node, from, &req, wait + Duration::from_secs(3)).await? {
+    match ask(&node.transport, from, &req, wait + Duration::from_secs(3)).await? {
         Message::PiLog { entries } => {
             let entries: Vec<LogEntry> = postcard::from_bytes(&entries)
                 .map_err(|e| PullError::Other(format!("undecodable log entries: {e}")))?;
@@ -429,13 +418,7 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
         Message::Diverged { .. } => Err(PullError::Resync(
             "this copy ran past the leader's log".into(),
         )),
-        Message::Unavailable { reason } | Message::Refused { reason } => {
-            Err(PullError::Other(reason))
-        }
-        other => Err(PullError::Other(format!(
-            "unexpected answer {}",
-            other.kind()
-        ))),
+        other => Err(AskError::unexpected(from, &other, "pi_log").into()),
     }
 }
 

@@ -219,26 +219,21 @@ async fn sync_from_peers(
     partition: u32,
     partition_num: u32,
 ) -> Vec<pixiu_protocol::wire::RouteRow> {
-    let req = wire::encode(&Message::SnapshotRequest {
+    let req = Message::SnapshotRequest {
         partition,
         partition_num,
-    });
+    };
     for peer in peers {
-        match transport
-            .request(*peer, req.clone(), Duration::from_secs(5))
-            .await
-        {
-            Ok(bytes) => match wire::decode(&bytes) {
-                Ok(Message::Snapshot { rows }) => {
-                    tracing::info!(%peer, rows = rows.len(), "synced the routing table from a peer replica");
-                    return rows;
-                }
-                Ok(other) => {
-                    tracing::warn!(%peer, kind = other.kind(), "peer refused the snapshot")
-                }
-                Err(e) => tracing::warn!(%peer, "bad snapshot: {e}"),
-            },
-            Err(e) => tracing::warn!(%peer, "snapshot request failed: {e}"),
+        match pixiu_runtime::ask(transport, *peer, &req, Duration::from_secs(5)).await {
+            Ok(Message::Snapshot { rows }) => {
+                tracing::info!(%peer, rows = rows.len(), "synced the routing table from a peer replica");
+                return rows;
+            }
+            Ok(other) => tracing::warn!(
+                "{}",
+                pixiu_runtime::AskError::unexpected(*peer, &other, "snapshot")
+            ),
+            Err(e) => tracing::warn!("syncing the routing table from a peer: {e}"),
         }
     }
     if !peers.is_empty() {

@@ -5,11 +5,13 @@
 //! instances unique among live gateways and proxies.
 
 pub mod admin;
+pub mod ask;
 pub mod config;
 pub mod liveness;
 pub mod metrics;
 pub mod replication;
 
+pub use ask::{ask, AskError};
 pub use config::{CommonArgs, CommonConfig};
 pub use liveness::Liveness;
 pub use metrics::RoleMetrics;

@@ -34,7 +34,7 @@ use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
 use pixiu_runtime::replication::{
     mark_running, peers, place, serve_replica, Followers, Head, Place,
 };
-use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
+use pixiu_runtime::{ask, AskError, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport, TransportConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -362,12 +362,10 @@ async fn pull_once(
         max: node.cfg.pull_batch,
         wait_ms: wait.as_millis() as u32,
     };
-    let bytes = node
-        .transport
-        .request(from, wire::encode(&req), wait + Duration::from_secs(3))
+    let answer = ask(&node.transport, from, &req, wait + Duration::from_secs(3))
         .await
         .map_err(|e| e.to_string())?;
-    match wire::decode(&bytes).map_err(|e| e.to_string())? {
+    match answer {
         Message::XiuEntries { entries, indexed } => {
             let n = entries.len();
             let entries: Vec<(MsgId, Vec<u8>)> = entries
@@ -416,8 +414,7 @@ async fn pull_once(
             tracing::warn!(%from, after, dropped = n, ?why, "copy disagreed with a more recent one; dropped the tail");
             Ok(false)
         }
-        Message::Unavailable { reason } | Message::Refused { reason } => Err(reason),
-        other => Err(format!("unexpected answer {}", other.kind())),
+        other => Err(AskError::unexpected(from, &other, "xiu_entries").to_string()),
     }
 }
 
@@ -552,22 +549,13 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), String> 
         let transport = node.transport.clone();
         async move {
             let leader = leader.ok_or_else(|| format!("pi partition {p} has no leader"))?;
-            let bytes = transport
-                .request(
-                    leader,
-                    wire::encode(&Message::PiAppend { items, ts }),
-                    Duration::from_secs(3),
-                )
-                .await
-                .map_err(|e| format!("pi partition {p}: {e}"))?;
-            match wire::decode(&bytes) {
+            let append = Message::PiAppend { items, ts };
+            match ask(&transport, leader, &append, Duration::from_secs(3)).await {
                 Ok(Message::Done) => Ok(()),
-                Ok(Message::Unavailable { reason }) | Ok(Message::Refused { reason }) => {
-                    Err(format!("pi partition {p}: {reason}"))
-                }
-                Ok(other) => Err(format!("pi partition {p}: unexpected {}", other.kind())),
-                Err(e) => Err(format!("pi partition {p}: {e}")),
+                Ok(other) => Err(AskError::unexpected(leader, &other, "done")),
+                Err(e) => Err(e),
             }
+            .map_err(|e| format!("pi partition {p}: {e}"))
         }
     });
     for r in futures::future::join_all(calls).await {
