@@ -1,5 +1,6 @@
 //! What every PiXiu service shares and nothing protocol-specific: the common flags and TOML
-//! config, the node environment (registry, TLS, metrics, health), the admin HTTP server
+//! config with the setting checks behind `--check-config`, asking a peer ([`ask()`]), the node
+//! environment (registry, TLS, metrics, health), the admin HTTP server
 //! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup,
 //! signal-driven shutdown, one-line fatal errors, and the registration that keeps snowflake
 //! instances unique among live gateways and proxies.

@@ -1,7 +1,8 @@
 //! Helpers for PiXiu's tests that start real processes: a throwaway ZooKeeper
 //! ([`ZkServer`]) and a TCP relay that can cut the network to it ([`TcpProxy`]), our own
 //! binaries as child processes that die with the test ([`Proc`], [`bin_path`]), free ports, a test folder kept for post-mortem when the test fails
-//! ([`TestDir`]), and polling helpers for `/healthz`, `/metrics` and eventual assertions.
+//! ([`TestDir`]), polling helpers for `/healthz`, `/metrics` and eventual assertions, and a
+//! headless Chromium driven over the DevTools protocol ([`browser`]).
 //!
 //! Every child is killed (SIGKILL) and reaped when its handle is dropped, so a failing test
 //! leaves no processes behind, and every child logs to a file whose contents a failure message
