@@ -16,9 +16,10 @@ mod inbox;
 use pixiu_protocol::routing::{partition_matches, router_partitions_for_broker};
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message, RouteRow};
-use pixiu_registry::{Member, NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Inbound, Transport, TransportConfig};
+use pixiu_registry::{Member, NodeState, Role, RoleView};
+use pixiu_runtime::inbound::{self, Received};
+use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, Registering, RoleMetrics, Service, Shutdown};
+use pixiu_transport::{Inbound, Transport};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -76,10 +77,6 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
 }
 
 /// What the broker refuses in its own settings before it starts (`--check-config` too).
@@ -99,11 +96,11 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a broker against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 struct Broker {
@@ -146,59 +143,27 @@ struct SyncResult {
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
     check(&config)?;
     let bc = config.broker.clone();
-    let metrics = RoleMetrics::new(&env.metrics, "broker");
-    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-    let mut routers_rx = env.registry.watch(Role::Router).await?;
-    let mut brokers_rx = env.registry.watch(Role::Broker).await?;
-    let mut gateways_rx = env.registry.watch(Role::Gateway).await?;
-    let registration = env
-        .registry
-        .register(
-            Role::Broker,
-            Some(bc.partition),
-            NodeInfo {
-                addr: node_addr.to_string(),
-                state: NodeState::Init,
-                admin: config.common.admin.map(|a| a.to_string()),
-                client_url: None,
-                http: None,
-                load: 0,
-                instance: None,
-            },
-        )
-        .await?;
-    tracing::info!(id = registration.id(), partition = bc.partition, %node_addr, "broker registered (init)");
-
+    let me = Registering::partition(Role::Broker, bc.partition);
+    let (mut service, mut inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    let mut routers_rx = service.watch(Role::Router).await?;
+    let mut gateways_rx = service.watch(Role::Gateway).await?;
     let (sync_tx, mut sync_rx) = mpsc::channel::<SyncResult>(16);
     let inbox = inbox::spawn(
-        delivery::DeliveryConfig {
-            batch: bc.inbox_batch,
-            redeliver_after: Duration::from_millis(bc.redeliver_ms),
-            max_tries: bc.redeliver_tries,
-            device_timeout: Duration::from_millis(bc.device_timeout_ms),
-            poll_interval: Duration::from_millis(bc.inbox_poll_ms),
-            retry_after: Duration::from_millis(300),
-        },
-        transport.clone(),
-        metrics.clone(),
-        env.registry.watch(Role::Pi).await?,
-        env.registry.watch(Role::Xiu).await?,
-        shutdown.clone(),
+        delivery_config(&bc),
+        service.transport.clone(),
+        service.metrics.clone(),
+        service.watch(Role::Pi).await?,
+        service.watch(Role::Xiu).await?,
+        service.shutdown.clone(),
     );
     let mut b = Broker {
         partition: bc.partition,
-        my_id: registration.id_watch(),
-        transport: transport.clone(),
-        metrics,
+        my_id: service.id_watch(),
+        transport: service.transport.clone(),
+        metrics: service.metrics.clone(),
         table: RouteTable::new(),
         buffered: Some(Vec::new()),
-        brokers: brokers_rx.borrow_and_update().clone(),
+        brokers: service.peers.borrow_and_update().clone(),
         routers: routers_rx.borrow_and_update().clone(),
         router_live: Liveness::new(Duration::from_millis(bc.heartbeat_timeout_ms)),
         subscribed: HashMap::new(),
@@ -213,42 +178,23 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     let mut heartbeat = tokio::time::interval(Duration::from_millis(bc.heartbeat_interval_ms));
     let mut sweep = tokio::time::interval(Duration::from_millis(bc.sweep_interval_ms));
     let mut sweeper = GatewaySweeper::default();
+    let shutdown = service.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(msg) = inbound.recv() => b.on_inbound(msg),
             Some(r) = sync_rx.recv() => {
-                b.syncing.remove(&r.router_partition);
-                let Some(rows) = r.rows else { continue };
-                let n = rows.len();
-                for row in rows {
-                    b.apply_row(row);
-                }
-                b.synced.insert(r.router_partition, r.replica);
-                tracing::info!(router_partition = r.router_partition, replica = %r.replica, rows = n, "merged the routing table of a router replica");
-                let complete = !b.targets.is_empty() && b.targets.iter().all(|p| b.synced.contains_key(p));
-                if complete && b.buffered.is_some() {
-                    let buffered = b.buffered.take().unwrap_or_default();
-                    let replayed = buffered.len();
-                    for u in buffered {
-                        b.on_update(u);
-                    }
-                    registration.set_state(NodeState::Running).await?;
-                    env.health.set_ready(true);
-                    tracing::info!(replayed, live_keys = b.table.live_keys(), "broker running");
+                if b.on_synced(r) {
+                    service.set_state(NodeState::Running).await?;
                 }
             }
             _ = heartbeat.tick() => b.subscribe(),
             Ok(()) = routers_rx.changed() => {
                 b.routers = routers_rx.borrow_and_update().clone();
             }
-            Ok(()) = brokers_rx.changed() => {
-                let new = brokers_rx.borrow_and_update().clone();
-                if new.partition_num > b.brokers.partition_num && b.brokers.partition_num > 0 {
-                    let dropped = b.table.retain_partition(b.partition, new.partition_num);
-                    tracing::info!(partition_num = new.partition_num, rows = dropped.len(), "partition count grew; dropped rows of rooms no longer ours");
-                }
-                b.brokers = new;
+            Ok(()) = service.peers.changed() => {
+                let view = service.peers.borrow_and_update().clone();
+                b.on_brokers_changed(view);
             }
             _ = sweep.tick() => {
                 let live: HashSet<u64> = gateways_rx.borrow_and_update().all().map(|(_, m)| m.id).collect();
@@ -260,16 +206,66 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             }
         }
     }
-    env.health.set_ready(false);
-    tracing::info!("broker draining");
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    transport.close().await;
+    service.drain(async {}).await;
     Ok(())
 }
 
+fn delivery_config(bc: &BrokerConfig) -> delivery::DeliveryConfig {
+    delivery::DeliveryConfig {
+        batch: bc.inbox_batch,
+        redeliver_after: Duration::from_millis(bc.redeliver_ms),
+        max_tries: bc.redeliver_tries,
+        device_timeout: Duration::from_millis(bc.device_timeout_ms),
+        poll_interval: Duration::from_millis(bc.inbox_poll_ms),
+        retry_after: Duration::from_millis(300),
+    }
+}
+
 impl Broker {
+    /// Merge a router replica's snapshot. True when this completed the start-up load: every
+    /// router partition carrying our rooms is merged and the buffered updates were replayed.
+    fn on_synced(&mut self, r: SyncResult) -> bool {
+        self.syncing.remove(&r.router_partition);
+        let Some(rows) = r.rows else { return false };
+        let n = rows.len();
+        for row in rows {
+            self.apply_row(row);
+        }
+        self.synced.insert(r.router_partition, r.replica);
+        tracing::info!(router_partition = r.router_partition, replica = %r.replica, rows = n, "merged the routing table of a router replica");
+        let complete =
+            !self.targets.is_empty() && self.targets.iter().all(|p| self.synced.contains_key(p));
+        let Some(buffered) = self.buffered.take_if(|_| complete) else {
+            return false;
+        };
+        let replayed = buffered.len();
+        for u in buffered {
+            self.on_update(u);
+        }
+        tracing::info!(
+            replayed,
+            live_keys = self.table.live_keys(),
+            "broker running"
+        );
+        true
+    }
+
+    /// The broker role's registry view changed; when its partition count grew, rows of rooms
+    /// that are no longer this partition's are dropped.
+    fn on_brokers_changed(&mut self, new: Arc<RoleView>) {
+        if new.partition_num > self.brokers.partition_num && self.brokers.partition_num > 0 {
+            let dropped = self
+                .table
+                .retain_partition(self.partition, new.partition_num);
+            tracing::info!(
+                partition_num = new.partition_num,
+                rows = dropped.len(),
+                "partition count grew; dropped rows of rooms no longer ours"
+            );
+        }
+        self.brokers = new;
+    }
+
     fn my_index(&self) -> usize {
         let me = *self.my_id.borrow();
         self.brokers
@@ -388,23 +384,13 @@ impl Broker {
     }
 
     fn on_inbound(&mut self, inbound: Inbound) {
-        let (from, bytes) = match inbound {
-            Inbound::Message { from, bytes } => (from, bytes),
-            Inbound::Request { reply, .. } => {
-                self.metrics.drop("request", "unexpected");
-                reply.send(wire::encode(&Message::Refused {
-                    reason: "a broker serves no requests".into(),
-                }));
+        let (from, msg, bytes) = match inbound::decode(inbound, &self.metrics) {
+            Some(Received::Message { from, msg, bytes }) => (from, msg, bytes),
+            Some(Received::Request { from, msg, reply }) => {
+                inbound::unexpected(&self.metrics, "broker", from, &msg, Some(reply));
                 return;
             }
-        };
-        let msg = match wire::decode(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics.drop("decode", "bad_frame");
-                tracing::debug!(%from, "bad frame: {e}");
-                return;
-            }
+            None => return,
         };
         match msg {
             Message::Room(m) => {
@@ -453,10 +439,7 @@ impl Broker {
                 self.router_live.pong(from, seq, Instant::now());
                 self.sync_if_new(from);
             }
-            other => {
-                self.metrics.drop("decode", "unexpected_kind");
-                tracing::debug!(%from, kind = other.kind(), "unexpected message");
-            }
+            other => inbound::unexpected(&self.metrics, "broker", from, &other, None),
         }
     }
 

@@ -12,9 +12,8 @@ mod rate;
 mod ws;
 
 use pixiu_protocol::routing::BigRooms;
-use pixiu_registry::{NodeInfo, NodeState, Role};
-use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Transport, TransportConfig};
+use pixiu_registry::{NodeState, Role};
+use pixiu_runtime::{CommonConfig, NodeEnv, Registering, Service, Shutdown};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,10 +97,6 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
     #[error("cannot listen for clients on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -141,11 +136,11 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 /// Run a gateway in a given environment (shared registry and metrics in standalone mode).
@@ -163,57 +158,39 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tracing::warn!("--insecure-dev-auth: clients may connect with ?uid=..&dev=.. and no token; development only");
     }
     let big_rooms = BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
-    let metrics = RoleMetrics::new(&env.metrics, "gateway");
-
-    let (transport, inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-
-    let listener = tokio::net::TcpListener::bind(g.client_listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: g.client_listen,
-            source,
-        })?;
-    let client_addr = listener.local_addr().map_err(|source| Error::Listen {
+    let listen_error = |source| Error::Listen {
         addr: g.client_listen,
         source,
-    })?;
+    };
+    let listener = tokio::net::TcpListener::bind(g.client_listen)
+        .await
+        .map_err(listen_error)?;
+    let client_addr = listener.local_addr().map_err(listen_error)?;
     let client_url = g
         .client_url
         .clone()
         .unwrap_or_else(|| format!("ws://{client_addr}/v1/ws"));
-
-    let (registration, message_ids) = pixiu_runtime::register_with_unique_instance(
-        &env.registry,
-        Role::Gateway,
-        NodeInfo {
-            addr: node_addr.to_string(),
-            state: NodeState::Init,
-            admin: config.common.admin.map(|a| a.to_string()),
-            client_url: Some(client_url.clone()),
-            http: None,
-            load: 0,
-            instance: None,
-        },
-        pixiu_protocol::ids::IdSource::Gateway,
-    )
-    .await?;
-    tracing::info!(id = registration.id(), %node_addr, %client_url, "gateway registered");
-
-    let routers = env.registry.watch(Role::Router).await?;
-    let brokers = env.registry.watch(Role::Broker).await?;
-    let proxies = env.registry.watch(Role::Proxy).await?;
+    let me = Registering {
+        client_url: Some(client_url.clone()),
+        ids: Some(pixiu_protocol::ids::IdSource::Gateway),
+        ..Registering::role(Role::Gateway)
+    };
+    let (mut service, inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    let (transport, metrics) = (service.transport.clone(), service.metrics.clone());
+    let message_ids = service
+        .take_ids()
+        .expect("registered with Registering::ids");
+    let node_addr = service.addr();
+    let routers = service.watch(Role::Router).await?;
+    let brokers = service.watch(Role::Broker).await?;
+    let proxies = service.watch(Role::Proxy).await?;
     let courier = pixiu_courier::Courier::new(
         transport.clone(),
-        env.registry.watch(Role::Xiu).await?,
+        service.watch(Role::Xiu).await?,
         brokers.clone(),
         Duration::from_millis(g.inbox_timeout_ms),
     );
+    let shutdown = service.shutdown.clone();
 
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(65_536);
     let core = core::Core::new(
@@ -229,7 +206,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         },
         transport.clone(),
         metrics.clone(),
-        registration.id_watch(),
+        service.id_watch(),
         routers,
         brokers,
     );
@@ -264,35 +241,36 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             .await
     });
 
-    registration.set_state(NodeState::Running).await?;
-    env.health.set_ready(true);
-    tracing::info!("gateway running");
+    service.set_state(NodeState::Running).await?;
+    tracing::info!(%client_url, "gateway running");
+    report_load(&service).await;
+    service
+        .drain(async move {
+            let _ = server.await;
+            let _ = core_task.await;
+        })
+        .await;
+    Ok(())
+}
 
-    // keep the registered load (connection count) roughly current, least loaded first in /v1/gateways
+/// Keep the registered load (connection count) roughly current until shutdown: the least
+/// loaded gateways come first in `/v1/gateways`.
+async fn report_load(service: &Service) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_load = u64::MAX;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = service.shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let load = metrics.connections.get().max(0) as u64;
-                if load != last_load {
-                    if let Err(e) = registration.update(|i| i.load = load).await {
-                        tracing::warn!("cannot update registered load: {e}");
-                    } else {
-                        last_load = load;
-                    }
+                let load = service.metrics.connections.get().max(0) as u64;
+                if load == last_load {
+                    continue;
+                }
+                match service.registration.update(|i| i.load = load).await {
+                    Ok(()) => last_load = load,
+                    Err(e) => tracing::warn!("cannot update registered load: {e}"),
                 }
             }
         }
     }
-    env.health.set_ready(false);
-    tracing::info!("gateway draining");
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    let _ = server.await;
-    let _ = core_task.await;
-    transport.close().await;
-    Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::{LogEntry, LogId, PiError};
 use pixiu_protocol::inbox::MsgId;
+use pixiu_storage::WriteBatch;
 
 pub(crate) const META_LAST: &[u8] = b"!last";
 pub(crate) const META_RESTORING: &[u8] = b"!restoring";
@@ -26,6 +27,14 @@ pub(crate) fn split_key17(prefix: u8, key: &[u8]) -> Option<(u64, u64)> {
     }
     let a = u64::from_be_bytes(key[1..9].try_into().ok()?);
     Some((a, u64::from_be_bytes(key[9..].try_into().ok()?)))
+}
+
+/// `prefix | uid (8 bytes BE)`: the keys of one user's index entries or cursors start so.
+pub(crate) fn user_prefix(prefix: u8, uid: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&uid.to_be_bytes());
+    k
 }
 
 pub(crate) fn index_key(uid: u64, id: MsgId) -> [u8; 17] {
@@ -115,7 +124,7 @@ pub(crate) fn decode_entry(key: LogId, v: &[u8]) -> Result<LogEntry, PiError> {
 }
 
 /// Puts the log entry `entry` into `batch` (its effects are [`PiIndex::stage`]'s).
-pub(crate) fn put_log(batch: &mut rocksdb::WriteBatch, entry: LogEntry) {
+pub(crate) fn put_log(batch: &mut WriteBatch, entry: LogEntry) {
     let v = postcard::to_allocvec(&entry).expect("serializing a log entry into a Vec cannot fail");
     batch.put(log_key(entry.id), v);
 }

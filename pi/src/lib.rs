@@ -100,20 +100,12 @@
 pub mod service;
 
 use pixiu_protocol::inbox::MsgId;
+use pixiu_storage::{Db, WriteBatch};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::Path;
 
-/// How writes reach the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Durability {
-    /// Every write is fsynced before it returns (`WriteOptions::set_sync(true)`).
-    Fsync,
-    /// Writes go to the write-ahead log without an fsync each (they survive a process crash,
-    /// not a machine crash); the owner calls [`PiIndex::flush_wal`] periodically, or before
-    /// acknowledging a group of writes, to make them durable together.
-    GroupCommit,
-}
+pub use pixiu_storage::Durability;
 
 /// How [`PiIndex::open`] sets up an index.
 #[derive(Clone, Debug)]
@@ -163,15 +155,9 @@ pub struct LogEntry {
 /// Errors of a [`PiIndex`].
 #[derive(Debug, thiserror::Error)]
 pub enum PiError {
-    /// The database could not be opened.
-    #[error("rocksdb at {path}: {source}")]
-    Open {
-        path: String,
-        source: rocksdb::Error,
-    },
-    /// A read or write of the database failed.
-    #[error("rocksdb: {0}")]
-    Db(#[from] rocksdb::Error),
+    /// The database could not be opened, or a read or write of it failed.
+    #[error(transparent)]
+    Storage(#[from] pixiu_storage::StorageError),
     /// Bytes on disk that do not decode.
     #[error("corrupt {what}: {reason}")]
     Corrupt { what: String, reason: String },
@@ -198,9 +184,8 @@ pub use snapshot::{Snapshot, SnapshotChunk};
 
 /// The MsgId index and operation log of one Pi partition.
 pub struct PiIndex {
-    db: rocksdb::DB,
+    db: Db,
     partition: u32,
-    sync: Durability,
     last_log: LogId,
     /// Set while a restore is under way (or was left unfinished on disk).
     restoring: Option<Restoring>,
@@ -219,13 +204,13 @@ impl PiIndex {
     /// Opens (or creates) the index at `path`, resuming LogIds from the larger of the recorded
     /// last LogId and the highest log key.
     pub fn open(path: &Path, options: PiOptions) -> Result<PiIndex, PiError> {
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let db = rocksdb::DB::open(&opts, path).map_err(|source| PiError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let db = Db::open(
+            path,
+            pixiu_storage::Options {
+                durability: options.sync,
+                lz4: true,
+            },
+        )?;
         let mut last = LogId(0);
         if let Some(v) = db.get(META_LAST)? {
             last = decode_log_id("last log id", &v)?;
@@ -245,23 +230,15 @@ impl PiIndex {
                 "pi index has an unfinished restore; it must be restored again"
             );
         }
-        let top = log_key(LogId(u64::MAX));
-        let mut it = db.iterator(rocksdb::IteratorMode::From(
-            &top,
-            rocksdb::Direction::Reverse,
-        ));
-        if let Some(item) = it.next() {
-            let (k, _) = item?;
+        if let Some((k, _)) = db.last_at_or_below(&log_key(LogId(u64::MAX)))? {
             if let Some(id) = log_id_of_key(&k) {
                 last = last.max(id);
             }
         }
-        drop(it);
         tracing::info!(partition = options.partition, last_log = %last, "pi index opened");
         Ok(PiIndex {
             db,
             partition: options.partition,
-            sync: options.sync,
             last_log: last,
             restoring,
         })
@@ -291,16 +268,10 @@ impl PiIndex {
         self.last_log
     }
 
-    fn write_options(&self, sync: bool) -> rocksdb::WriteOptions {
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(sync);
-        wo
-    }
-
     /// Makes every write so far durable (fsyncs the write-ahead log): the commit point of
     /// [`Durability::GroupCommit`]. Harmless with [`Durability::Fsync`].
     pub fn flush_wal(&self) -> Result<(), PiError> {
-        self.db.flush_wal(true)?;
+        self.db.flush_wal()?;
         Ok(())
     }
 
@@ -309,16 +280,16 @@ impl PiIndex {
         LogId(self.last_log.0 + 1)
     }
 
-    /// Writes `batch` with `last` recorded as the last LogId (fsynced when `sync`), and makes
-    /// `last` the last LogId.
-    fn commit(
-        &mut self,
-        mut batch: rocksdb::WriteBatch,
-        last: LogId,
-        sync: bool,
-    ) -> Result<(), PiError> {
+    /// Writes `batch` with `last` recorded as the last LogId, and makes `last` the last LogId.
+    /// With the index's [`Durability`] when `durable`, else to the WAL only (a later durable
+    /// write of the same group covers it).
+    fn commit(&mut self, mut batch: WriteBatch, last: LogId, durable: bool) -> Result<(), PiError> {
         batch.put(META_LAST, last.0.to_be_bytes());
-        self.db.write_opt(batch, &self.write_options(sync))?;
+        if durable {
+            self.db.write(batch)?;
+        } else {
+            self.db.write_unsynced(batch)?;
+        }
         self.last_log = last;
         Ok(())
     }
@@ -328,7 +299,7 @@ impl PiIndex {
     /// and replayed ones both go through here, so a follower ends with the leader's state.
     /// Entries staged into one batch must not depend on each other: appends, or ops of
     /// different users.
-    fn stage(&self, batch: &mut rocksdb::WriteBatch, entry: LogEntry) -> Result<(), PiError> {
+    fn stage(&self, batch: &mut WriteBatch, entry: LogEntry) -> Result<(), PiError> {
         match entry.op {
             Op::Append { uid, id, ts } => batch.put(index_key(uid, id), ts.to_be_bytes()),
             Op::Expire { uid, upto } => {
@@ -356,7 +327,7 @@ impl PiIndex {
     /// how many there are.
     fn stage_expire(
         &self,
-        batch: &mut rocksdb::WriteBatch,
+        batch: &mut WriteBatch,
         uid: u64,
         upto: MsgId,
     ) -> Result<usize, PiError> {
@@ -368,7 +339,7 @@ impl PiIndex {
     }
 
     fn contains(&self, uid: u64, id: MsgId) -> Result<bool, PiError> {
-        Ok(self.db.get_pinned(index_key(uid, id))?.is_some())
+        Ok(self.db.contains(index_key(uid, id))?)
     }
 
     /// Adds `id` to `uid`'s list, appended at `ts` (unix milliseconds); `None` (and no log
@@ -387,7 +358,7 @@ impl PiIndex {
         ts: u64,
     ) -> Result<Vec<Option<LogId>>, PiError> {
         self.check_usable()?;
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         let mut next = self.last_log;
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(items.len());
@@ -407,7 +378,7 @@ impl PiIndex {
             out.push(Some(next));
         }
         if next != self.last_log {
-            self.commit(batch, next, self.sync == Durability::Fsync)?;
+            self.commit(batch, next, true)?;
         }
         Ok(out)
     }
@@ -420,10 +391,7 @@ impl PiIndex {
             return Ok(out);
         }
         let start = index_key(uid, MsgId(after.0 + 1));
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_from(&start, &user_prefix(INDEX_PREFIX, uid)) {
             let (k, _) = item?;
             let Some(id) = id_of_index_key(uid, &k) else {
                 break;
@@ -438,12 +406,8 @@ impl PiIndex {
 
     /// The ids of `uid` up to `upto` (inclusive), as index keys.
     fn keys_upto(&self, uid: u64, upto: MsgId) -> Result<Vec<[u8; 17]>, PiError> {
-        let start = index_key(uid, MsgId(0));
         let mut keys = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_prefix(&user_prefix(INDEX_PREFIX, uid)) {
             let (k, _) = item?;
             match id_of_index_key(uid, &k) {
                 Some(id) if id <= upto => keys.push(index_key(uid, id)),
@@ -457,7 +421,7 @@ impl PiIndex {
     /// was nothing to drop, so that reading with the seed's ExpireFlag does not grow the log.
     pub fn expire(&mut self, uid: u64, upto: MsgId) -> Result<Option<LogId>, PiError> {
         self.check_usable()?;
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         if self.stage_expire(&mut batch, uid, upto)? == 0 {
             return Ok(None);
         }
@@ -469,7 +433,7 @@ impl PiIndex {
                 op: Op::Expire { uid, upto },
             },
         );
-        self.commit(batch, id, self.sync == Durability::Fsync)?;
+        self.commit(batch, id, true)?;
         Ok(Some(id))
     }
 
@@ -488,14 +452,8 @@ impl PiIndex {
         let mut found: Vec<(u64, MsgId)> = Vec::new();
         let mut uid_now = None;
         let mut upto_now = None;
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &[INDEX_PREFIX],
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_prefix(&[INDEX_PREFIX]) {
             let (k, v) = item?;
-            if k.first() != Some(&INDEX_PREFIX) {
-                break;
-            }
             let (uid, id) = entry_of_index_key(&k).ok_or_else(|| corrupt_key("index key", &k))?;
             let ts = decode_ts(uid, id, &v)?;
             if uid_now != Some(uid) {
@@ -519,7 +477,7 @@ impl PiIndex {
             return Ok(0);
         }
         // One batch: each op touches only its own user's ids.
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         let mut last = self.last_log;
         for &(uid, upto) in &found {
             last = LogId(last.0 + 1);
@@ -531,24 +489,20 @@ impl PiIndex {
                 },
             )?;
         }
-        self.commit(batch, last, self.sync == Durability::Fsync)?;
+        self.commit(batch, last, true)?;
         Ok(found.len())
     }
 
     fn load_cursor(&self, uid: u64, device: u64) -> Result<Option<MsgId>, PiError> {
-        match self.db.get_pinned(cursor_key(uid, device))? {
+        match self.db.get(cursor_key(uid, device))? {
             Some(v) => Ok(Some(decode_cursor(uid, device, &v)?)),
             None => Ok(None),
         }
     }
 
     fn load_devices(&self, uid: u64) -> Result<Vec<(u64, MsgId)>, PiError> {
-        let start = cursor_key(uid, 0);
         let mut out = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_prefix(&user_prefix(CURSOR_PREFIX, uid)) {
             let (k, v) = item?;
             match device_of_cursor_key(&k) {
                 Some((u, device)) if u == uid => {
@@ -608,7 +562,7 @@ impl PiIndex {
             return Ok((cursor, None));
         }
         let log = self.next_log_id();
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         self.stage(
             &mut batch,
             LogEntry {
@@ -620,7 +574,7 @@ impl PiIndex {
                 },
             },
         )?;
-        self.commit(batch, log, self.sync == Durability::Fsync)?;
+        self.commit(batch, log, true)?;
         Ok((cursor, Some(log)))
     }
 
@@ -634,7 +588,7 @@ impl PiIndex {
             return Ok(None);
         }
         let log = self.next_log_id();
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         self.stage(
             &mut batch,
             LogEntry {
@@ -642,7 +596,7 @@ impl PiIndex {
                 op: Op::ForgetDevice { uid, device },
             },
         )?;
-        self.commit(batch, log, self.sync == Durability::Fsync)?;
+        self.commit(batch, log, true)?;
         Ok(Some(log))
     }
 
@@ -655,10 +609,7 @@ impl PiIndex {
             return Ok(out);
         }
         let start = log_key(LogId(after.0 + 1));
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_from(&start, &[LOG_PREFIX]) {
             let (k, v) = item?;
             let Some(key) = log_id_of_key(&k) else {
                 break;
@@ -701,10 +652,9 @@ impl PiIndex {
         for (i, e) in fresh.into_iter().enumerate() {
             // One batch per entry so that each sees the entries before it; only the last
             // write of a group needs the fsync, which covers the earlier ones in the WAL.
-            let mut batch = rocksdb::WriteBatch::default();
+            let mut batch = WriteBatch::default();
             self.stage(&mut batch, *e)?;
-            let sync = self.sync == Durability::Fsync && i + 1 == n;
-            self.commit(batch, e.id, sync)?;
+            self.commit(batch, e.id, i + 1 == n)?;
         }
         Ok(n)
     }
@@ -714,13 +664,12 @@ impl PiIndex {
     /// [`PiError::LogTrimmed`] from [`PiIndex::log_after`].
     pub fn trim_log(&mut self, upto: LogId) -> Result<(), PiError> {
         self.check_usable()?;
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         batch.delete_range(log_key(LogId(0)), log_key(LogId(upto.0.saturating_add(1))));
         if upto.0 == u64::MAX {
             batch.delete(log_key(upto));
         }
-        self.db
-            .write_opt(batch, &self.write_options(self.sync == Durability::Fsync))?;
+        self.db.write(batch)?;
         Ok(())
     }
 }

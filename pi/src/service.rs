@@ -17,12 +17,15 @@ use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, 
 use pixiu_protocol::inbox::MsgId;
 use pixiu_protocol::routing::{owns_user, user_partition};
 use pixiu_protocol::wire::{self, Message};
-use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_registry::{NodeState, Role, RoleView};
+use pixiu_runtime::inbound::{self, Received};
 use pixiu_runtime::replication::{
     mark_running, peers, place, serve_replica, Followers, Head, Place,
 };
-use pixiu_runtime::{ask, AskError, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Inbound, Transport, TransportConfig};
+use pixiu_runtime::{
+    ask, AskError, CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
+};
+use pixiu_transport::{Inbound, Transport};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,21 +85,17 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
     #[error("index: {0}")]
     Index(#[from] PiError),
 }
 
 /// Run a Pi replica against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 struct Node {
@@ -137,6 +136,17 @@ impl Node {
     }
 }
 
+/// Run `work` on the index on tokio's blocking pool: writes fsync, and the index lock may be
+/// held by another fsyncing write, so no async worker ever waits on the disk.
+async fn with_index<T, F>(node: &Arc<Node>, work: F) -> Result<T, PiError>
+where
+    F: FnOnce(&Node, &mut PiIndex) -> Result<T, PiError> + Send + 'static,
+    T: Send + 'static,
+{
+    let node = node.clone();
+    pixiu_storage::blocking(move || work(&node, &mut node.index())).await?
+}
+
 /// What a Pi replica refuses in its own settings before it starts (`--check-config` too).
 /// Returns the data dir.
 pub fn check(config: &Config) -> Result<std::path::PathBuf, Error> {
@@ -164,46 +174,29 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             sync: Durability::GroupCommit,
         },
     )?;
-    let metrics = RoleMetrics::new(&env.metrics, "pi");
-    let (transport, inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-    let pis = env.registry.watch(Role::Pi).await?;
-    let registration = env
-        .registry
-        .register(
-            Role::Pi,
-            Some(pc.partition),
-            NodeInfo {
-                admin: config.common.admin.map(|a| a.to_string()),
-                ..NodeInfo::new(node_addr.to_string())
-            },
-        )
-        .await?;
-    tracing::info!(id = registration.id(), partition = pc.partition, %node_addr, last_log = %index.last_log_id(), "pi registered (init)");
+    let me = Registering::partition(Role::Pi, pc.partition);
+    let (service, inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    tracing::info!(partition = pc.partition, last_log = %index.last_log_id(), "pi opened its index");
     let node = Arc::new(Node {
         cfg: pc.clone(),
         head: Head::new(index.last_log_id().0),
         index: Mutex::new(index),
-        transport: transport.clone(),
-        metrics,
-        my_id: registration.id_watch(),
-        pis,
+        transport: service.transport.clone(),
+        metrics: service.metrics.clone(),
+        my_id: service.id_watch(),
+        pis: service.peers.clone(),
         followers: Followers::new(Duration::from_secs(3)),
         leading: AtomicBool::new(false),
         snapshot: Mutex::new(None),
     });
+    let shutdown = service.shutdown.clone();
     let (state_tx, state_rx) = watch::channel(NodeState::Init);
     tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
     tokio::spawn(maintenance(node.clone(), shutdown.clone()));
     let handler = node.clone();
     let handle = move |msg| {
         let node = handler.clone();
-        async move { on_inbound(&node, msg).await }
+        async move { on_inbound(node, msg).await }
     };
     let drain = || {
         node.leading.store(false, Ordering::SeqCst);
@@ -211,18 +204,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             tracing::error!("flushing the WAL at shutdown: {e}");
         }
     };
-    serve_replica(
-        "pi",
-        &env,
-        registration,
-        transport,
-        inbound,
-        state_rx,
-        shutdown,
-        handle,
-        drain,
-    )
-    .await?;
+    serve_replica(service, inbound, state_rx, handle, drain).await?;
     Ok(())
 }
 
@@ -239,7 +221,11 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     node.followers.clear();
                     node.leading.store(true, Ordering::SeqCst);
                     synced_with = None;
-                    tracing::info!(partition = node.cfg.partition, last_log = %node.index().last_log_id(), "pi leading");
+                    tracing::info!(
+                        partition = node.cfg.partition,
+                        last_log = node.head.get(),
+                        "pi leading"
+                    );
                 }
                 mark_running(&state);
                 tokio::select! {
@@ -314,7 +300,7 @@ impl From<AskError> for PullError {
     }
 }
 
-async fn take_over(node: &Node) {
+async fn take_over(node: &Arc<Node>) {
     let me = node.me();
     let peers = peers(&node.pis.borrow(), node.cfg.partition, me);
     for peer in peers {
@@ -332,7 +318,7 @@ async fn take_over(node: &Node) {
 }
 
 /// Replace this copy with the leader's snapshot.
-async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> {
+async fn restore_from(node: &Arc<Node>, leader: SocketAddr) -> Result<(), PullError> {
     let mut upto: Option<u64> = None;
     let mut after: Option<(u64, u64)> = None;
     let mut begun = false;
@@ -354,22 +340,24 @@ async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> 
             // the leader took a new snapshot meanwhile: start over
             return Err(PullError::Other("the leader's snapshot changed".into()));
         }
-        let mut idx = node.index();
-        if !begun {
-            idx.restore_begin(chunk.upto)
-                .map_err(|e| PullError::Other(e.to_string()))?;
-            begun = true;
-            upto = Some(chunk.upto.0);
-        }
-        idx.restore_chunk(&chunk)
-            .map_err(|e| PullError::Other(e.to_string()))?;
+        let first = !begun;
+        begun = true;
+        upto = Some(chunk.upto.0);
         entries += chunk.entries.len();
         after = chunk.entries.last().map(|(uid, id, _)| (*uid, id.0));
-        if chunk.last {
-            let at = idx
-                .restore_finish()
-                .map_err(|e| PullError::Other(e.to_string()))?;
-            drop(idx);
+        let restored = with_index(node, move |_, idx| {
+            if first {
+                idx.restore_begin(chunk.upto)?;
+            }
+            idx.restore_chunk(&chunk)?;
+            match chunk.last {
+                true => idx.restore_finish().map(Some),
+                false => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| PullError::Other(e.to_string()))?;
+        if let Some(at) = restored {
             node.head.set(at.0);
             tracing::info!(%leader, entries, upto = %at, "pi copied the leader's snapshot");
             return Ok(());
@@ -378,8 +366,10 @@ async fn restore_from(node: &Node, leader: SocketAddr) -> Result<(), PullError> 
 }
 
 /// One pull of the log from `from`. `Ok(true)` when nothing more is to be had.
-async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool, PullError> {
-    let after = node.index().last_log_id().0;
+async fn pull_once(node: &Arc<Node>, from: SocketAddr, wait: Duration) -> Result<bool, PullError> {
+    let after = with_index(node, |_, idx| Ok(idx.last_log_id().0))
+        .await
+        .map_err(|e| PullError::Other(e.to_string()))?;
     let req = Message::ReplicaPull {
         node: node.me(),
         after,
@@ -394,9 +384,16 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
             let entries: Vec<LogEntry> = postcard::from_bytes(&entries)
                 .map_err(|e| PullError::Other(format!("undecodable log entries: {e}")))?;
             let n = entries.len();
-            let mut idx = node.index();
-            let applied = match idx.apply_log(&entries) {
-                Ok(a) => a,
+            let done = with_index(node, move |node, idx| {
+                let applied = idx.apply_log(&entries)?;
+                if applied > 0 {
+                    node.flush(idx)?;
+                }
+                Ok((applied, idx.last_log_id().0))
+            })
+            .await;
+            let (applied, last) = match done {
+                Ok(done) => done,
                 Err(PiError::Gap { expected, got }) => {
                     return Err(PullError::Resync(format!(
                         "log gap: expected {expected}, got {got}"
@@ -404,12 +401,6 @@ async fn pull_once(node: &Node, from: SocketAddr, wait: Duration) -> Result<bool
                 }
                 Err(e) => return Err(PullError::Other(e.to_string())),
             };
-            if applied > 0 {
-                node.flush(&idx)
-                    .map_err(|e| PullError::Other(e.to_string()))?;
-            }
-            let last = idx.last_log_id().0;
-            drop(idx);
             node.head.set(last);
             node.metrics.add_out("replicated", applied as u64);
             Ok(n < node.cfg.pull_batch as usize)
@@ -434,8 +425,25 @@ async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
             continue;
         }
         let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
-        let mut idx = node.index();
-        match idx.expire_older_than(cutoff, 100_000) {
+        let done = with_index(&node, move |node, idx| {
+            let expired = idx.expire_older_than(cutoff, 100_000);
+            let last = idx.last_log_id().0;
+            if last > node.cfg.log_keep {
+                if let Err(e) = idx.trim_log(LogId(last - node.cfg.log_keep)) {
+                    tracing::error!("trimming the log: {e}");
+                }
+            }
+            Ok((expired, idx.last_log_id().0))
+        })
+        .await;
+        let (expired, last) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!("maintenance: {e}");
+                continue;
+            }
+        };
+        match expired {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(users = n, "expired entries past retention");
@@ -443,36 +451,20 @@ async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
             }
             Err(e) => tracing::error!("retention: {e}"),
         }
-        let last = idx.last_log_id().0;
-        if last > node.cfg.log_keep {
-            if let Err(e) = idx.trim_log(LogId(last - node.cfg.log_keep)) {
-                tracing::error!("trimming the log: {e}");
-            }
-        }
-        let last = idx.last_log_id().0;
-        drop(idx);
         node.head.set(last);
     }
 }
 
-async fn on_inbound(node: &Node, inbound: Inbound) {
-    let (bytes, reply) = match inbound {
-        Inbound::Request { bytes, reply, .. } => (bytes, reply),
-        Inbound::Message { .. } => {
-            node.metrics.drop("message", "unexpected");
-            return;
+async fn on_inbound(node: Arc<Node>, inbound: Inbound) {
+    match inbound::decode(inbound, &node.metrics) {
+        Some(Received::Request { msg, reply, .. }) => {
+            reply.send(wire::encode(&handle(node, msg).await));
         }
-    };
-    let answer = match wire::decode(&bytes) {
-        Ok(msg) => handle(node, msg).await,
-        Err(e) => {
-            node.metrics.drop("decode", "bad_frame");
-            Message::Refused {
-                reason: format!("bad frame: {e}"),
-            }
+        Some(Received::Message { from, msg, .. }) => {
+            inbound::unexpected(&node.metrics, "pi", from, &msg, None);
         }
-    };
-    reply.send(wire::encode(&answer));
+        None => {}
+    }
 }
 
 fn unavailable(reason: impl Into<String>) -> Message {
@@ -492,7 +484,7 @@ fn not_ours(node: &Node, uid: u64) -> Option<Message> {
     })
 }
 
-async fn handle(node: &Node, msg: Message) -> Message {
+async fn handle(node: Arc<Node>, msg: Message) -> Message {
     match msg {
         Message::ReplicaPull {
             node: follower,
@@ -500,104 +492,125 @@ async fn handle(node: &Node, msg: Message) -> Message {
             max,
             wait_ms,
             ..
-        } => return serve_pull(node, follower, after, max, wait_ms).await,
-        Message::PiSnapshotRequest { upto, after } => return serve_snapshot(node, upto, after),
+        } => return serve_pull(&node, follower, after, max, wait_ms).await,
+        Message::PiSnapshotRequest { upto, after } => {
+            return serve_snapshot(&node, upto, after).await
+        }
         _ => {}
     }
     if !node.leading() {
         return unavailable("not the leader of this pi partition");
     }
     match msg {
-        Message::PiAppend { items, ts } => {
-            node.metrics.inc_in("append");
-            if let Some(refusal) = items.iter().find_map(|(uid, _)| not_ours(node, *uid)) {
-                return refusal;
-            }
-            let pairs: Vec<(u64, MsgId)> = items.iter().map(|(u, i)| (*u, MsgId(*i))).collect();
-            let last = {
-                let mut idx = node.index();
-                if let Err(e) = idx.append_many(&pairs, ts).and_then(|_| node.flush(&idx)) {
-                    tracing::error!("appending: {e}");
-                    return unavailable(format!("append failed: {e}"));
-                }
-                idx.last_log_id().0
-            };
-            node.head.set(last);
-            let timeout = Duration::from_millis(node.cfg.append_timeout_ms);
-            if !node
-                .followers
-                .wait_for(last, node.cfg.min_insync, timeout)
-                .await
-            {
-                node.metrics.drop("append", "not_insync");
-                return unavailable(format!(
-                    "appended but fewer than min_insync={} followers hold it after {} ms",
-                    node.cfg.min_insync, node.cfg.append_timeout_ms
-                ));
-            }
-            node.metrics.add_out("appended", items.len() as u64);
-            Message::Done
-        }
+        Message::PiAppend { items, ts } => append(&node, items, ts).await,
         Message::PiRead {
             uid,
             device,
             after,
             max,
-        } => {
-            node.metrics.inc_in("read");
-            if let Some(refusal) = not_ours(node, uid) {
-                return refusal;
-            }
-            let mut idx = node.index();
-            let cursor = match idx.cursor(uid, device) {
-                Ok(Some(c)) => c,
-                Ok(None) => match idx.set_cursor(uid, device, MsgId(0)) {
-                    Ok((c, _)) => c,
-                    Err(e) => return unavailable(format!("registering the device: {e}")),
-                },
-                Err(e) => return unavailable(format!("reading the cursor: {e}")),
-            };
-            let start = after.map(MsgId).unwrap_or(cursor);
-            match idx.read(uid, start, max.clamp(1, 1024) as usize) {
-                Ok(ids) => {
-                    let last = idx.last_log_id().0;
-                    drop(idx);
-                    node.head.set(last);
-                    Message::PiIds {
-                        ids: ids.into_iter().map(|i| i.0).collect(),
-                        cursor: cursor.0,
-                    }
-                }
-                Err(e) => unavailable(format!("reading: {e}")),
-            }
-        }
+        } => read(&node, uid, device, after, max).await,
         Message::PiCursor { uid, device, id } => {
             node.metrics.inc_in("cursor");
-            if let Some(refusal) = not_ours(node, uid) {
+            if let Some(refusal) = not_ours(&node, uid) {
                 return refusal;
             }
-            let mut idx = node.index();
-            match idx.set_cursor(uid, device, MsgId(id)) {
-                Ok(_) => {
-                    let last = idx.last_log_id().0;
-                    drop(idx);
+            let done = with_index(&node, move |_, idx| {
+                idx.set_cursor(uid, device, MsgId(id))?;
+                Ok(idx.last_log_id().0)
+            })
+            .await;
+            match done {
+                Ok(last) => {
                     node.head.set(last);
                     Message::Done
                 }
                 Err(e) => unavailable(format!("setting the cursor: {e}")),
             }
         }
-        other => {
-            node.metrics.drop("request", "unexpected_kind");
-            Message::Refused {
-                reason: format!("a pi serves no {} requests", other.kind()),
-            }
-        }
+        other => Message::Refused {
+            reason: format!("a pi serves no {} requests", other.kind()),
+        },
     }
 }
 
-async fn serve_pull(node: &Node, follower: u64, after: u64, max: u32, wait_ms: u32) -> Message {
-    let last = node.index().last_log_id().0;
+/// Index the ids, make them durable, then wait until `min_insync` followers hold them.
+async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
+    node.metrics.inc_in("append");
+    if let Some(refusal) = items.iter().find_map(|(uid, _)| not_ours(node, *uid)) {
+        return refusal;
+    }
+    let n = items.len() as u64;
+    let pairs: Vec<(u64, MsgId)> = items.iter().map(|(u, i)| (*u, MsgId(*i))).collect();
+    let done = with_index(node, move |node, idx| {
+        idx.append_many(&pairs, ts)?;
+        node.flush(idx)?;
+        Ok(idx.last_log_id().0)
+    })
+    .await;
+    let last = match done {
+        Ok(last) => last,
+        Err(e) => {
+            tracing::error!("appending: {e}");
+            return unavailable(format!("append failed: {e}"));
+        }
+    };
+    node.head.set(last);
+    let timeout = Duration::from_millis(node.cfg.append_timeout_ms);
+    if !node
+        .followers
+        .wait_for(last, node.cfg.min_insync, timeout)
+        .await
+    {
+        node.metrics.drop("append", "not_insync");
+        return unavailable(format!(
+            "appended but fewer than min_insync={} followers hold it after {} ms",
+            node.cfg.min_insync, node.cfg.append_timeout_ms
+        ));
+    }
+    node.metrics.add_out("appended", n);
+    Message::Done
+}
+
+/// Up to `max` ids of `uid` after `after` (default: the device's cursor), registering an
+/// unknown device at cursor 0.
+async fn read(node: &Arc<Node>, uid: u64, device: u64, after: Option<u64>, max: u32) -> Message {
+    node.metrics.inc_in("read");
+    if let Some(refusal) = not_ours(node, uid) {
+        return refusal;
+    }
+    let done = with_index(node, move |_, idx| {
+        let cursor = match idx.cursor(uid, device)? {
+            Some(c) => c,
+            None => idx.set_cursor(uid, device, MsgId(0))?.0,
+        };
+        let start = after.map(MsgId).unwrap_or(cursor);
+        let ids = idx.read(uid, start, max.clamp(1, 1024) as usize)?;
+        Ok((cursor, ids, idx.last_log_id().0))
+    })
+    .await;
+    match done {
+        Ok((cursor, ids, last)) => {
+            node.head.set(last);
+            Message::PiIds {
+                ids: ids.into_iter().map(|i| i.0).collect(),
+                cursor: cursor.0,
+            }
+        }
+        Err(e) => unavailable(format!("reading: {e}")),
+    }
+}
+
+async fn serve_pull(
+    node: &Arc<Node>,
+    follower: u64,
+    after: u64,
+    max: u32,
+    wait_ms: u32,
+) -> Message {
+    let last = match with_index(node, |_, idx| Ok(idx.last_log_id().0)).await {
+        Ok(last) => last,
+        Err(e) => return unavailable(format!("reading the log: {e}")),
+    };
     if after > last {
         return Message::Diverged {
             after,
@@ -613,14 +626,15 @@ async fn serve_pull(node: &Node, follower: u64, after: u64, max: u32, wait_ms: u
                 .await;
         }
     }
-    let idx = node.index();
-    if after >= idx.last_log_id().0 {
-        return Message::PiLog {
-            entries: postcard::to_allocvec(&Vec::<LogEntry>::new())
-                .expect("serializing into a Vec cannot fail"),
-        };
-    }
-    match idx.log_after(LogId(after), max.clamp(1, 8192) as usize) {
+    let max = max.clamp(1, 8192) as usize;
+    let read = with_index(node, move |_, idx| {
+        if after >= idx.last_log_id().0 {
+            return Ok(Vec::new());
+        }
+        idx.log_after(LogId(after), max)
+    })
+    .await;
+    match read {
         Ok(entries) => Message::PiLog {
             entries: postcard::to_allocvec(&entries).expect("serializing into a Vec cannot fail"),
         },
@@ -629,17 +643,21 @@ async fn serve_pull(node: &Node, follower: u64, after: u64, max: u32, wait_ms: u
     }
 }
 
-fn serve_snapshot(node: &Node, upto: Option<u64>, after: Option<(u64, u64)>) -> Message {
+async fn serve_snapshot(node: &Arc<Node>, upto: Option<u64>, after: Option<(u64, u64)>) -> Message {
     if !node.leading() {
         return unavailable("not the leader of this pi partition");
     }
-    let mut cached = node.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-    let snap = match (&*cached, upto) {
-        (Some(s), Some(u)) if s.upto().0 == u => s.clone(),
-        _ => match node.index().snapshot() {
+    let cached = node
+        .snapshot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let snap = match (cached, upto) {
+        (Some(s), Some(u)) if s.upto().0 == u => s,
+        _ => match with_index(node, |_, idx| idx.snapshot()).await {
             Ok(s) => {
                 let s = Arc::new(s);
-                *cached = Some(s.clone());
+                *node.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = Some(s.clone());
                 s
             }
             Err(e) => return unavailable(format!("taking a snapshot: {e}")),

@@ -5,6 +5,7 @@
 use crate::keys::*;
 use crate::{LogId, PiError, PiIndex, Restoring};
 use pixiu_protocol::inbox::MsgId;
+use pixiu_storage::WriteBatch;
 use serde::{Deserialize, Serialize};
 
 impl PiIndex {
@@ -18,26 +19,14 @@ impl PiIndex {
         let upto = self.last_log;
         let snap = self.db.snapshot();
         let mut entries = Vec::new();
-        for item in snap.iterator(rocksdb::IteratorMode::From(
-            &[INDEX_PREFIX],
-            rocksdb::Direction::Forward,
-        )) {
+        for item in snap.scan_prefix(&[INDEX_PREFIX]) {
             let (k, v) = item?;
-            if k.first() != Some(&INDEX_PREFIX) {
-                break;
-            }
             let (uid, id) = entry_of_index_key(&k).ok_or_else(|| corrupt_key("index key", &k))?;
             entries.push((uid, id, decode_ts(uid, id, &v)?));
         }
         let mut cursors = Vec::new();
-        for item in snap.iterator(rocksdb::IteratorMode::From(
-            &[CURSOR_PREFIX],
-            rocksdb::Direction::Forward,
-        )) {
+        for item in snap.scan_prefix(&[CURSOR_PREFIX]) {
             let (k, v) = item?;
-            if k.first() != Some(&CURSOR_PREFIX) {
-                break;
-            }
             let (uid, device) =
                 device_of_cursor_key(&k).ok_or_else(|| corrupt_key("cursor key", &k))?;
             cursors.push((uid, device, decode_cursor(uid, device, &v)?));
@@ -54,13 +43,13 @@ impl PiIndex {
     /// LogId, in one synced batch. Until [`PiIndex::restore_finish`] every other call answers
     /// [`PiError::RestoreIncomplete`], across a reopen too. May be called again to start over.
     pub fn restore_begin(&mut self, upto: LogId) -> Result<(), PiError> {
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         batch.put(META_RESTORING, upto.0.to_be_bytes());
         batch.delete_range([INDEX_PREFIX], [INDEX_PREFIX + 1]);
         batch.delete_range([CURSOR_PREFIX], [CURSOR_PREFIX + 1]);
         batch.delete_range([LOG_PREFIX], [LOG_PREFIX + 1]);
         batch.delete(META_LAST);
-        self.db.write_opt(batch, &self.write_options(true))?;
+        self.db.write_synced(batch)?;
         self.restoring = Some(Restoring {
             upto,
             active: true,
@@ -89,7 +78,7 @@ impl PiIndex {
                 chunk.upto, r.upto
             )));
         }
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         for &(uid, id, ts) in &chunk.entries {
             batch.put(index_key(uid, id), ts.to_be_bytes());
         }
@@ -97,7 +86,7 @@ impl PiIndex {
             batch.put(cursor_key(uid, device), cursor.to_be_bytes());
         }
         // Not synced: restore_finish fsyncs everything before removing the marker.
-        self.db.write_opt(batch, &self.write_options(false))?;
+        self.db.write_unsynced(batch)?;
         self.restoring = Some(Restoring {
             got_last: r.got_last || chunk.last,
             ..r
@@ -122,11 +111,11 @@ impl PiIndex {
                 ))
             }
         };
-        self.db.flush_wal(true)?;
-        let mut batch = rocksdb::WriteBatch::default();
+        self.db.flush_wal()?;
+        let mut batch = WriteBatch::default();
         batch.put(META_LAST, upto.0.to_be_bytes());
         batch.delete(META_RESTORING);
-        self.db.write_opt(batch, &self.write_options(true))?;
+        self.db.write_synced(batch)?;
         self.last_log = upto;
         self.restoring = None;
         tracing::info!(partition = self.partition, %upto, "pi restore finished");

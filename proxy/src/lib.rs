@@ -16,9 +16,11 @@ use pipeline::{Job, Pipeline, Routes};
 use pixiu_protocol::ids::IdSource;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, Message};
-use pixiu_registry::{NodeInfo, NodeState, Role};
-use pixiu_runtime::{CommonConfig, Liveness, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Inbound, Transport, TransportConfig};
+use pixiu_registry::{NodeState, Role};
+use pixiu_runtime::{
+    inbound, CommonConfig, Liveness, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
+};
+use pixiu_transport::{Inbound, Transport};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,10 +82,6 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
     #[error("cannot listen for publishers on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -120,11 +118,11 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a proxy against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 /// Run a proxy in a given environment.
@@ -141,20 +139,25 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tracing::warn!("--insecure-dev-auth: publishers need no token; development only");
     }
     let big_rooms = BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
-    let metrics = RoleMetrics::new(&env.metrics, "proxy");
-    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-
-    let mut brokers_rx = env.registry.watch(Role::Broker).await?;
-    let gateways_rx = env.registry.watch(Role::Gateway).await?;
+    let listen_error = |source| Error::Listen {
+        addr: pc.http,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(pc.http)
+        .await
+        .map_err(listen_error)?;
+    let http_addr = listener.local_addr().map_err(listen_error)?;
+    let me = Registering {
+        http: Some(http_addr.to_string()),
+        ids: Some(IdSource::Proxy),
+        ..Registering::role(Role::Proxy)
+    };
+    let (mut service, mut inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    let (transport, metrics) = (service.transport.clone(), service.metrics.clone());
+    let mut brokers_rx = service.watch(Role::Broker).await?;
     let courier = pixiu_courier::Courier::new(
         transport.clone(),
-        env.registry.watch(Role::Xiu).await?,
+        service.watch(Role::Xiu).await?,
         brokers_rx.clone(),
         Duration::from_millis(pc.inbox_timeout_ms),
     );
@@ -172,122 +175,123 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         metrics.clone(),
         tokio::runtime::Handle::current(),
     );
-
-    let listener = tokio::net::TcpListener::bind(pc.http)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: pc.http,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| Error::Listen {
-        addr: pc.http,
-        source,
-    })?;
-    let (registration, ids) = pixiu_runtime::register_with_unique_instance(
-        &env.registry,
-        Role::Proxy,
-        NodeInfo {
-            addr: node_addr.to_string(),
-            state: NodeState::Init,
-            admin: config.common.admin.map(|a| a.to_string()),
-            client_url: None,
-            http: Some(http_addr.to_string()),
-            load: 0,
-            instance: None,
-        },
-        IdSource::Proxy,
-    )
-    .await?;
-    let ids = Arc::new(ids);
     let app = http::router(Arc::new(http::HttpState {
         secret: pc.auth_secret.clone().map(String::into_bytes),
         insecure_dev_auth: pc.insecure_dev_auth,
         pipeline: pipeline.clone(),
         routes: routes.clone(),
-        ids,
+        ids: Arc::new(
+            service
+                .take_ids()
+                .expect("registered with Registering::ids"),
+        ),
         sids: std::sync::Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(pc.sid_cache).expect("at least 1"),
+            std::num::NonZeroUsize::new(pc.sid_cache).expect("check: sid_cache >= 1"),
         )),
-        gateways: gateways_rx,
+        gateways: service.watch(Role::Gateway).await?,
         metrics: metrics.clone(),
         big_rooms,
         courier,
     }));
-    let server_shutdown = shutdown.clone();
+    let server_shutdown = service.shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
             .await
     });
 
-    // The proxy registers after it has the broker view: only then can it forward (seed 4.3).
-    let mut live = Liveness::new(Duration::from_millis(pc.heartbeat_timeout_ms));
-    let mut brokers = brokers_rx.borrow_and_update().clone();
-    routes.store(Arc::new(Routes::build(&brokers, &live, Instant::now())));
-    registration.set_state(NodeState::Running).await?;
-    env.health.set_ready(true);
-    tracing::info!(id = registration.id(), %node_addr, %http_addr, convert_queues = n, "proxy running");
+    // The proxy turns running once it has the broker view: only then can it forward (seed 4.3).
+    let mut p = Proxy {
+        live: Liveness::new(Duration::from_millis(pc.heartbeat_timeout_ms)),
+        brokers: brokers_rx.borrow_and_update().clone(),
+        routes,
+        pipeline,
+        transport,
+        metrics,
+    };
+    p.routes
+        .store(Arc::new(Routes::build(&p.brokers, &p.live, Instant::now())));
+    service.set_state(NodeState::Running).await?;
+    tracing::info!(%http_addr, convert_queues = n, "proxy running");
 
     let mut heartbeat = tokio::time::interval(Duration::from_millis(pc.heartbeat_interval_ms));
+    let shutdown = service.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(msg) = inbound.recv() => match msg {
-                Inbound::Message { from, bytes } => match wire::decode(&bytes) {
-                    Ok(Message::Pong { seq }) => live.pong(from, seq, Instant::now()),
-                    Ok(Message::Publish(m)) => {
-                        metrics.inc_in("gateway_publish");
-                        pipeline.submit(Job { id: m.id, room: m.key.room, from: m.from, body: m.body, ts: m.ts });
-                    }
-                    Ok(Message::Ping { seq }) => {
-                        transport.send(from, wire::encode(&Message::Pong { seq }));
-                    }
-                    Ok(other) => {
-                        metrics.drop("decode", "unexpected_kind");
-                        tracing::debug!(%from, kind = other.kind(), "unexpected message");
-                    }
-                    Err(e) => {
-                        metrics.drop("decode", "bad_frame");
-                        tracing::debug!(%from, "bad frame: {e}");
-                    }
-                },
-                Inbound::Request { reply, .. } => {
-                    metrics.drop("request", "unexpected");
-                    reply.send(wire::encode(&Message::Refused { reason: "a proxy serves no requests".into() }));
-                }
-            },
+            Some(msg) = inbound.recv() => p.on_inbound(msg),
             Ok(()) = brokers_rx.changed() => {
-                brokers = brokers_rx.borrow_and_update().clone();
-                routes.store(Arc::new(Routes::build(&brokers, &live, Instant::now())));
+                p.brokers = brokers_rx.borrow_and_update().clone();
+                p.routes.store(Arc::new(Routes::build(&p.brokers, &p.live, Instant::now())));
             }
-            _ = heartbeat.tick() => {
-                let now = Instant::now();
-                let addrs = brokers.all_addrs();
-                live.retain(|a| addrs.contains(a));
-                for a in addrs {
-                    let seq = live.ping_sent(a, now);
-                    transport.send(a, wire::encode(&Message::Ping { seq }));
-                }
-                let new = Routes::build(&brokers, &live, now);
-                metrics
-                    .peers
-                    .with_label_values(&["broker_routable"])
-                    .set(new.partitions.iter().map(Vec::len).sum::<usize>() as i64);
-                if **routes.load() != new {
-                    tracing::info!(routes = ?new, "broker routes changed");
-                    routes.store(Arc::new(new));
-                }
-                pipeline.report_depths();
+            _ = heartbeat.tick() => p.heartbeat(),
+        }
+    }
+    let pipeline = p.pipeline.clone();
+    service
+        .drain(async move {
+            let _ = server.await;
+            pipeline.close();
+        })
+        .await;
+    Ok(())
+}
+
+/// The proxy's own loop state: broker liveness and the routes the pipeline reads.
+struct Proxy {
+    live: Liveness,
+    brokers: Arc<pixiu_registry::RoleView>,
+    routes: Arc<ArcSwap<Routes>>,
+    pipeline: Pipeline,
+    transport: Transport,
+    metrics: RoleMetrics,
+}
+
+impl Proxy {
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let Some(received) = inbound::decode(inbound, &self.metrics) else {
+            return;
+        };
+        match received.into_parts() {
+            (from, Message::Pong { seq }, None) => self.live.pong(from, seq, Instant::now()),
+            (_, Message::Publish(m), None) => {
+                self.metrics.inc_in("gateway_publish");
+                self.pipeline.submit(Job {
+                    id: m.id,
+                    room: m.key.room,
+                    from: m.from,
+                    body: m.body,
+                    ts: m.ts,
+                });
+            }
+            (from, Message::Ping { seq }, None) => {
+                self.transport
+                    .send(from, wire::encode(&Message::Pong { seq }));
+            }
+            (from, other, reply) => {
+                inbound::unexpected(&self.metrics, "proxy", from, &other, reply);
             }
         }
     }
-    env.health.set_ready(false);
-    tracing::info!("proxy draining");
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
+
+    /// Ping every broker replica; rebuild the routes when liveness changed them.
+    fn heartbeat(&mut self) {
+        let now = Instant::now();
+        let addrs = self.brokers.all_addrs();
+        self.live.retain(|a| addrs.contains(a));
+        for a in addrs {
+            let seq = self.live.ping_sent(a, now);
+            self.transport.send(a, wire::encode(&Message::Ping { seq }));
+        }
+        let new = Routes::build(&self.brokers, &self.live, now);
+        self.metrics
+            .peers
+            .with_label_values(&["broker_routable"])
+            .set(new.partitions.iter().map(Vec::len).sum::<usize>() as i64);
+        if **self.routes.load() != new {
+            tracing::info!(routes = ?new, "broker routes changed");
+            self.routes.store(Arc::new(new));
+        }
+        self.pipeline.report_depths();
     }
-    let _ = server.await;
-    pipeline.close();
-    transport.close().await;
-    Ok(())
 }

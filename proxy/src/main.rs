@@ -2,11 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::config::{load_toml, report_check};
 use pixiu_runtime::CommonArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// PiXiu proxy: publisher HTTP API in, room messages to brokers out.
 #[derive(Parser, Debug)]
@@ -30,33 +28,28 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    pixiu_runtime::exit_with("pixiu-proxy", real_main(args));
-}
-
-fn real_main(args: Args) -> anyhow::Result<()> {
-    pixiu_runtime::init_tracing();
-    let (mut common, mut r): (_, pixiu_proxy::ProxyConfig) =
-        load_toml(args.common.config.as_deref()).context("loading the config file")?;
-    args.common.apply(&mut common);
-    if let Some(v) = args.http {
-        r.http = v;
-    }
-    if let Some(v) = args.auth_secret_file {
-        r.auth_secret_file = Some(v);
-    }
-    if args.insecure_dev_auth {
-        r.insecure_dev_auth = true;
-    }
-    if let Some(v) = args.big_rooms {
-        r.big_rooms = v;
-    }
-    let check_only = args.common.check_config;
-    r.auth_secret = pixiu_runtime::auth_secret(r.auth_secret_file.as_deref(), check_only)
-        .context("reading the auth secret")?;
-    let drain = Duration::from_millis(common.drain_ms);
-    let cfg = pixiu_proxy::Config { common, proxy: r };
-    if check_only {
-        return report_check("pixiu-proxy", &cfg.common, || pixiu_proxy::check(&cfg));
-    }
-    pixiu_runtime::serve_until_signalled("proxy", drain, |shutdown| pixiu_proxy::run(cfg, shutdown))
+    pixiu_runtime::service::service_main(
+        "pixiu-proxy",
+        &args.common,
+        |p: &mut pixiu_proxy::ProxyConfig, check_only| {
+            if let Some(v) = args.http {
+                p.http = v;
+            }
+            if let Some(v) = args.auth_secret_file {
+                p.auth_secret_file = Some(v);
+            }
+            if args.insecure_dev_auth {
+                p.insecure_dev_auth = true;
+            }
+            if let Some(v) = args.big_rooms {
+                p.big_rooms = v;
+            }
+            p.auth_secret = pixiu_runtime::auth_secret(p.auth_secret_file.as_deref(), check_only)
+                .context("reading the auth secret")?;
+            Ok(())
+        },
+        |common, proxy| pixiu_proxy::Config { common, proxy },
+        pixiu_proxy::check,
+        pixiu_proxy::run,
+    );
 }

@@ -9,9 +9,10 @@ mod store;
 use pixiu_protocol::routing::partition_matches;
 use pixiu_protocol::table::{row_of, GatewaySweeper, RouteTable};
 use pixiu_protocol::wire::{self, GatewayUpdate, Message};
-use pixiu_registry::{Member, NodeInfo, NodeState, Role, RoleView};
-use pixiu_runtime::{CommonConfig, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Inbound, Transport, TransportConfig};
+use pixiu_registry::{Member, NodeState, Role, RoleView};
+use pixiu_runtime::inbound;
+use pixiu_runtime::{CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown};
+use pixiu_transport::{Inbound, Transport};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -57,10 +58,6 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
     #[error("storage: {0}")]
     Store(#[from] store::StoreError),
 }
@@ -76,11 +73,11 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a router against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 struct Subscriber {
@@ -101,73 +98,45 @@ struct Router {
     subscriber_ttl: Duration,
 }
 
-/// Run a router in a given environment.
+/// Run a router in a given environment: load the table from RocksDB, register `init`, merge a
+/// running peer replica's table (what this replica missed while it was down), then `running`.
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
     check(&config)?;
     let rc = config.router.clone();
-    let metrics = RoleMetrics::new(&env.metrics, "router");
     let store = Store::open(&rc.data_dir.join(format!("routes-p{}", rc.partition)))?;
     let mut table = RouteTable::new();
     for row in store.load()? {
         table.apply(row);
     }
     tracing::info!(rows = table.len(), "loaded the routing table from RocksDB");
-
-    let (transport, mut inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-    let mut routers_rx = env.registry.watch(Role::Router).await?;
-    let mut gateways_rx = env.registry.watch(Role::Gateway).await?;
-    let registration = env
-        .registry
-        .register(
-            Role::Router,
-            Some(rc.partition),
-            NodeInfo {
-                addr: node_addr.to_string(),
-                state: NodeState::Init,
-                admin: config.common.admin.map(|a| a.to_string()),
-                client_url: None,
-                http: None,
-                load: 0,
-                instance: None,
-            },
-        )
-        .await?;
-    tracing::info!(id = registration.id(), partition = rc.partition, %node_addr, "router registered (init)");
-
-    let routers = routers_rx.borrow_and_update().clone();
+    let me = Registering::partition(Role::Router, rc.partition);
+    let (mut service, mut inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    let mut gateways_rx = service.watch(Role::Gateway).await?;
     let mut r = Router {
         partition: rc.partition,
-        my_id: registration.id_watch(),
-        transport: transport.clone(),
-        metrics,
+        my_id: service.id_watch(),
+        transport: service.transport.clone(),
+        metrics: service.metrics.clone(),
         store,
         table,
         subscribers: HashMap::new(),
-        routers,
+        routers: service.peers.borrow_and_update().clone(),
         subscriber_ttl: Duration::from_millis(rc.subscriber_ttl_ms),
     };
-
-    // catch up from a running peer replica: what this replica missed while it was down
     let (sync_tx, mut sync_rx) = tokio::sync::mpsc::channel(1);
     {
         let peers = r.peers(true);
-        let transport = transport.clone();
+        let transport = r.transport.clone();
         let (partition, num) = (r.partition, r.routers.partition_num);
         tokio::spawn(async move {
             let rows = sync_from_peers(&transport, &peers, partition, num).await;
             let _ = sync_tx.send(rows).await;
         });
     }
-
     let mut sweeper = GatewaySweeper::default();
     let mut sweep = tokio::time::interval(Duration::from_millis(rc.sweep_interval_ms));
     let mut running = false;
+    let shutdown = service.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -177,39 +146,26 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
                 for row in rows {
                     r.apply_row(row);
                 }
-                registration.set_state(NodeState::Running).await?;
-                env.health.set_ready(true);
+                service.set_state(NodeState::Running).await?;
                 running = true;
                 tracing::info!(synced_rows = n, rows = r.table.len(), "router running");
             }
-            Ok(()) = routers_rx.changed() => {
-                r.routers = routers_rx.borrow_and_update().clone();
+            Ok(()) = service.peers.changed() => {
+                r.routers = service.peers.borrow_and_update().clone();
             }
             _ = sweep.tick() => {
                 let live: HashSet<u64> = gateways_rx.borrow_and_update().all().map(|(_, m)| m.id).collect();
-                let gone = sweeper.sweep(&mut r.table, &live);
-                if !gone.is_empty() {
-                    tracing::info!(rows = gone.len(), "forgot rows of gateways that left the registry");
-                    if let Err(e) = r.store.delete_rows(&gone) {
-                        tracing::error!("deleting rows of departed gateways: {e}");
-                    }
-                }
-                let ttl = r.subscriber_ttl;
-                r.subscribers.retain(|_, s| s.last_seen.elapsed() <= ttl);
-                r.metrics.set_queue("subscribers", r.subscribers.len() as i64);
-                r.metrics.set_queue("table_rows", r.table.len() as i64);
+                r.sweep(&mut sweeper, &live);
             }
         }
     }
-    env.health.set_ready(false);
-    tracing::info!("router draining");
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    if let Err(e) = r.store.flush() {
-        tracing::error!("flushing RocksDB: {e}");
-    }
-    transport.close().await;
+    service
+        .drain(async {
+            if let Err(e) = r.store.flush() {
+                tracing::error!("flushing RocksDB: {e}");
+            }
+        })
+        .await;
     Ok(())
 }
 
@@ -266,19 +222,31 @@ impl Router {
         true
     }
 
-    fn on_inbound(&mut self, inbound: Inbound) {
-        let (from, bytes, reply) = match inbound {
-            Inbound::Message { from, bytes } => (from, bytes, None),
-            Inbound::Request { from, bytes, reply } => (from, bytes, Some(reply)),
-        };
-        let msg = match wire::decode(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics.drop("decode", "bad_frame");
-                tracing::debug!(%from, "bad frame: {e}");
-                return;
+    /// Forget the rows of gateways gone from the registry; drop silent subscribers.
+    fn sweep(&mut self, sweeper: &mut GatewaySweeper, live: &HashSet<u64>) {
+        let gone = sweeper.sweep(&mut self.table, live);
+        if !gone.is_empty() {
+            tracing::info!(
+                rows = gone.len(),
+                "forgot rows of gateways that left the registry"
+            );
+            if let Err(e) = self.store.delete_rows(&gone) {
+                tracing::error!("deleting rows of departed gateways: {e}");
             }
+        }
+        let ttl = self.subscriber_ttl;
+        self.subscribers.retain(|_, s| s.last_seen.elapsed() <= ttl);
+        self.metrics
+            .set_queue("subscribers", self.subscribers.len() as i64);
+        self.metrics
+            .set_queue("table_rows", self.table.len() as i64);
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let Some(received) = inbound::decode(inbound, &self.metrics) else {
+            return;
         };
+        let (from, msg, reply) = received.into_parts();
         match (msg, reply) {
             (
                 Message::SnapshotRequest {
@@ -291,11 +259,8 @@ impl Router {
                 let rows = self.table.rows_for(partition, partition_num);
                 reply.send(wire::encode(&Message::Snapshot { rows }));
             }
-            (other, Some(reply)) => {
-                self.metrics.drop("request", "unexpected_kind");
-                reply.send(wire::encode(&Message::Refused {
-                    reason: format!("a router serves no {} requests", other.kind()),
-                }));
+            (msg, reply @ Some(_)) => {
+                inbound::unexpected(&self.metrics, "router", from, &msg, reply);
             }
             (Message::Ping { seq }, None) => {
                 self.transport
@@ -322,10 +287,7 @@ impl Router {
                     .send(from, wire::encode(&Message::Pong { seq }));
             }
             (Message::Gateway(u), None) => self.on_gateway_update(u),
-            (other, None) => {
-                self.metrics.drop("decode", "unexpected_kind");
-                tracing::debug!(%from, kind = other.kind(), "unexpected message");
-            }
+            (msg, None) => inbound::unexpected(&self.metrics, "router", from, &msg, None),
         }
     }
 

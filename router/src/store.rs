@@ -5,21 +5,13 @@
 
 use pixiu_protocol::ids::RouteKey;
 use pixiu_protocol::wire::RouteRow;
+use pixiu_storage::{Db, Durability, WriteBatch};
 use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("rocksdb at {path}: {source}")]
-    Open {
-        path: String,
-        source: rocksdb::Error,
-    },
-    #[error("rocksdb: {0}")]
-    Db(#[from] rocksdb::Error),
-}
+pub use pixiu_storage::StorageError as StoreError;
 
 pub struct Store {
-    db: rocksdb::DB,
+    db: Db,
 }
 
 fn key_bytes(key: &RouteKey, instance: u64) -> [u8; 17] {
@@ -32,19 +24,20 @@ fn key_bytes(key: &RouteKey, instance: u64) -> [u8; 17] {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        let db = rocksdb::DB::open(&opts, path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let db = Db::open(
+            path,
+            pixiu_storage::Options {
+                durability: Durability::GroupCommit,
+                lz4: false,
+            },
+        )?;
         Ok(Store { db })
     }
 
     /// Every stored row; an undecodable entry is skipped with a warning, never fatal.
     pub fn load(&self) -> Result<Vec<RouteRow>, StoreError> {
         let mut rows = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        for item in self.db.scan_prefix(&[]) {
             let (k, v) = item?;
             match postcard::from_bytes::<RouteRow>(&v) {
                 Ok(row) => rows.push(row),
@@ -61,7 +54,7 @@ impl Store {
     }
 
     pub fn delete_rows(&self, rows: &[RouteRow]) -> Result<(), StoreError> {
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         for r in rows {
             batch.delete(key_bytes(&r.key, r.gateway.instance));
         }
@@ -70,7 +63,7 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
+        self.db.flush_wal()?;
         Ok(())
     }
 }

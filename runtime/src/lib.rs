@@ -8,14 +8,18 @@
 pub mod admin;
 pub mod ask;
 pub mod config;
+pub mod inbound;
 pub mod liveness;
 pub mod metrics;
 pub mod replication;
+pub mod service;
 
 pub use ask::{ask, AskError};
 pub use config::{CommonArgs, CommonConfig};
+pub use inbound::Received;
 pub use liveness::Liveness;
 pub use metrics::RoleMetrics;
+pub use service::{in_own_process, Registering, Service};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use pixiu_registry::{Registry, ZkConfig};

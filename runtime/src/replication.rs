@@ -177,26 +177,22 @@ pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The request loop of a replicated store (Xiu, Pi), until `shutdown`: each inbound request
+/// The request loop of a replicated store (Xiu, Pi), until shutdown: each inbound request
 /// is handled on its own task by `handle`; each change of `state` (from the role loop) is
 /// published in the registry and on `/healthz` (ready when running). Then the drain: not
 /// ready, `drain()` (the service's last writes), deregister, close the transport.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve_replica<H, Fut>(
-    what: &str,
-    env: &crate::NodeEnv,
-    registration: pixiu_registry::Registration,
-    transport: pixiu_transport::Transport,
+    service: crate::Service,
     mut inbound: tokio::sync::mpsc::Receiver<pixiu_transport::Inbound>,
     mut state: watch::Receiver<pixiu_registry::NodeState>,
-    shutdown: crate::Shutdown,
     handle: H,
     drain: impl FnOnce(),
-) -> Result<(), pixiu_registry::RegistryError>
+) -> Result<(), crate::RuntimeError>
 where
     H: Fn(pixiu_transport::Inbound) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let shutdown = service.shutdown.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -205,19 +201,12 @@ where
             }
             Ok(()) = state.changed() => {
                 let now = *state.borrow_and_update();
-                registration.set_state(now).await?;
-                env.health.set_ready(now == pixiu_registry::NodeState::Running);
-                tracing::info!(state = ?now, "{what} state");
+                service.set_state(now).await?;
             }
         }
     }
-    env.health.set_ready(false);
-    tracing::info!("{what} draining");
     drain();
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!("deregistering: {e}");
-    }
-    transport.close().await;
+    service.drain(async {}).await;
     Ok(())
 }
 

@@ -81,6 +81,13 @@ pub struct Responder {
 }
 
 impl Responder {
+    /// A responder and the receiver of its answer, for handling a request without a peer
+    /// (unit tests of a role's request handling).
+    pub fn channel() -> (Responder, oneshot::Receiver<Bytes>) {
+        let (tx, rx) = oneshot::channel();
+        (Responder { tx }, rx)
+    }
+
     /// Send the reply. Ignored if the requester has gone away.
     pub fn send(self, bytes: Bytes) {
         let _ = self.tx.send(bytes);

@@ -29,20 +29,11 @@ pub mod service;
 use lru::LruCache;
 use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
 use pixiu_protocol::MAX_BODY;
+use pixiu_storage::{Db, WriteBatch};
 use std::num::NonZeroUsize;
 use std::path::Path;
 
-/// How writes reach the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Durability {
-    /// Every write is fsynced before it returns (`WriteOptions::set_sync(true)`): an
-    /// acknowledged message survives a machine crash.
-    Fsync,
-    /// Writes go to the write-ahead log without an fsync each (they survive a process crash,
-    /// not a machine crash); the owner calls [`XiuStore::flush_wal`] periodically, or before
-    /// acknowledging a group of writes, to make them durable together.
-    GroupCommit,
-}
+pub use pixiu_storage::Durability;
 
 #[derive(Clone, Debug)]
 pub struct XiuOptions {
@@ -55,13 +46,8 @@ pub struct XiuOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum XiuError {
-    #[error("rocksdb at {path}: {source}")]
-    Open {
-        path: String,
-        source: rocksdb::Error,
-    },
-    #[error("rocksdb: {0}")]
-    Db(#[from] rocksdb::Error),
+    #[error(transparent)]
+    Storage(#[from] pixiu_storage::StorageError),
     #[error("message {0} not found")]
     NotFound(MsgId),
     #[error("message {id} is corrupt: {reason}")]
@@ -168,9 +154,8 @@ pub struct Mark {
 
 /// The message store of one Xiu partition.
 pub struct XiuStore {
-    db: rocksdb::DB,
+    db: Db,
     partition: u8,
-    sync: Durability,
     cache: Option<LruCache<MsgId, StoredMessage>>,
     /// The last assigned (or replicated) id; the next counter is `last.counter() + 1`.
     last: MsgId,
@@ -182,13 +167,13 @@ impl XiuStore {
     /// Opens (or creates) the store at `path` and resumes its counter from the larger of the
     /// recorded last id and the highest stored message.
     pub fn open(path: &Path, options: XiuOptions) -> Result<XiuStore, XiuError> {
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let db = rocksdb::DB::open(&opts, path).map_err(|source| XiuError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let db = Db::open(
+            path,
+            pixiu_storage::Options {
+                durability: options.sync,
+                lz4: true,
+            },
+        )?;
         let partition = options.partition;
 
         let mut last = MsgId::new(partition, KIND_NONE, 0);
@@ -202,13 +187,7 @@ impl XiuStore {
             }
             last = meta;
         }
-        let top = msg_key(u64::MAX);
-        let mut it = db.iterator(rocksdb::IteratorMode::From(
-            &top,
-            rocksdb::Direction::Reverse,
-        ));
-        if let Some(item) = it.next() {
-            let (k, v) = item?;
+        if let Some((k, v)) = db.last_at_or_below(&msg_key(u64::MAX))? {
             if let Some(counter) = counter_of_key(&k) {
                 if counter > last.counter() {
                     // The record's kind if it is readable; the counter is what matters.
@@ -219,14 +198,12 @@ impl XiuStore {
                 }
             }
         }
-        drop(it);
 
         let cache = NonZeroUsize::new(options.cache_entries).map(LruCache::new);
         tracing::info!(partition, last = %last, "xiu store opened");
         Ok(XiuStore {
             db,
             partition,
-            sync: options.sync,
             cache,
             last,
             epoch: 0,
@@ -253,17 +230,10 @@ impl XiuStore {
         self.last
     }
 
-    fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), XiuError> {
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(self.sync == Durability::Fsync);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
-    }
-
     /// Makes every write so far durable (fsyncs the write-ahead log): the commit point of
     /// [`Durability::GroupCommit`]. Harmless with [`Durability::Fsync`].
     pub fn flush_wal(&self) -> Result<(), XiuError> {
-        self.db.flush_wal(true)?;
+        self.db.flush_wal()?;
         Ok(())
     }
 
@@ -303,11 +273,11 @@ impl XiuStore {
             body: body.to_string(),
             ts,
         };
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         batch.put(msg_key(counter), encode_record(&msg, self.epoch));
         batch.put(sid_key(sid), id.to_be_bytes());
         batch.put(META_LAST, id.to_be_bytes());
-        self.write(batch)?;
+        self.db.write(batch)?;
         self.last = id;
         if let Some(cache) = &mut self.cache {
             cache.put(id, msg);
@@ -370,11 +340,7 @@ impl XiuStore {
             return Ok(out);
         }
         let start = msg_key(after.counter() + 1);
-        let it = self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        ));
-        for item in it {
+        for item in self.db.scan_from(&start, &[MSG_PREFIX]) {
             let (k, v) = item?;
             let Some(counter) = counter_of_key(&k) else {
                 break;
@@ -397,7 +363,7 @@ impl XiuStore {
     /// Returns how many records were written.
     pub fn apply_replicated(&mut self, entries: &[(MsgId, Vec<u8>)]) -> Result<usize, XiuError> {
         let mut last = self.last;
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         let mut fresh = Vec::new();
         for (id, raw) in entries {
             if id.partition() != self.partition {
@@ -431,7 +397,7 @@ impl XiuStore {
             return Ok(0);
         }
         batch.put(META_LAST, last.to_be_bytes());
-        self.write(batch)?;
+        self.db.write(batch)?;
         self.last = last;
         let n = fresh.len();
         if let Some(cache) = &mut self.cache {
@@ -451,9 +417,9 @@ impl XiuStore {
         }
         let id =
             MsgId::try_new(self.partition, KIND_NONE, counter).ok_or(XiuError::CounterExhausted)?;
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_opt(META_LAST, id.to_be_bytes(), &wo)?;
+        let mut batch = WriteBatch::default();
+        batch.put(META_LAST, id.to_be_bytes());
+        self.db.write_synced(batch)?;
         self.last = id;
         Ok(id)
     }
@@ -476,7 +442,9 @@ impl XiuStore {
     /// Records that every id up to `counter` is indexed in Pi (not fsynced: after a crash
     /// the owner re-indexes from an older watermark, which Pi's duplicate-free lists absorb).
     pub fn set_indexed(&mut self, counter: u64) -> Result<(), XiuError> {
-        self.db.put(META_INDEXED, counter.to_be_bytes())?;
+        let mut batch = WriteBatch::default();
+        batch.put(META_INDEXED, counter.to_be_bytes());
+        self.db.write_unsynced(batch)?;
         Ok(())
     }
 
@@ -516,13 +484,10 @@ impl XiuStore {
     /// back to `counter`, fsynced: a follower drops a tail its new leader never had (a failed
     /// leader's writes that were never replicated, hence never acknowledged).
     pub fn truncate_after(&mut self, counter: u64) -> Result<usize, XiuError> {
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = WriteBatch::default();
         let mut n = 0;
         let start = msg_key(counter.saturating_add(1));
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &start,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.scan_from(&start, &[MSG_PREFIX]) {
             let (k, v) = item?;
             let Some(c) = counter_of_key(&k) else {
                 break;
@@ -535,9 +500,7 @@ impl XiuStore {
         }
         let last = MsgId::new(self.partition, KIND_NONE, counter.min(self.last.counter()));
         batch.put(META_LAST, last.to_be_bytes());
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        self.db.write_synced(batch)?;
         self.last = last;
         if let Some(c) = &mut self.cache {
             c.clear();

@@ -1,10 +1,8 @@
 //! `pixiu-xiu`: parse flags, start tracing, run one Xiu replica.
 
-use anyhow::Context;
 use clap::Parser;
-use pixiu_runtime::config::{load_toml, report_check, StoreArgs};
+use pixiu_runtime::config::StoreArgs;
 use pixiu_runtime::CommonArgs;
-use std::time::Duration;
 
 /// PiXiu Xiu: the replicated message store of personal inboxes.
 #[derive(Parser, Debug)]
@@ -18,28 +16,20 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    pixiu_runtime::exit_with("pixiu-xiu", real_main(args));
-}
-
-fn real_main(args: Args) -> anyhow::Result<()> {
-    pixiu_runtime::init_tracing();
-    let (mut common, mut x): (_, pixiu_xiu::service::XiuConfig) =
-        load_toml(args.common.config.as_deref()).context("loading the config file")?;
-    args.common.apply(&mut common);
-    args.store.apply(
-        &mut x.partition,
-        &mut x.data_dir,
-        &mut x.min_insync,
-        &mut x.fsync,
+    pixiu_runtime::service::service_main(
+        "pixiu-xiu",
+        &args.common,
+        |s: &mut pixiu_xiu::service::XiuConfig, _| {
+            args.store.apply(
+                &mut s.partition,
+                &mut s.data_dir,
+                &mut s.min_insync,
+                &mut s.fsync,
+            );
+            Ok(())
+        },
+        |common, xiu| pixiu_xiu::service::Config { common, xiu },
+        |c| pixiu_xiu::service::check(c).map(drop),
+        pixiu_xiu::service::run,
     );
-    let drain = Duration::from_millis(common.drain_ms);
-    let cfg = pixiu_xiu::service::Config { common, xiu: x };
-    if args.common.check_config {
-        return report_check("pixiu-xiu", &cfg.common, || {
-            pixiu_xiu::service::check(&cfg).map(drop)
-        });
-    }
-    pixiu_runtime::serve_until_signalled("xiu", drain, |shutdown| {
-        pixiu_xiu::service::run(cfg, shutdown)
-    })
 }

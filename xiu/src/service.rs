@@ -30,12 +30,15 @@ use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::routing::{group_users, owns_user, user_partition};
 use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
-use pixiu_registry::{NodeInfo, NodeState, Role, RoleView};
+use pixiu_registry::{NodeState, Role, RoleView};
+use pixiu_runtime::inbound::{self, Received};
 use pixiu_runtime::replication::{
     mark_running, peers, place, serve_replica, Followers, Head, Place,
 };
-use pixiu_runtime::{ask, AskError, CommonConfig, NodeEnv, RoleMetrics, Shutdown};
-use pixiu_transport::{Inbound, Transport, TransportConfig};
+use pixiu_runtime::{
+    ask, AskError, CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
+};
+use pixiu_transport::{Inbound, Transport};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,21 +92,17 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("registry: {0}")]
-    Registry(#[from] pixiu_registry::RegistryError),
-    #[error("transport: {0}")]
-    Transport(#[from] pixiu_transport::TransportError),
     #[error("store: {0}")]
     Store(#[from] XiuError),
 }
 
 /// Run a Xiu replica against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let env = NodeEnv::for_service(&config.common, &shutdown).await?;
-    let registry = env.registry.clone();
-    let res = run_with(config, env, shutdown).await;
-    registry.close().await;
-    res
+    let common = config.common.clone();
+    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
+        run_with(config, env, shutdown)
+    })
+    .await
 }
 
 type StoreReply = oneshot::Sender<Result<(MsgId, bool), XiuError>>;
@@ -170,28 +169,10 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             sync: Durability::GroupCommit,
         },
     )?;
-    let metrics = RoleMetrics::new(&env.metrics, "xiu");
-    let (transport, inbound) = Transport::bind(TransportConfig::new(
-        config.common.listen,
-        (*env.tls).clone(),
-    ))
-    .await?;
-    let node_addr = transport.local_addr();
-    pixiu_runtime::export_transport_stats(transport.clone(), metrics.clone(), shutdown.clone());
-    let xius = env.registry.watch(Role::Xiu).await?;
-    let pis = env.registry.watch(Role::Pi).await?;
-    let registration = env
-        .registry
-        .register(
-            Role::Xiu,
-            Some(xc.partition),
-            NodeInfo {
-                admin: config.common.admin.map(|a| a.to_string()),
-                ..NodeInfo::new(node_addr.to_string())
-            },
-        )
-        .await?;
-    tracing::info!(id = registration.id(), partition, %node_addr, last = %store.last_id(), "xiu registered (init)");
+    let me = Registering::partition(Role::Xiu, xc.partition);
+    let (service, inbound) = Service::start(env, &config.common, me, shutdown).await?;
+    tracing::info!(partition, last = %store.last_id(), "xiu opened its store");
+    let pis = service.watch(Role::Pi).await?;
     let head = Head::new(store.last_id().counter());
     let indexed = watch::channel(store.indexed()?).0;
     let (writes, write_rx) = mpsc::channel(4096);
@@ -199,10 +180,10 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         cfg: xc.clone(),
         partition,
         store: Mutex::new(store),
-        transport: transport.clone(),
-        metrics,
-        my_id: registration.id_watch(),
-        xius,
+        transport: service.transport.clone(),
+        metrics: service.metrics.clone(),
+        my_id: service.id_watch(),
+        xius: service.peers.clone(),
         pis,
         followers: Followers::new(Duration::from_secs(3)),
         head,
@@ -210,6 +191,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         leading: AtomicBool::new(false),
         writes,
     });
+    let shutdown = service.shutdown.clone();
     tokio::spawn(writer(node.clone(), write_rx));
     tokio::spawn(indexer(node.clone(), shutdown.clone()));
 
@@ -226,18 +208,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             tracing::error!("flushing the WAL at shutdown: {e}");
         }
     };
-    serve_replica(
-        "xiu",
-        &env,
-        registration,
-        transport,
-        inbound,
-        state_rx,
-        shutdown,
-        handle,
-        drain,
-    )
-    .await?;
+    serve_replica(service, inbound, state_rx, handle, drain).await?;
     Ok(())
 }
 
@@ -565,23 +536,15 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), String> 
 }
 
 async fn on_inbound(node: &Node, inbound: Inbound) {
-    let (bytes, reply) = match inbound {
-        Inbound::Request { bytes, reply, .. } => (bytes, reply),
-        Inbound::Message { .. } => {
-            node.metrics.drop("message", "unexpected");
-            return;
+    match inbound::decode(inbound, &node.metrics) {
+        Some(Received::Request { msg, reply, .. }) => {
+            reply.send(wire::encode(&handle(node, msg).await));
         }
-    };
-    let answer = match wire::decode(&bytes) {
-        Ok(msg) => handle(node, msg).await,
-        Err(e) => {
-            node.metrics.drop("decode", "bad_frame");
-            Message::Refused {
-                reason: format!("bad frame: {e}"),
-            }
+        Some(Received::Message { from, msg, .. }) => {
+            inbound::unexpected(&node.metrics, "xiu", from, &msg, None);
         }
-    };
-    reply.send(wire::encode(&answer));
+        None => {}
+    }
 }
 
 fn unavailable(reason: impl Into<String>) -> Message {
