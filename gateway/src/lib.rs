@@ -8,7 +8,9 @@
 
 mod core;
 mod demo;
+mod inbox;
 mod rate;
+mod rooms;
 mod ws;
 
 use pixiu_protocol::routing::BigRooms;
