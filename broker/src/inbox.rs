@@ -205,6 +205,7 @@ async fn pi_request(io: &Io, uid: u64, msg: &Message) -> Result<(SocketAddr, Mes
 }
 
 /// Pi: the ids; Xiu: the messages.
+#[tracing::instrument(level = "debug", skip_all, fields(uid, device, after))]
 async fn fetch(
     io: &Io,
     uid: u64,

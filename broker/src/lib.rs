@@ -71,13 +71,7 @@ pub struct Config {
     pub broker: BrokerConfig,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Runtime(#[from] pixiu_runtime::RuntimeError),
-}
+pixiu_runtime::service_error! {}
 
 /// What the broker refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
@@ -96,11 +90,7 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a broker against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let common = config.common.clone();
-    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
-        run_with(config, env, shutdown)
-    })
-    .await
+    pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
 struct Broker {
@@ -394,6 +384,7 @@ impl Broker {
         };
         match msg {
             Message::Room(m) => {
+                let _span = tracing::debug_span!("room", room = m.key.room, id = m.id).entered();
                 self.metrics.inc_in("room");
                 // the frame received is the frame to send: forward its bytes as they are
                 let mut n = 0;

@@ -58,6 +58,7 @@ impl Courier {
     /// Stores one message for every receiver in `to` and notifies their brokers. Answers
     /// each receiver's id once every copy is acknowledged (stored, replicated to `min_insync`
     /// followers, indexed in Pi).
+    #[tracing::instrument(level = "debug", skip_all, fields(sid, from, receivers = to.len()))]
     pub async fn send(
         &self,
         sid: u64,

@@ -14,6 +14,7 @@ use pixiu_protocol::client::{Id, ServerFrame};
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, DeviceRef, GatewayUpdate, InboxItem, Message, RoomMessage};
 use pixiu_registry::RoleView;
+use pixiu_runtime::inbound::{self, Received};
 use pixiu_runtime::{Liveness, RoleMetrics, Shutdown};
 use pixiu_transport::{Inbound, Transport};
 use std::collections::HashMap;
@@ -335,23 +336,13 @@ impl Core {
     }
 
     fn on_inbound(&mut self, inbound: Inbound) {
-        let (from, bytes) = match inbound {
-            Inbound::Message { from, bytes } => (from, bytes),
-            Inbound::Request { reply, .. } => {
-                self.metrics.drop("request", "unexpected");
-                reply.send(wire::encode(&Message::Refused {
-                    reason: "a gateway serves no requests".into(),
-                }));
+        let (from, msg) = match inbound::decode(inbound, &self.metrics) {
+            Some(Received::Message { from, msg, .. }) => (from, msg),
+            Some(Received::Request { from, msg, reply }) => {
+                inbound::unexpected(&self.metrics, "gateway", from, &msg, Some(reply));
                 return;
             }
-        };
-        let msg = match wire::decode(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics.drop("decode", "bad_frame");
-                tracing::debug!(%from, "bad frame: {e}");
-                return;
-            }
+            None => return,
         };
         match msg {
             Message::Room(m) => self.deliver(m),
@@ -371,13 +362,11 @@ impl Core {
                 self.transport
                     .send(from, wire::encode(&Message::Pong { seq }));
             }
-            other => {
-                self.metrics.drop("decode", "unexpected_kind");
-                tracing::debug!(%from, kind = other.kind(), "unexpected message");
-            }
+            other => inbound::unexpected(&self.metrics, "gateway", from, &other, None),
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(room = m.key.room, id = m.id))]
     fn deliver(&mut self, m: RoomMessage) {
         self.metrics.inc_in("room");
         let (c, out) = (&self.cluster, &mut self.actions);

@@ -93,18 +93,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("cannot listen for clients on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
+pixiu_runtime::service_error! {}
 
 /// What the gateway refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
@@ -138,11 +127,7 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a gateway against ZooKeeper until `shutdown`, then drain and deregister.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let common = config.common.clone();
-    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
-        run_with(config, env, shutdown)
-    })
-    .await
+    pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
 /// Run a gateway in a given environment (shared registry and metrics in standalone mode).
@@ -160,14 +145,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tracing::warn!("--insecure-dev-auth: clients may connect with ?uid=..&dev=.. and no token; development only");
     }
     let big_rooms = BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
-    let listen_error = |source| Error::Listen {
-        addr: g.client_listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(g.client_listen)
-        .await
-        .map_err(listen_error)?;
-    let client_addr = listener.local_addr().map_err(listen_error)?;
+    let (listener, client_addr) =
+        pixiu_runtime::service::listen_tcp("clients", g.client_listen).await?;
     let client_url = g
         .client_url
         .clone()

@@ -79,23 +79,14 @@ pub struct Config {
     pub pi: PiConfig,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Runtime(#[from] pixiu_runtime::RuntimeError),
+pixiu_runtime::service_error! {
     #[error("index: {0}")]
     Index(#[from] PiError),
 }
 
 /// Run a Pi replica against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let common = config.common.clone();
-    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
-        run_with(config, env, shutdown)
-    })
-    .await
+    pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
 struct Node {
@@ -534,6 +525,7 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
 }
 
 /// Index the ids, make them durable, then wait until `min_insync` followers hold them.
+#[tracing::instrument(level = "debug", skip_all, fields(ids = items.len()))]
 async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
     node.metrics.inc_in("append");
     if let Some(refusal) = items.iter().find_map(|(uid, _)| not_ours(node, *uid)) {

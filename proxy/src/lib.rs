@@ -76,18 +76,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Runtime(#[from] pixiu_runtime::RuntimeError),
-    #[error("cannot listen for publishers on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
+pixiu_runtime::service_error! {}
 
 /// What the proxy refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
@@ -118,11 +107,7 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a proxy against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let common = config.common.clone();
-    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
-        run_with(config, env, shutdown)
-    })
-    .await
+    pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
 /// Run a proxy in a given environment.
@@ -139,14 +124,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tracing::warn!("--insecure-dev-auth: publishers need no token; development only");
     }
     let big_rooms = BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
-    let listen_error = |source| Error::Listen {
-        addr: pc.http,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(pc.http)
-        .await
-        .map_err(listen_error)?;
-    let http_addr = listener.local_addr().map_err(listen_error)?;
+    let (listener, http_addr) = pixiu_runtime::service::listen_tcp("publishers", pc.http).await?;
     let me = Registering {
         http: Some(http_addr.to_string()),
         ids: Some(IdSource::Proxy),

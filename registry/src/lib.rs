@@ -317,7 +317,7 @@ impl ZkConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("zookeeper error: {0}")]
-    Zk(String),
+    Zk(#[from] zookeeper_client::Error),
     #[error("cannot connect to zookeeper at {hosts}: {reason}")]
     Connect { hosts: String, reason: String },
     #[error("registry operation timed out")]

@@ -31,7 +31,7 @@ const EPHEMERAL_SEQUENTIAL: CreateOptions<'static> =
     CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
 
 fn zk_err(e: ZkError) -> RegistryError {
-    RegistryError::Zk(e.to_string())
+    RegistryError::Zk(e)
 }
 
 /// The session currently in use.

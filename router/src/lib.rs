@@ -52,12 +52,7 @@ pub struct Config {
     pub router: RouterConfig,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Runtime(#[from] pixiu_runtime::RuntimeError),
+pixiu_runtime::service_error! {
     #[error("storage: {0}")]
     Store(#[from] store::StoreError),
 }
@@ -73,11 +68,7 @@ pub fn check(config: &Config) -> Result<(), Error> {
 
 /// Run a router against ZooKeeper until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
-    let common = config.common.clone();
-    pixiu_runtime::in_own_process(&common, &shutdown.clone(), |env| {
-        run_with(config, env, shutdown)
-    })
-    .await
+    pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
 struct Subscriber {

@@ -38,6 +38,12 @@ pub enum RuntimeError {
     Transport(#[from] pixiu_transport::TransportError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Readiness of one role: `/healthz` answers 200 only while every role of the process is ready.

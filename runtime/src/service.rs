@@ -163,21 +163,52 @@ impl Service {
 }
 
 /// Run a role as its own process: connect to ZooKeeper, serve the admin port when one is set,
-/// run `role` in that environment, then close the registry session whatever the outcome.
-pub async fn in_own_process<E, Fut>(
+/// run the role's `run_with` in that environment, then close the registry session whatever
+/// the outcome. A role's `run(config, shutdown)` is this with its own `run_with`.
+pub async fn in_own_process<C, E, Fut>(
     common: &CommonConfig,
-    shutdown: &Shutdown,
-    role: impl FnOnce(NodeEnv) -> Fut,
+    config: C,
+    shutdown: Shutdown,
+    run_with: impl FnOnce(C, NodeEnv, Shutdown) -> Fut,
 ) -> Result<(), E>
 where
     Fut: Future<Output = Result<(), E>>,
     E: From<RuntimeError>,
 {
-    let env = NodeEnv::for_service(common, shutdown).await?;
+    let env = NodeEnv::for_service(common, &shutdown).await?;
     let registry = env.registry.clone();
-    let res = role(env).await;
+    let res = run_with(config, env, shutdown).await;
     registry.close().await;
     res
+}
+
+/// Bind a TCP listener for a role's clients or publishers (`what` names them in the error).
+pub async fn listen_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), RuntimeError> {
+    let listen = |source| RuntimeError::Listen { what, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+    let bound = listener.local_addr().map_err(listen)?;
+    Ok((listener, bound))
+}
+
+/// The error enum of a role's library, `Error`: the role's own setting refusals
+/// (`Config`), everything [`RuntimeError`] covers (`Runtime`), and the variants given.
+#[macro_export]
+macro_rules! service_error {
+    ($($variants:tt)*) => {
+        /// Why the role could not start, or stopped.
+        #[derive(Debug, thiserror::Error)]
+        pub enum Error {
+            /// A setting of the role is out of range or missing.
+            #[error("bad configuration: {0}")]
+            Config(String),
+            #[error(transparent)]
+            Runtime(#[from] $crate::RuntimeError),
+            $($variants)*
+        }
+    };
 }
 
 /// The whole `main` of a service binary once its flags are parsed: start tracing, load the TOML
