@@ -135,15 +135,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     check(&config)?;
     let g = config.gateway.clone();
     let secret = g.auth_secret.clone();
-    if secret.is_none() && !g.insecure_dev_auth {
-        return Err(Error::Config(
-            "the gateway's auth secret was not loaded (--auth-secret-file or PIXIU_AUTH_SECRET)"
-                .into(),
-        ));
-    }
-    if g.insecure_dev_auth {
-        tracing::warn!("--insecure-dev-auth: clients may connect with ?uid=..&dev=.. and no token; development only");
-    }
+    pixiu_runtime::config::auth_loaded("gateway", secret.as_deref(), g.insecure_dev_auth)
+        .map_err(Error::Config)?;
     let big_rooms = BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
     let (listener, client_addr) =
         pixiu_runtime::service::listen_tcp("clients", g.client_listen).await?;
@@ -215,12 +208,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     } else {
         ws::router(ws_state)
     };
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-    });
+    let server = pixiu_runtime::service::serve_http(listener, app, shutdown.clone());
 
     service.set_state(NodeState::Running).await?;
     tracing::info!(%client_url, "gateway running");

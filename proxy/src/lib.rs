@@ -114,15 +114,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
 pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Result<(), Error> {
     check(&config)?;
     let pc = config.proxy.clone();
-    if pc.auth_secret.is_none() && !pc.insecure_dev_auth {
-        return Err(Error::Config(
-            "the proxy's auth secret was not loaded (--auth-secret-file or PIXIU_AUTH_SECRET)"
-                .into(),
-        ));
-    }
-    if pc.insecure_dev_auth {
-        tracing::warn!("--insecure-dev-auth: publishers need no token; development only");
-    }
+    pixiu_runtime::config::auth_loaded("proxy", pc.auth_secret.as_deref(), pc.insecure_dev_auth)
+        .map_err(Error::Config)?;
     let big_rooms = BigRooms::parse(&pc.big_rooms).map_err(Error::Config)?;
     let (listener, http_addr) = pixiu_runtime::service::listen_tcp("publishers", pc.http).await?;
     let me = Registering {
@@ -171,12 +164,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         big_rooms,
         courier,
     }));
-    let server_shutdown = service.shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-    });
+    let server = pixiu_runtime::service::serve_http(listener, app, service.shutdown.clone());
 
     // The proxy turns running once it has the broker view: only then can it forward (seed 4.3).
     let mut p = Proxy {

@@ -177,6 +177,28 @@ pub fn check_auth(
     Ok(())
 }
 
+/// At start (not in `--check-config`, which reads no file): the secret of a client-facing
+/// role must have been loaded unless `--insecure-dev-auth`, which is then warned about.
+pub fn auth_loaded(
+    role: &str,
+    secret: Option<&str>,
+    insecure_dev_auth: bool,
+) -> Result<(), String> {
+    if insecure_dev_auth {
+        tracing::warn!(
+            role,
+            "--insecure-dev-auth: no token is needed; development only"
+        );
+        return Ok(());
+    }
+    match secret {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "the {role}'s auth secret was not loaded (--auth-secret-file or PIXIU_AUTH_SECRET)"
+        )),
+    }
+}
+
 /// Settings with a floor: each `(key, value, least)` must have `value >= least`. The error
 /// names the first that does not, as the config key (the flag is the same with dashes).
 pub fn at_least(settings: &[(&str, u64, u64)]) -> Result<(), String> {

@@ -193,6 +193,20 @@ pub async fn listen_tcp(
     Ok((listener, bound))
 }
 
+/// Serve `app` on `listener` until `shutdown` (then finish the requests in flight). The
+/// handle ends when the server has stopped.
+pub fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    })
+}
+
 /// The error enum of a role's library, `Error`: the role's own setting refusals
 /// (`Config`), everything [`RuntimeError`] covers (`Runtime`), and the variants given.
 #[macro_export]

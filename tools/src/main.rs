@@ -115,71 +115,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 pi_partitions,
                 tls_dir,
             } => {
-                if let Some(dir) = &tls_dir {
-                    let wrote = pixiu_transport::generate_dev_tls(dir)
-                        .with_context(|| format!("writing TLS material into {}", dir.display()))?;
-                    println!(
-                        "{} {}",
-                        if wrote {
-                            "wrote a new CA and node certificate in"
-                        } else {
-                            "kept the TLS material already in"
-                        },
-                        dir.display()
-                    );
-                }
-                let registry = connect(&zk).await?;
                 let layout = Layout {
                     broker_partitions,
                     router_partitions,
                     xiu_partitions,
                     pi_partitions,
                 };
-                pixiu_tools::init(&registry, &layout).await?;
-                registry.close().await;
-                println!("cluster {:?} initialised: {layout:?}", zk.cluster);
-                Ok(())
+                init(&zk, layout, tls_dir.as_deref()).await
             }
-            Cmd::Status { zk, json } => {
-                let registry = connect(&zk).await?;
-                let s = pixiu_tools::status(&registry).await?;
-                registry.close().await;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&s).context("rendering JSON")?
-                    );
-                } else {
-                    print!("{}", pixiu_tools::render_status(&s));
-                }
-                Ok(())
-            }
+            Cmd::Status { zk, json } => status(&zk, json).await,
             Cmd::Token {
                 uid,
                 dev,
                 publisher,
                 auth_secret_file,
                 ttl,
-            } => {
-                if let Some(d) = &dev {
-                    anyhow::ensure!(
-                        pixiu_protocol::auth::valid_device(d),
-                        "device {d:?} must be 1..=64 bytes of [A-Za-z0-9_.-]"
-                    );
-                }
-                let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
-                println!(
-                    "{}",
-                    pixiu_protocol::auth::issue(
-                        secret.as_bytes(),
-                        uid,
-                        dev.as_deref(),
-                        publisher,
-                        ttl
-                    )
-                );
-                Ok(())
-            }
+            } => token(uid, dev.as_deref(), publisher, &auth_secret_file, ttl),
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -189,10 +140,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 big_rooms,
                 demo,
             } => {
-                pixiu_protocol::routing::BigRooms::parse(&big_rooms).map_err(anyhow::Error::msg)?;
-                let shutdown = Shutdown::new();
-                pixiu_runtime::shutdown_on_signals(shutdown.clone());
-                let cfg = StandaloneConfig {
+                run_standalone(StandaloneConfig {
                     client_listen,
                     http,
                     admin,
@@ -200,17 +148,82 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     insecure_dev_auth,
                     big_rooms,
                     demo,
-                };
-                let (started, handle) = standalone::start(cfg, shutdown.clone()).await?;
-                if !shutdown.is_cancelled() {
-                    print_started(&started);
-                }
-                shutdown.cancelled().await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
-                Ok(())
+                })
+                .await
             }
         }
     })
+}
+
+/// `pixiu-ctl init`: write development TLS material when asked, then the cluster layout.
+async fn init(
+    zk: &ZkArgs,
+    layout: Layout,
+    tls_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = tls_dir {
+        let wrote = pixiu_transport::generate_dev_tls(dir)
+            .with_context(|| format!("writing TLS material into {}", dir.display()))?;
+        let what = if wrote {
+            "wrote a new CA and node certificate in"
+        } else {
+            "kept the TLS material already in"
+        };
+        println!("{what} {}", dir.display());
+    }
+    let registry = connect(zk).await?;
+    pixiu_tools::init(&registry, &layout).await?;
+    registry.close().await;
+    println!("cluster {:?} initialised: {layout:?}", zk.cluster);
+    Ok(())
+}
+
+/// `pixiu-ctl status`: every role's partitions and nodes, as a table or JSON.
+async fn status(zk: &ZkArgs, json: bool) -> anyhow::Result<()> {
+    let registry = connect(zk).await?;
+    let s = pixiu_tools::status(&registry).await?;
+    registry.close().await;
+    if json {
+        let text = serde_json::to_string_pretty(&s).context("rendering JSON")?;
+        println!("{text}");
+    } else {
+        print!("{}", pixiu_tools::render_status(&s));
+    }
+    Ok(())
+}
+
+/// `pixiu-ctl token`: a client or publisher token signed with the secret in the file.
+fn token(
+    uid: u64,
+    dev: Option<&str>,
+    publisher: bool,
+    auth_secret_file: &std::path::Path,
+    ttl: u64,
+) -> anyhow::Result<()> {
+    if let Some(d) = dev {
+        anyhow::ensure!(
+            pixiu_protocol::auth::valid_device(d),
+            "device {d:?} must be 1..=64 bytes of [A-Za-z0-9_.-]"
+        );
+    }
+    let secret = pixiu_runtime::read_secret_file(auth_secret_file)?;
+    let token = pixiu_protocol::auth::issue(secret.as_bytes(), uid, dev, publisher, ttl);
+    println!("{token}");
+    Ok(())
+}
+
+/// `pixiu-ctl standalone`: every role in this process until SIGINT or SIGTERM.
+async fn run_standalone(cfg: StandaloneConfig) -> anyhow::Result<()> {
+    pixiu_protocol::routing::BigRooms::parse(&cfg.big_rooms).map_err(anyhow::Error::msg)?;
+    let shutdown = Shutdown::new();
+    pixiu_runtime::shutdown_on_signals(shutdown.clone());
+    let (started, handle) = standalone::start(cfg, shutdown.clone()).await?;
+    if !shutdown.is_cancelled() {
+        print_started(&started);
+    }
+    shutdown.cancelled().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    Ok(())
 }
 
 fn print_started(s: &standalone::Started) {

@@ -8,9 +8,11 @@
 //! received is delivered on a bounded [`tokio::sync::mpsc::Receiver<Inbound>`].
 
 mod error;
+mod stats;
 mod tls;
 mod transport;
 
 pub use error::TransportError;
+pub use stats::TransportStats;
 pub use tls::{generate_dev_tls, TlsMaterial, ALPN, SERVER_NAME};
-pub use transport::{Inbound, Responder, Transport, TransportConfig, TransportStats};
+pub use transport::{Inbound, Responder, Transport, TransportConfig};

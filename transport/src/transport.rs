@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::stats::{inc, Counters, TransportStats};
 use crate::tls::SERVER_NAME;
 use crate::{TlsMaterial, TransportError};
 
@@ -92,63 +93,6 @@ impl Responder {
     pub fn send(self, bytes: Bytes) {
         let _ = self.tx.send(bytes);
     }
-}
-
-/// Snapshot of the transport counters.
-#[derive(Debug, Clone, Default)]
-pub struct TransportStats {
-    pub sent_datagrams: u64,
-    pub sent_streams: u64,
-    pub received_datagrams: u64,
-    pub received_streams: u64,
-    pub requests_in: u64,
-    pub requests_out: u64,
-    pub dropped_queue_full: u64,
-    pub dropped_too_large: u64,
-    pub dropped_inbound_full: u64,
-    /// Messages dropped because no connection to the peer could be established
-    /// (failed attempt, or the peer is in retry back-off).
-    pub dropped_no_connection: u64,
-    /// Messages refused because the transport is closed.
-    pub dropped_closed: u64,
-    pub send_errors: u64,
-    /// Incoming streams that failed before being read whole (reset, connection lost).
-    pub recv_errors: u64,
-    /// Failed outgoing connection attempts (including TLS failures).
-    pub connect_failures: u64,
-    /// TLS/handshake failures, incoming or outgoing (e.g. a peer from another CA).
-    pub handshake_failures: u64,
-    /// Number of per-peer outbound queues (peers ever sent to or requested).
-    pub peers: u64,
-    /// QUIC connections currently open on the endpoint (incoming and outgoing).
-    pub open_connections: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    sent_datagrams: AtomicU64,
-    sent_streams: AtomicU64,
-    received_datagrams: AtomicU64,
-    received_streams: AtomicU64,
-    requests_in: AtomicU64,
-    requests_out: AtomicU64,
-    dropped_queue_full: AtomicU64,
-    dropped_too_large: AtomicU64,
-    dropped_inbound_full: AtomicU64,
-    dropped_no_connection: AtomicU64,
-    dropped_closed: AtomicU64,
-    send_errors: AtomicU64,
-    recv_errors: AtomicU64,
-    connect_failures: AtomicU64,
-    handshake_failures: AtomicU64,
-}
-
-fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-fn get(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
 }
 
 /// Outgoing connection state of one peer, shared by its send task and requests.
@@ -423,25 +367,7 @@ impl Transport {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .len() as u64;
-        TransportStats {
-            sent_datagrams: get(&c.sent_datagrams),
-            sent_streams: get(&c.sent_streams),
-            received_datagrams: get(&c.received_datagrams),
-            received_streams: get(&c.received_streams),
-            requests_in: get(&c.requests_in),
-            requests_out: get(&c.requests_out),
-            dropped_queue_full: get(&c.dropped_queue_full),
-            dropped_too_large: get(&c.dropped_too_large),
-            dropped_inbound_full: get(&c.dropped_inbound_full),
-            dropped_no_connection: get(&c.dropped_no_connection),
-            dropped_closed: get(&c.dropped_closed),
-            send_errors: get(&c.send_errors),
-            recv_errors: get(&c.recv_errors),
-            connect_failures: get(&c.connect_failures),
-            handshake_failures: get(&c.handshake_failures),
-            peers,
-            open_connections: inner.endpoint.open_connections() as u64,
-        }
+        c.snapshot(peers, inner.endpoint.open_connections() as u64)
     }
 
     /// Close the endpoint: connections are closed, tasks end, the inbound receiver yields
