@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub(crate) use crate::rooms::ConnId;
 pub(crate) type ConnTx = mpsc::Sender<Utf8Bytes>;
-pub(crate) type JoinReply = oneshot::Sender<Result<(), String>>;
+pub(crate) type JoinReply = oneshot::Sender<Result<(), JoinError>>;
 
 pub(crate) enum Cmd {
     Join {
@@ -194,7 +194,7 @@ impl Core {
                         self.metrics.drop("join", "timeout");
                     }
                     if let Some(reply) = self.joins.remove(&join) {
-                        let _ = reply.send(result.map_err(|e| e.to_string()));
+                        let _ = reply.send(result);
                     }
                 }
             }

@@ -31,7 +31,6 @@ use pixiu_protocol::wire::{GatewayRef, GatewayUpdate};
 use pixiu_registry::RoleView;
 use pixiu_runtime::Liveness;
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -100,19 +99,15 @@ impl Why {
 }
 
 /// Why a join failed; the text is what the client is told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum JoinError {
+    #[error("left before the join completed")]
     Left,
+    #[error("the cluster did not confirm the room's route in time")]
     Timeout,
-}
-
-impl fmt::Display for JoinError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            JoinError::Left => "left before the join completed",
-            JoinError::Timeout => "the cluster did not confirm the room's route in time",
-        })
-    }
+    /// The core stopped before it answered (never decided here).
+    #[error("gateway is shutting down")]
+    ShuttingDown,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
