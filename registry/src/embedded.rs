@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::{lock, publish, Layout, Member, NodeInfo, RegInner, RegistryError, Role, RoleView};
+use crate::{
+    lock, publish, Doubling, Layout, Member, NodeInfo, RegInner, RegistryError, Role, RoleView,
+};
 
 #[derive(Default)]
 struct Folder {
@@ -27,6 +29,7 @@ struct State {
     /// A role is present iff its folder exists.
     roles: HashMap<Role, RoleTree>,
     views: HashMap<Role, watch::Sender<Arc<RoleView>>>,
+    doublings: HashMap<Role, Doubling>,
 }
 
 pub(crate) struct EmbShared {
@@ -142,6 +145,38 @@ impl EmbShared {
         st.ensure_partitions(role, n);
         st.role_tree(role).partition_num = Some(n);
         st.publish(role);
+    }
+
+    pub(crate) fn record_doubling(&self, role: Role, d: Doubling) {
+        lock(&self.state).doublings.insert(role, d);
+    }
+
+    pub(crate) fn last_doubling(&self, role: Role) -> Option<Doubling> {
+        lock(&self.state).doublings.get(&role).copied()
+    }
+
+    pub(crate) fn double_partitions(
+        &self,
+        role: Role,
+        from: u32,
+        to: u32,
+    ) -> Result<(), RegistryError> {
+        let mut st = lock(&self.state);
+        match st.roles.get(&role).and_then(|t| t.partition_num) {
+            None => return Err(RegistryError::NotInitialized),
+            Some(found) if found != from => {
+                return Err(RegistryError::PartitionNumChanged {
+                    role,
+                    expected: from,
+                    found,
+                })
+            }
+            Some(_) => {}
+        }
+        st.ensure_partitions(role, to);
+        st.role_tree(role).partition_num = Some(to);
+        st.publish(role);
+        Ok(())
     }
 
     pub(crate) fn register(

@@ -119,6 +119,11 @@ pub struct NodeInfo {
     /// so that a new node can pick one no live node uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<u16>,
+    /// The role's `partition_num` this replica works under: it routes by it and has dropped
+    /// what that count no longer gives its partition. `pixiu-ctl scale-out` waits for every
+    /// replica to report the doubled count. `None` for roles that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<u32>,
 }
 
 impl NodeInfo {
@@ -132,6 +137,7 @@ impl NodeInfo {
             http: None,
             load: 0,
             instance: None,
+            serving: None,
         }
     }
 }
@@ -313,6 +319,17 @@ impl ZkConfig {
     }
 }
 
+/// A doubling of a role by `pixiu-ctl scale-out`, recorded before its flip and again when it
+/// completed, so that a rerun after the tool was stopped half-way knows what to finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doubling {
+    pub from: u32,
+    pub to: u32,
+    /// When every replica served `to`, unix milliseconds; `None` while under way.
+    #[serde(default)]
+    pub done_ms: Option<u64>,
+}
+
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -340,6 +357,14 @@ pub enum RegistryError {
     NotPartitioned(Role),
     #[error("bad registry data: {0}")]
     BadData(String),
+    /// A conditional change of `partition_num` found another value than the one it was
+    /// based on: someone else changed it first.
+    #[error("{role} partition_num is {found}, not {expected}: it was changed meanwhile")]
+    PartitionNumChanged {
+        role: Role,
+        expected: u32,
+        found: u32,
+    },
     #[error("invalid cluster name {0:?}")]
     InvalidCluster(String),
     #[error("registry closed")]
@@ -534,6 +559,43 @@ impl Registry {
                 e.set_partition_num(role, n);
                 Ok(())
             }
+        }
+    }
+
+    /// Doubles `role`'s `partition_num` from `from` to `2 * from`, only if it is `from` now: one
+    /// conditional write (a ZooKeeper version check), so of two operators racing exactly one
+    /// wins and the other gets [`RegistryError::PartitionNumChanged`] with the value found.
+    pub async fn double_partitions(&self, role: Role, from: u32) -> Result<u32, RegistryError> {
+        if !role.is_partitioned() {
+            return Err(RegistryError::NotPartitioned(role));
+        }
+        check_power_of_two(from)?;
+        let to = from
+            .checked_mul(2)
+            .ok_or_else(|| RegistryError::BadData(format!("{from} partitions cannot double")))?;
+        match self.backend() {
+            Backend::Zk(z) => z.double_partitions(role, from, to).await?,
+            Backend::Embedded(e) => e.double_partitions(role, from, to)?,
+        }
+        Ok(to)
+    }
+
+    /// Record a doubling of `role`, under way or completed (what a rerun of `scale-out` reads).
+    pub async fn record_doubling(&self, role: Role, d: Doubling) -> Result<(), RegistryError> {
+        match self.backend() {
+            Backend::Zk(z) => z.record_doubling(role, d).await,
+            Backend::Embedded(e) => {
+                e.record_doubling(role, d);
+                Ok(())
+            }
+        }
+    }
+
+    /// The last doubling of `role` recorded, if any.
+    pub async fn last_doubling(&self, role: Role) -> Result<Option<Doubling>, RegistryError> {
+        match self.backend() {
+            Backend::Zk(z) => z.last_doubling(role).await,
+            Backend::Embedded(e) => Ok(e.last_doubling(role)),
         }
     }
 

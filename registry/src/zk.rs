@@ -15,8 +15,8 @@ use zookeeper_client::{
 };
 
 use crate::{
-    check_power_of_two, lock, parse_node_name, parse_partition_name, publish, Layout, Member,
-    NodeInfo, RegInner, RegistryError, Role, RoleView, ZkConfig,
+    check_power_of_two, lock, parse_node_name, parse_partition_name, publish, Doubling, Layout,
+    Member, NodeInfo, RegInner, RegistryError, Role, RoleView, ZkConfig,
 };
 
 /// Upper bound for establishing the first session.
@@ -274,6 +274,85 @@ impl ZkShared {
                     Err(e) => Err(zk_err(e)),
                 }
             }
+            Err(e) => Err(zk_err(e)),
+        }
+    }
+
+    pub(crate) async fn double_partitions(
+        &self,
+        role: Role,
+        from: u32,
+        to: u32,
+    ) -> Result<(), RegistryError> {
+        let (_, client) = self.client()?;
+        let path = self.partition_num_path(role);
+        let changed = |found| RegistryError::PartitionNumChanged {
+            role,
+            expected: from,
+            found,
+        };
+        let (data, stat) = client.get_data(&path).await.map_err(|e| match e {
+            ZkError::NoNode => RegistryError::NotInitialized,
+            e => zk_err(e),
+        })?;
+        let found = parse_count(&data).ok_or_else(|| {
+            RegistryError::BadData(format!("{path}: {:?}", String::from_utf8_lossy(&data)))
+        })?;
+        if found != from {
+            return Err(changed(found));
+        }
+        self.create_partition_folders(&client, role, to).await?;
+        match client
+            .set_data(&path, to.to_string().as_bytes(), Some(stat.version))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ZkError::BadVersion) => {
+                let now = self.get_partition_num(&client, role).await?.unwrap_or(0);
+                Err(changed(now))
+            }
+            Err(e) => Err(zk_err(e)),
+        }
+    }
+
+    fn last_doubling_path(&self, role: Role) -> String {
+        format!("{}/{}/last_doubling", self.base, role.as_str())
+    }
+
+    pub(crate) async fn record_doubling(
+        &self,
+        role: Role,
+        d: Doubling,
+    ) -> Result<(), RegistryError> {
+        let (_, client) = self.client()?;
+        let path = self.last_doubling_path(role);
+        let data = serde_json::to_vec(&d).expect("serializing a Doubling cannot fail");
+        match client.set_data(&path, &data, None).await {
+            Ok(_) => Ok(()),
+            Err(ZkError::NoNode) => match client.create(&path, &data, &PERSISTENT).await {
+                Ok(_) => Ok(()),
+                Err(ZkError::NodeExists) => client
+                    .set_data(&path, &data, None)
+                    .await
+                    .map(|_| ())
+                    .map_err(zk_err),
+                Err(e) => Err(zk_err(e)),
+            },
+            Err(e) => Err(zk_err(e)),
+        }
+    }
+
+    pub(crate) async fn last_doubling(
+        &self,
+        role: Role,
+    ) -> Result<Option<Doubling>, RegistryError> {
+        let (_, client) = self.client()?;
+        let path = self.last_doubling_path(role);
+        match client.get_data(&path).await {
+            Ok((data, _)) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| RegistryError::BadData(format!("{path}: {e}"))),
+            Err(ZkError::NoNode) => Ok(None),
             Err(e) => Err(zk_err(e)),
         }
     }

@@ -166,6 +166,39 @@ async fn layout_registration_and_views() {
     );
     assert_eq!(v.members(3)[0].id, r3.id());
 
+    // Doubling is conditional: of two racing operators exactly one wins, the other is told
+    // what it found; a doubling based on a stale count changes nothing.
+    let (x, y) = tokio::join!(
+        a.double_partitions(Role::Broker, 4),
+        b.double_partitions(Role::Broker, 4)
+    );
+    let (won, lost) = match (x, y) {
+        (Ok(n), Err(e)) | (Err(e), Ok(n)) => (n, e),
+        other => panic!("exactly one doubling must win: {other:?}"),
+    };
+    assert_eq!(won, 8);
+    assert!(
+        matches!(
+            lost,
+            RegistryError::PartitionNumChanged {
+                expected: 4,
+                found: 8,
+                ..
+            }
+        ),
+        "{lost}"
+    );
+    let v = wait_view(&mut brokers, "partition_num 8", |v| v.partition_num == 8).await;
+    assert_eq!(v.partitions.len(), 8, "the new partitions' folders exist");
+    assert!(matches!(
+        a.double_partitions(Role::Broker, 4).await,
+        Err(RegistryError::PartitionNumChanged { found: 8, .. })
+    ));
+    assert!(matches!(
+        a.double_partitions(Role::Proxy, 1).await,
+        Err(RegistryError::NotPartitioned(Role::Proxy))
+    ));
+
     // A bad node is skipped, not fatal.
     let raw = zookeeper_client::Client::connect(&server.connect_string())
         .await

@@ -97,8 +97,14 @@ impl NodeEnv {
 
 /// Start tracing with `RUST_LOG` filtering (default `info`).
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Start tracing with `RUST_LOG` filtering, `default` when it is not set (operator commands
+/// use `warn`, so that stderr holds the one-line reason of a failure and little else).
+pub fn init_tracing_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)

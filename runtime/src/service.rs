@@ -149,6 +149,16 @@ impl Service {
         Ok(())
     }
 
+    /// Publish the role's `partition_num` this replica now works under (see
+    /// `NodeInfo::serving`): what `pixiu-ctl scale-out` waits for after a doubling.
+    pub async fn set_serving(&self, partition_num: u32) -> Result<(), RuntimeError> {
+        self.registration
+            .update(|i| i.serving = Some(partition_num))
+            .await?;
+        tracing::info!(role = self.role.as_str(), partition_num, "serving");
+        Ok(())
+    }
+
     /// The drain every role ends with: not ready, deregistered (peers stop sending), then the
     /// role's own `last_work` (answers in flight, queues emptied), then the transport closes.
     pub async fn drain(self, last_work: impl Future<Output = ()>) {

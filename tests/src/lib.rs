@@ -303,6 +303,15 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connecting uid {uid} to {gateway}: {e}"))
     }
 
+    /// `pixiu-ctl ARGS --zk .. --cluster test`, waited for.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin_path("pixiu-ctl"))
+            .args(args)
+            .args(["--zk", &self.zk.connect_string(), "--cluster", "test"])
+            .output()
+            .expect("running pixiu-ctl")
+    }
+
     /// `pixiu-ctl status --json`
     pub fn status(&self) -> serde_json::Value {
         let out = std::process::Command::new(bin_path("pixiu-ctl"))

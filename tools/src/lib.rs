@@ -1,6 +1,7 @@
 //! Operator tools behind `pixiu-ctl`: create a cluster's layout and development certificates,
 //! show its nodes, issue tokens, and run one of every role in one process (standalone mode).
 
+pub mod scale_out;
 pub mod standalone;
 
 use anyhow::Context;
@@ -21,6 +22,11 @@ pub struct NodeRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
     pub load: u64,
+    /// For a partitioned role: is the node's partition below `partition_num`? A partition at
+    /// or above it was started for a doubling and is not counted (nor routed to) until
+    /// `scale-out` doubles `partition_num`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counted: Option<bool>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -52,6 +58,7 @@ pub async fn status(registry: &Registry) -> anyhow::Result<Status> {
                 client_url: m.info.client_url.clone(),
                 http: m.info.http.clone(),
                 load: m.info.load,
+                counted: role.is_partitioned().then_some(p < view.partition_num),
             });
         }
     }
@@ -65,7 +72,21 @@ pub async fn status(registry: &Registry) -> anyhow::Result<Status> {
 pub fn render_status(s: &Status) -> String {
     let mut out = format!("cluster {}\n", s.cluster);
     for (role, n) in &s.partition_num {
-        out.push_str(&format!("  {role}: {n} partition(s)\n"));
+        let pending: std::collections::BTreeSet<u32> = s
+            .nodes
+            .iter()
+            .filter(|r| r.role == *role && r.counted == Some(false))
+            .filter_map(|r| r.partition)
+            .collect();
+        out.push_str(&format!("  {role}: {n} partition(s)"));
+        if !pending.is_empty() {
+            let list: Vec<String> = pending.iter().map(u32::to_string).collect();
+            out.push_str(&format!(
+                "; registered for a doubling, not yet counted: {}",
+                list.join(", ")
+            ));
+        }
+        out.push('\n');
     }
     out.push_str(&format!(
         "{:<8} {:>9} {:>11} {:<8} {:<22} {}\n",
@@ -84,9 +105,11 @@ pub fn render_status(s: &Status) -> String {
         out.push_str(&format!(
             "{:<8} {:>9} {:>11} {:<8} {:<22} {}\n",
             n.role,
-            n.partition
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into()),
+            match (n.partition, n.counted) {
+                (Some(p), Some(false)) => format!("{p} (new)"),
+                (Some(p), _) => p.to_string(),
+                (None, _) => "-".into(),
+            },
             n.id,
             n.state,
             n.addr,
@@ -102,4 +125,79 @@ pub async fn init(registry: &Registry, layout: &Layout) -> anyhow::Result<()> {
         .init_layout(layout)
         .await
         .context("creating the cluster layout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pixiu_registry::NodeInfo;
+
+    #[tokio::test]
+    async fn partitions_registered_for_a_doubling_show_as_not_counted() {
+        let registry = Registry::embedded("t");
+        let layout = Layout {
+            broker_partitions: 2,
+            router_partitions: 1,
+            xiu_partitions: 1,
+            pi_partitions: 1,
+        };
+        registry.init_layout(&layout).await.unwrap();
+        let mut regs = Vec::new();
+        for p in 0..4 {
+            let info = NodeInfo::new(format!("127.0.0.1:{}", 7000 + p));
+            regs.push(
+                registry
+                    .register(Role::Broker, Some(p), info)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let s = status(&registry).await.unwrap();
+        let counted = |p: u32| {
+            s.nodes
+                .iter()
+                .find(|r| r.role == "broker" && r.partition == Some(p))
+                .and_then(|r| r.counted)
+        };
+        assert_eq!(
+            (counted(0), counted(1), counted(2), counted(3)),
+            (Some(true), Some(true), Some(false), Some(false))
+        );
+        let text = render_status(&s);
+        assert!(
+            text.contains(
+                "broker: 2 partition(s); registered for a doubling, not yet counted: 2, 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("2 (new)"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["counted"] == false)
+                .count(),
+            2
+        );
+
+        assert_eq!(
+            registry.double_partitions(Role::Broker, 2).await.unwrap(),
+            4
+        );
+        let s = status(&registry).await.unwrap();
+        assert!(s.nodes.iter().all(|r| r.counted != Some(false)));
+        assert!(!render_status(&s).contains("not yet counted"));
+        // a doubling based on the old count is refused and changes nothing
+        let err = registry
+            .double_partitions(Role::Broker, 2)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("partition_num is 4, not 2"),
+            "{err}"
+        );
+        assert_eq!(status(&registry).await.unwrap().partition_num["broker"], 4);
+    }
 }

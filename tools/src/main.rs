@@ -1,4 +1,4 @@
-//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `standalone`.
+//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `scale-out`, `standalone`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -64,6 +64,24 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
+    /// Double the partitions of ROLE from N to 2N once replicas of partitions N..2N-1 run:
+    /// wait for them, flip partition_num, wait until every replica serves the new count.
+    ScaleOut {
+        /// broker, router, xiu or pi (this version doubles the router).
+        role: String,
+        #[command(flatten)]
+        zk: ZkArgs,
+        /// Give up a wait after this many seconds (partition_num is left as it was when the
+        /// new partitions do not all run in time).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object on stdout instead of the human summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
     Standalone {
@@ -103,7 +121,11 @@ async fn connect(zk: &ZkArgs) -> anyhow::Result<Registry> {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
-    pixiu_runtime::init_tracing();
+    // the standalone cluster logs like a service; the operator commands only warn
+    match cli.cmd {
+        Cmd::Standalone { .. } => pixiu_runtime::init_tracing(),
+        _ => pixiu_runtime::init_tracing_at("warn"),
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         match cli.cmd {
@@ -131,6 +153,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 auth_secret_file,
                 ttl,
             } => token(uid, dev.as_deref(), publisher, &auth_secret_file, ttl),
+            Cmd::ScaleOut {
+                role,
+                zk,
+                timeout,
+                dry_run,
+                json,
+            } => scale_out(&role, &zk, Duration::from_secs(timeout), dry_run, json).await,
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -210,6 +239,63 @@ fn token(
     let token = pixiu_protocol::auth::issue(secret.as_bytes(), uid, dev, publisher, ttl);
     println!("{token}");
     Ok(())
+}
+
+/// `pixiu-ctl scale-out`: a refusal, a timeout or a lost race exits 1 with one line; bad
+/// usage or an unreachable ZooKeeper exits 2.
+async fn scale_out(
+    role: &str,
+    zk: &ZkArgs,
+    timeout: Duration,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use pixiu_tools::scale_out::{self, Options};
+    let role = role
+        .parse::<pixiu_registry::Role>()
+        .ok()
+        .filter(|r| r.is_partitioned())
+        .ok_or_else(|| anyhow::anyhow!("ROLE must be broker, router, xiu or pi, not {role:?}"))?;
+    let registry = connect(zk).await?;
+    let o = Options {
+        role,
+        timeout,
+        dry_run,
+        zk: zk.zk.clone(),
+        cluster: zk.cluster.clone(),
+    };
+    let started = std::time::Instant::now();
+    let res = scale_out::run(&registry, &o, |line| {
+        if !json {
+            println!("{:>7.1}s {line}", started.elapsed().as_secs_f64());
+        }
+    })
+    .await;
+    registry.close().await;
+    match res {
+        Ok(report) if json => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).context("rendering JSON")?
+            );
+            Ok(())
+        }
+        Ok(report) => {
+            for s in &report.steps {
+                println!("  {:<40} {:>8.2} s", s.step, s.seconds);
+            }
+            println!("{}", report.outcome);
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                let out = serde_json::json!({ "role": role.as_str(), "error": e.to_string() });
+                println!("{out}");
+            }
+            eprintln!("pixiu-ctl: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// `pixiu-ctl standalone`: every role in this process until SIGINT or SIGTERM.

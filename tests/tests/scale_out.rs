@@ -1,0 +1,212 @@
+//! `pixiu-ctl scale-out router` under load, with real ZooKeeper and real processes: the router
+//! doubles from 1 to 2 partitions while room messages flow, nothing is lost, joins made after
+//! the flip are confirmed through the new partition, each partition keeps only its share; the
+//! refusals (no replica of the new partition, a role that cannot double yet) change nothing,
+//! and a rerun after success says there is nothing to do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_protocol::client::ServerFrame;
+use pixiu_tests::{assert_eventually, drain_events, Cluster};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Rooms 1..=8: odd ones move to the new router partition 1, even ones stay on partition 0.
+const ROOMS: std::ops::RangeInclusive<u64> = 1..=8;
+/// Rooms first joined after the flip.
+const LATE_ROOMS: std::ops::RangeInclusive<u64> = 11..=14;
+
+fn partition_num(c: &Cluster, role: &str) -> u64 {
+    c.status()["partition_num"][role].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_router_doubles_under_load_losing_nothing() {
+    let mut c = Cluster::start("scale_router", 1, 1).await;
+    c.spawn_router("router-0", 0);
+    c.spawn_broker("broker-0", 0);
+    c.spawn_gateway("gw-a", &[]);
+    c.spawn_gateway("gw-b", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+
+    // two members per room, one on each gateway
+    let mut members = Vec::new();
+    for room in ROOMS {
+        for (k, gw) in ["gw-a", "gw-b"].into_iter().enumerate() {
+            let uid = room * 10 + k as u64;
+            let client = c.client(gw, uid).await;
+            client.join(room).await.unwrap();
+            members.push((uid, room, client));
+        }
+    }
+
+    // refused: partition 1 has no replica yet; nothing changes
+    let out = c.ctl(&["scale-out", "router"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("partition 1") && err.contains("pixiu-router"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // refused: the broker cannot be doubled in this version
+    let out = c.ctl(&["scale-out", "broker"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    // bad usage
+    assert_eq!(c.ctl(&["scale-out", "gateway"]).status.code(), Some(2));
+    assert_eq!(partition_num(&c, "router"), 1);
+    assert_eq!(partition_num(&c, "broker"), 1);
+
+    // a steady publisher, one message every 10 ms round the rooms, until told to stop
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (p, stop) = (c.publisher("proxy"), stop.clone());
+        tokio::spawn(async move {
+            let mut sent: HashMap<u64, Vec<u64>> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for k in 0..20_000u32 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                tick.tick().await;
+                let room = 1 + u64::from(k) % 8;
+                let id = p
+                    .publish_room(room, &format!("m:{k}"), 1, None)
+                    .await
+                    .unwrap();
+                sent.entry(room).or_default().push(id);
+            }
+            sent
+        })
+    };
+
+    // the new partition's replica, then the doubling
+    c.spawn_router("router-1", 1);
+    // once it is registered (not yet running: the tool waits for that)
+    assert_eventually("router-1 registered", Duration::from_secs(20), || {
+        let s = c.status();
+        async move {
+            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+            match nodes.iter().find(|n| n["role"] == "router" && n["partition"] == 1) {
+                Some(n) if n["counted"] == false => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = ["scale-out", "router", "--timeout", "60", "--json"]
+            .map(String::from)
+            .to_vec();
+        let zk = c.zk.connect_string();
+        move || {
+            std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
+                .args(&args)
+                .args(["--zk", &zk, "--cluster", "test"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "scale-out: {e}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.logs()
+        )
+    });
+    assert!(out.status.success(), "{report}\n{}", c.logs());
+    assert_eq!(
+        report["outcome"], "doubled from 1 to 2 partitions",
+        "{report}"
+    );
+    assert_eq!(report["steps"].as_array().unwrap().len(), 3, "{report}");
+    assert_eq!(partition_num(&c, "router"), 2);
+
+    // joins after the flip are confirmed, on both halves
+    let mut late = Vec::new();
+    for room in LATE_ROOMS {
+        let uid = room * 10;
+        let client = c.client("gw-b", uid).await;
+        client
+            .join(room)
+            .await
+            .unwrap_or_else(|e| panic!("join {room} after the flip: {e}\n{}", c.logs()));
+        late.push((uid, room, client));
+    }
+    // some more traffic after the flip, then stop
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let sent = publisher.await.unwrap();
+    let total: usize = sent.values().map(Vec::len).sum();
+    assert!(total > 100, "only {total} messages were published");
+
+    // every member got every message of its room, once, in order
+    for (uid, room, client) in members.iter_mut() {
+        let want = &sent[room];
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < want.len() && tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), client.next_event()).await {
+                Ok(Some(ServerFrame::Room { id, .. })) => got.push(id.0),
+                Ok(Some(other)) => panic!("uid {uid}: unexpected {other:?}"),
+                _ => break,
+            }
+        }
+        let extra = drain_events(client, Duration::from_millis(300)).await;
+        assert!(extra.is_empty(), "uid {uid}: more than was sent: {extra:?}");
+        assert_eq!(&got, want, "uid {uid} in room {room}\n{}", c.logs());
+    }
+
+    // the late members receive through routes that only the new count gave
+    let p = c.publisher("proxy");
+    for (uid, room, client) in late.iter_mut() {
+        let id = p.publish_room(*room, "late", 1, None).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
+            Ok(Some(ServerFrame::Room { id: got, .. })) => assert_eq!(got.0, id),
+            other => panic!("uid {uid} in room {room}: {other:?}\n{}", c.logs()),
+        }
+    }
+
+    // each partition holds only its share: (room, gateway) rows of even rooms on 0, odd on 1:
+    // 4 rooms on both gateways and 2 late rooms on one, each
+    for (router, rows) in [("router-0", 10.0), ("router-1", 10.0)] {
+        let admin = c.admin(router);
+        assert_eventually(
+            &format!("{router} holds {rows} rows"),
+            Duration::from_secs(20),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let got =
+                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"table_rows\"}")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    if got == rows {
+                        Ok(())
+                    } else {
+                        Err(format!("{got} rows"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    // a rerun says there is nothing to do and changes nothing
+    let out = c.ctl(&["scale-out", "router"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("nothing to do"), "{text}");
+    assert_eq!(partition_num(&c, "router"), 2);
+    let ids: HashSet<u64> = sent.values().flatten().copied().collect();
+    assert_eq!(ids.len(), total, "ids are unique");
+}
