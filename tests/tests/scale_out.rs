@@ -90,7 +90,10 @@ async fn the_router_doubles_under_load_losing_nothing() {
         let s = c.status();
         async move {
             let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-            match nodes.iter().find(|n| n["role"] == "router" && n["partition"] == 1) {
+            match nodes
+                .iter()
+                .find(|n| n["role"] == "router" && n["partition"] == 1)
+            {
                 Some(n) if n["counted"] == false => Ok(()),
                 other => Err(format!("{other:?}")),
             }
