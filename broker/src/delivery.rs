@@ -199,6 +199,22 @@ impl Delivery {
         out
     }
 
+    /// Forget every device of the users `owns` says are no longer this broker's (a doubling
+    /// gave them to another partition, whose broker resumes from their cursors in Pi).
+    /// Returns how many devices were forgotten.
+    pub fn retain_users(&mut self, owns: impl Fn(u64) -> bool) -> usize {
+        let gone: Vec<Key> = self
+            .devices
+            .keys()
+            .filter(|(uid, _)| !owns(*uid))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove(key);
+        }
+        gone.len()
+    }
+
     /// The device's connection closed (only that connection: a newer one stays).
     pub fn offline(&mut self, dev: &DeviceRef) {
         let key = (dev.uid, dev.device.clone());
@@ -584,5 +600,29 @@ mod tests {
         };
         let (_, after) = epoch_of(&d.fetched(7, "phone", e, Some(f), t));
         assert_eq!(after, Some(9));
+    }
+
+    #[test]
+    fn users_given_to_another_partition_are_forgotten() {
+        let mut d = Delivery::new(cfg());
+        let now = Instant::now();
+        for uid in [4, 5, 6, 7] {
+            let dev = DeviceRef {
+                uid,
+                device: "phone".into(),
+                conn: uid,
+            };
+            d.online(gw(), &dev, now);
+        }
+        assert_eq!(d.online_devices(), 4);
+        // partition 0 of 2 keeps the even uids
+        assert_eq!(d.retain_users(|uid| uid % 2 == 0), 2);
+        assert_eq!(d.online_devices(), 2);
+        assert!(
+            d.notify(5, now).is_empty(),
+            "a forgotten user is not fetched"
+        );
+        assert!(!d.notify(4, now).is_empty() || d.inflight() == 0);
+        assert_eq!(d.retain_users(|_| true), 0);
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::delivery::{Action, Delivery, DeliveryConfig, Fetched};
 use pixiu_protocol::inbox::{device_key, MsgId};
-use pixiu_protocol::routing::user_partition;
+use pixiu_protocol::routing::{owns_user, user_partition};
 use pixiu_protocol::wire::{self, DeviceRef, InboxItem, Message, ReadResult};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{ask, AskError, RoleMetrics, Shutdown};
@@ -30,6 +30,11 @@ pub(crate) enum Event {
     },
     Notify {
         uid: u64,
+    },
+    /// The broker's partition count grew: forget the users no longer this partition's.
+    Retain {
+        partition: u32,
+        partition_num: u32,
     },
 }
 
@@ -88,6 +93,11 @@ async fn run(mut d: Delivery, io: Io, mut rx: mpsc::Receiver<Event>, shutdown: S
                 Event::Ack { dev, id } => d.ack(&dev, id, now),
                 Event::Sync { gateway, dev, after } => d.sync(gateway, &dev, after, now),
                 Event::Notify { uid } => d.notify(uid, now),
+                Event::Retain { partition, partition_num } => {
+                    let n = d.retain_users(|uid| owns_user(uid, partition, partition_num));
+                    tracing::info!(partition_num, devices = n, "forgot the devices of users no longer this partition's");
+                    Vec::new()
+                }
             },
             Some(done) = done_rx.recv() => d.fetched(done.uid, &done.device, done.epoch, done.result, now),
             _ = tick.tick() => {

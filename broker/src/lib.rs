@@ -114,7 +114,14 @@ struct Broker {
     targets: Vec<u32>,
     sync_tx: mpsc::Sender<SyncResult>,
     inbox: mpsc::Sender<inbox::Event>,
+    /// When, and for which grown count, to drop what is no longer ours.
+    retain_at: Option<(Instant, u32)>,
 }
+
+/// After the broker count grew, the rows and inbox users it gave to other partitions are
+/// dropped this much later: room messages that proxies routed by the old count meanwhile are
+/// still forwarded (a proxy sees the new count within a registry watch's delay).
+const RETAIN_GRACE: Duration = Duration::from_secs(3);
 
 /// A snapshot fetched from a router replica after it acknowledged the subscription.
 struct SyncResult {
@@ -162,6 +169,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         targets: Vec::new(),
         sync_tx,
         inbox,
+        retain_at: None,
     };
     b.subscribe();
 
@@ -176,9 +184,15 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             Some(r) = sync_rx.recv() => {
                 if b.on_synced(r) {
                     service.set_state(NodeState::Running).await?;
+                    service.set_serving(b.brokers.partition_num).await?;
                 }
             }
-            _ = heartbeat.tick() => b.subscribe(),
+            _ = heartbeat.tick() => {
+                b.subscribe();
+                if let Some(n) = b.retain_if_due(Instant::now()) {
+                    service.set_serving(n).await?;
+                }
+            }
             Ok(()) = routers_rx.changed() => {
                 b.routers = routers_rx.borrow_and_update().clone();
             }
@@ -244,16 +258,35 @@ impl Broker {
     /// that are no longer this partition's are dropped.
     fn on_brokers_changed(&mut self, new: Arc<RoleView>) {
         if new.partition_num > self.brokers.partition_num && self.brokers.partition_num > 0 {
-            let dropped = self
-                .table
-                .retain_partition(self.partition, new.partition_num);
+            self.retain_at = Some((Instant::now() + RETAIN_GRACE, new.partition_num));
             tracing::info!(
                 partition_num = new.partition_num,
-                rows = dropped.len(),
-                "partition count grew; dropped rows of rooms no longer ours"
+                grace = ?RETAIN_GRACE,
+                "partition count grew; what is no longer ours is dropped after the grace"
             );
         }
         self.brokers = new;
+    }
+
+    /// Once the grace after a doubling passed, drop the rows of rooms and the inbox users the
+    /// grown count gave to another partition. The count now in use when that happened.
+    fn retain_if_due(&mut self, now: Instant) -> Option<u32> {
+        let (at, partition_num) = self.retain_at?;
+        if now < at {
+            return None;
+        }
+        self.retain_at = None;
+        let dropped = self.table.retain_partition(self.partition, partition_num);
+        tracing::info!(
+            partition_num,
+            rows = dropped.len(),
+            "dropped the rows of rooms no longer ours"
+        );
+        self.to_inbox(inbox::Event::Retain {
+            partition: self.partition,
+            partition_num,
+        });
+        Some(partition_num)
     }
 
     fn my_index(&self) -> usize {

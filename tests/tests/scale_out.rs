@@ -1,8 +1,8 @@
-//! `pixiu-ctl scale-out router` under load, with real ZooKeeper and real processes: the router
-//! doubles from 1 to 2 partitions while room messages flow, nothing is lost, joins made after
-//! the flip are confirmed through the new partition, each partition keeps only its share; the
-//! refusals (no replica of the new partition, a role that cannot double yet) change nothing,
-//! and a rerun after success says there is nothing to do.
+//! `pixiu-ctl scale-out` under load, with real ZooKeeper and real processes: the router, and
+//! the broker, double from 1 to 2 partitions while room messages flow; nothing is lost, joins
+//! made after the flip are confirmed through the new partition, each partition keeps only its
+//! share; the refusals (no replica of the new partition, a role that cannot double yet) change
+//! nothing, and a rerun after success says there is nothing to do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
@@ -23,7 +23,24 @@ fn partition_num(c: &Cluster, role: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_router_doubles_under_load_losing_nothing() {
-    let mut c = Cluster::start("scale_router", 1, 1).await;
+    doubles_under_load("router").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_doubles_under_load_losing_nothing() {
+    doubles_under_load("broker").await;
+}
+
+fn spawn_partition(c: &mut Cluster, role: &str, name: &str, partition: u32) {
+    match role {
+        "router" => c.spawn_router(name, partition),
+        _ => c.spawn_broker(name, partition),
+    }
+}
+
+/// Double `role` (router or broker) from 1 to 2 partitions while a publisher keeps going.
+async fn doubles_under_load(role: &'static str) {
+    let mut c = Cluster::start(&format!("scale_{role}"), 1, 1).await;
     c.spawn_router("router-0", 0);
     c.spawn_broker("broker-0", 0);
     c.spawn_gateway("gw-a", &[]);
@@ -43,16 +60,16 @@ async fn the_router_doubles_under_load_losing_nothing() {
     }
 
     // refused: partition 1 has no replica yet; nothing changes
-    let out = c.ctl(&["scale-out", "router"]);
+    let out = c.ctl(&["scale-out", role]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("partition 1") && err.contains("pixiu-router"),
+        err.contains("partition 1") && err.contains(&format!("pixiu-{role}")),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    // refused: the broker cannot be doubled in this version
-    let out = c.ctl(&["scale-out", "broker"]);
+    // refused: Xiu cannot be doubled in this version
+    let out = c.ctl(&["scale-out", "xiu"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
     // bad usage
@@ -84,24 +101,29 @@ async fn the_router_doubles_under_load_losing_nothing() {
     };
 
     // the new partition's replica, then the doubling
-    c.spawn_router("router-1", 1);
+    let new = format!("{role}-1");
+    spawn_partition(&mut c, role, &new, 1);
     // once it is registered (not yet running: the tool waits for that)
-    assert_eventually("router-1 registered", Duration::from_secs(20), || {
-        let s = c.status();
-        async move {
-            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-            match nodes
-                .iter()
-                .find(|n| n["role"] == "router" && n["partition"] == 1)
-            {
-                Some(n) if n["counted"] == false => Ok(()),
-                other => Err(format!("{other:?}")),
+    assert_eventually(
+        &format!("{new} registered"),
+        Duration::from_secs(20),
+        || {
+            let s = c.status();
+            async move {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                match nodes
+                    .iter()
+                    .find(|n| n["role"] == role && n["partition"] == 1)
+                {
+                    Some(n) if n["counted"] == false => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let out = tokio::task::spawn_blocking({
-        let args: Vec<String> = ["scale-out", "router", "--timeout", "60", "--json"]
+        let args: Vec<String> = ["scale-out", role, "--timeout", "60", "--json"]
             .map(String::from)
             .to_vec();
         let zk = c.zk.connect_string();
@@ -128,7 +150,7 @@ async fn the_router_doubles_under_load_losing_nothing() {
         "{report}"
     );
     assert_eq!(report["steps"].as_array().unwrap().len(), 3, "{report}");
-    assert_eq!(partition_num(&c, "router"), 2);
+    assert_eq!(partition_num(&c, role), 2);
 
     // joins after the flip are confirmed, on both halves
     let mut late = Vec::new();
@@ -177,10 +199,10 @@ async fn the_router_doubles_under_load_losing_nothing() {
 
     // each partition holds only its share: (room, gateway) rows of even rooms on 0, odd on 1:
     // 4 rooms on both gateways and 2 late rooms on one, each
-    for (router, rows) in [("router-0", 10.0), ("router-1", 10.0)] {
-        let admin = c.admin(router);
+    for (node, rows) in [(format!("{role}-0"), 10.0), (new.clone(), 10.0)] {
+        let admin = c.admin(&node);
         assert_eventually(
-            &format!("{router} holds {rows} rows"),
+            &format!("{node} holds {rows} rows"),
             Duration::from_secs(20),
             || {
                 let admin = admin.clone();
@@ -201,7 +223,7 @@ async fn the_router_doubles_under_load_losing_nothing() {
     }
 
     // a rerun says there is nothing to do and changes nothing
-    let out = c.ctl(&["scale-out", "router"]);
+    let out = c.ctl(&["scale-out", role]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -209,7 +231,7 @@ async fn the_router_doubles_under_load_losing_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("nothing to do"), "{text}");
-    assert_eq!(partition_num(&c, "router"), 2);
+    assert_eq!(partition_num(&c, role), 2);
     let ids: HashSet<u64> = sent.values().flatten().copied().collect();
     assert_eq!(ids.len(), total, "ids are unique");
 }

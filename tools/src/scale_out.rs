@@ -13,7 +13,7 @@
 //!    it routes by `2N` and dropped what it no longer owns), then records it as done.
 //!
 //! Every step is idempotent, so a run stopped anywhere is finished by running it again.
-//! In this version the router can be doubled; the broker, Xiu and Pi cannot yet, and the
+//! In this version the router and the broker can be doubled; Xiu and Pi cannot yet, and the
 //! tool refuses them before changing anything.
 
 use pixiu_registry::{Doubling, Registry, RegistryError, Role, RoleView};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// Roles whose replicas implement the doubling (load from the parent, drop after the flip,
 /// report `serving`).
-pub const DOUBLING_ROLES: &[Role] = &[Role::Router];
+pub const DOUBLING_ROLES: &[Role] = &[Role::Router, Role::Broker];
 
 /// What a run of `scale-out` will do, decided from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,7 +161,7 @@ pub async fn run(
 ) -> Result<Report, ScaleOutError> {
     if !DOUBLING_ROLES.contains(&o.role) {
         return Err(ScaleOutError::Refused(format!(
-            "doubling the {} is not supported yet; in this version only the router can be doubled",
+            "doubling {} is not supported yet; in this version the router and the broker can be doubled",
             o.role.as_str()
         )));
     }
@@ -490,7 +490,7 @@ mod tests {
             pi_partitions: 1,
         };
         registry.init_layout(&layout).await.unwrap();
-        for role in [Role::Broker, Role::Xiu, Role::Pi] {
+        for role in [Role::Xiu, Role::Pi] {
             let o = Options {
                 role,
                 timeout: Duration::from_secs(1),
