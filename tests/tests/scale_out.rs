@@ -235,3 +235,131 @@ async fn doubles_under_load(role: &'static str) {
     let ids: HashSet<u64> = sent.values().flatten().copied().collect();
     assert_eq!(ids.len(), total, "ids are unique");
 }
+
+/// Wait until `pixiu-ctl status` lists a node of `role` in `partition`.
+async fn wait_registered(c: &Cluster, role: &'static str, partition: u32) {
+    assert_eventually(
+        &format!("{role} partition {partition} registered"),
+        Duration::from_secs(20),
+        || {
+            let s = c.status();
+            async move {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                let found = nodes
+                    .iter()
+                    .any(|n| n["role"] == role && n["partition"] == partition);
+                found.then_some(()).ok_or_else(|| s.to_string())
+            }
+        },
+    )
+    .await;
+}
+
+/// A new router partition that cannot load (its only parent replica is paused) never runs:
+/// the tool times out with one line, `partition_num` stays, the cluster keeps serving; once
+/// the parent is back, a rerun doubles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_partition_that_cannot_load_times_out_and_changes_nothing() {
+    let mut c = Cluster::start("scale_timeout", 1, 1).await;
+    c.spawn_router("router-0", 0);
+    c.spawn_broker("broker-0", 0);
+    c.spawn_gateway("gw-a", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let mut member = c.client("gw-a", 20).await;
+    member.join(2).await.unwrap();
+
+    c.node("router-0").proc.sigstop();
+    c.spawn_router("router-1", 1);
+    wait_registered(&c, "router", 1).await;
+    let out = c.ctl(&["scale-out", "router", "--timeout", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("timed out") && err.contains("partition 1 replica"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    c.node("router-0").proc.sigcont();
+    assert_eq!(partition_num(&c, "router"), 1);
+
+    // the cluster kept serving: the member still gets room messages
+    let p = c.publisher("proxy");
+    let id = p.publish_room(2, "still here", 1, None).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), member.next_event()).await {
+        Ok(Some(ServerFrame::Room { id: got, .. })) => assert_eq!(got.0, id),
+        other => panic!("{other:?}\n{}", c.logs()),
+    }
+
+    // with the parent back, the child loads and a rerun doubles
+    let out = c.ctl(&["scale-out", "router", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert_eq!(partition_num(&c, "router"), 2);
+}
+
+/// The tool killed with SIGKILL just after its flip (the brokers are still in their grace):
+/// a rerun says it is finishing that doubling and completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scale_out_killed_after_its_flip_is_finished_by_a_rerun() {
+    let mut c = Cluster::start("scale_killed", 1, 1).await;
+    c.spawn_router("router-0", 0);
+    c.spawn_broker("broker-0", 0);
+    c.spawn_gateway("gw-a", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    // the new partition's broker, running (it is not routed to before the flip)
+    c.spawn_broker("broker-1", 1);
+    c.wait_healthy("broker-1").await;
+    let mut members = Vec::new();
+    for room in [2u64, 3] {
+        let member = c.client("gw-a", room * 10).await;
+        member.join(room).await.unwrap();
+        members.push((room, member));
+    }
+
+    let mut tool = std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
+        .args(["scale-out", "broker", "--timeout", "60"])
+        .args(["--zk", &c.zk.connect_string(), "--cluster", "test"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eventually("the flip", Duration::from_secs(30), || {
+        let n = partition_num(&c, "broker");
+        async move { (n == 2).then_some(()).ok_or(format!("partition_num {n}")) }
+    })
+    .await;
+    tool.kill().unwrap();
+    let _ = tool.wait();
+
+    let out = c.ctl(&["scale-out", "broker", "--timeout", "60"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert!(
+        text.contains("finishing the doubling of the broker from 1 to 2"),
+        "{text}"
+    );
+    assert!(text.contains("doubled from 1 to 2 partitions"), "{text}");
+    let out = c.ctl(&["scale-out", "broker"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to do"));
+
+    // both halves serve: room 2 stays on broker 0, room 3 moved to broker 1
+    let p = c.publisher("proxy");
+    for (room, member) in members.iter_mut() {
+        let id = p.publish_room(*room, "after", 1, None).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), member.next_event()).await {
+            Ok(Some(ServerFrame::Room { id: got, .. })) => assert_eq!(got.0, id),
+            other => panic!("room {room}: {other:?}\n{}", c.logs()),
+        }
+    }
+}
