@@ -204,13 +204,7 @@ impl PiIndex {
     /// Opens (or creates) the index at `path`, resuming LogIds from the larger of the recorded
     /// last LogId and the highest log key.
     pub fn open(path: &Path, options: PiOptions) -> Result<PiIndex, PiError> {
-        let db = Db::open(
-            path,
-            pixiu_storage::Options {
-                durability: options.sync,
-                lz4: true,
-            },
-        )?;
+        let db = Db::open(path, pixiu_storage::Options::compressed(options.sync))?;
         let mut last = LogId(0);
         if let Some(v) = db.get(META_LAST)? {
             last = decode_log_id("last log id", &v)?;

@@ -16,16 +16,15 @@
 use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, SnapshotChunk};
 use pixiu_protocol::inbox::MsgId;
 use pixiu_protocol::routing::{owns_user, user_partition};
-use pixiu_protocol::wire::{self, Message};
+use pixiu_protocol::wire::Message;
 use pixiu_registry::{NodeState, Role, RoleView};
-use pixiu_runtime::inbound::{self, Received};
 use pixiu_runtime::replication::{
-    mark_running, peers, place, serve_replica, Followers, Head, Place,
+    mark_running, peers, place, rest, serve_replica, Followers, Head, Place,
 };
 use pixiu_runtime::{
     ask, AskError, CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
 };
-use pixiu_transport::{Inbound, Transport};
+use pixiu_transport::Transport;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -187,7 +186,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     let handler = node.clone();
     let handle = move |msg| {
         let node = handler.clone();
-        async move { on_inbound(node, msg).await }
+        async move { handle(node, msg).await }
     };
     let drain = || {
         node.leading.store(false, Ordering::SeqCst);
@@ -219,10 +218,8 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     );
                 }
                 mark_running(&state);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = pis.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !rest(&shutdown, Some(&mut pis), Duration::from_secs(1)).await {
+                    return;
                 }
             }
             Place::Follower { leader, addr } => {
@@ -254,19 +251,16 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     }
                     Err(PullError::Other(e)) => {
                         tracing::debug!(%addr, "pulling from the leader: {e}");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        if !rest(&shutdown, None, Duration::from_millis(100)).await {
+                            return;
                         }
                     }
                 }
             }
             Place::Unknown => {
                 node.leading.store(false, Ordering::SeqCst);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = pis.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                if !rest(&shutdown, Some(&mut pis), Duration::from_millis(200)).await {
+                    return;
                 }
             }
         }
@@ -443,18 +437,6 @@ async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
             Err(e) => tracing::error!("retention: {e}"),
         }
         node.head.set(last);
-    }
-}
-
-async fn on_inbound(node: Arc<Node>, inbound: Inbound) {
-    match inbound::decode(inbound, &node.metrics) {
-        Some(Received::Request { msg, reply, .. }) => {
-            reply.send(wire::encode(&handle(node, msg).await));
-        }
-        Some(Received::Message { from, msg, .. }) => {
-            inbound::unexpected(&node.metrics, "pi", from, &msg, None);
-        }
-        None => {}
     }
 }
 

@@ -30,6 +30,23 @@ const PERSISTENT: CreateOptions<'static> = CreateMode::Persistent.with_acls(Acls
 const EPHEMERAL_SEQUENTIAL: CreateOptions<'static> =
     CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
 
+/// Set the data of the persistent node at `path`, creating it when it does not exist.
+async fn put(client: &Client, path: &str, data: &[u8]) -> Result<(), RegistryError> {
+    match client.set_data(path, data, None).await {
+        Ok(_) => Ok(()),
+        Err(ZkError::NoNode) => match client.create(path, data, &PERSISTENT).await {
+            Ok(_) => Ok(()),
+            Err(ZkError::NodeExists) => client
+                .set_data(path, data, None)
+                .await
+                .map(|_| ())
+                .map_err(zk_err),
+            Err(e) => Err(zk_err(e)),
+        },
+        Err(e) => Err(zk_err(e)),
+    }
+}
+
 fn zk_err(e: ZkError) -> RegistryError {
     RegistryError::Zk(e)
 }
@@ -259,23 +276,12 @@ impl ZkShared {
         check_power_of_two(n)?;
         let (_, client) = self.client()?;
         self.create_partition_folders(&client, role, n).await?;
-        let path = self.partition_num_path(role);
-        let data = n.to_string();
-        match client.set_data(&path, data.as_bytes(), None).await {
-            Ok(_) => Ok(()),
-            Err(ZkError::NoNode) => {
-                match client.create(&path, data.as_bytes(), &PERSISTENT).await {
-                    Ok(_) => Ok(()),
-                    Err(ZkError::NodeExists) => client
-                        .set_data(&path, data.as_bytes(), None)
-                        .await
-                        .map(|_| ())
-                        .map_err(zk_err),
-                    Err(e) => Err(zk_err(e)),
-                }
-            }
-            Err(e) => Err(zk_err(e)),
-        }
+        put(
+            &client,
+            &self.partition_num_path(role),
+            n.to_string().as_bytes(),
+        )
+        .await
     }
 
     pub(crate) async fn double_partitions(
@@ -325,21 +331,8 @@ impl ZkShared {
         d: Doubling,
     ) -> Result<(), RegistryError> {
         let (_, client) = self.client()?;
-        let path = self.last_doubling_path(role);
         let data = serde_json::to_vec(&d).expect("serializing a Doubling cannot fail");
-        match client.set_data(&path, &data, None).await {
-            Ok(_) => Ok(()),
-            Err(ZkError::NoNode) => match client.create(&path, &data, &PERSISTENT).await {
-                Ok(_) => Ok(()),
-                Err(ZkError::NodeExists) => client
-                    .set_data(&path, &data, None)
-                    .await
-                    .map(|_| ())
-                    .map_err(zk_err),
-                Err(e) => Err(zk_err(e)),
-            },
-            Err(e) => Err(zk_err(e)),
-        }
+        put(&client, &self.last_doubling_path(role), &data).await
     }
 
     pub(crate) async fn last_doubling(

@@ -178,9 +178,10 @@ pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
 }
 
 /// The request loop of a replicated store (Xiu, Pi), until shutdown: each inbound request
-/// is handled on its own task by `handle`; each change of `state` (from the role loop) is
-/// published in the registry and on `/healthz` (ready when running). Then the drain: not
-/// ready, `drain()` (the service's last writes), deregister, close the transport.
+/// is decoded ([`crate::inbound::decode`]) and answered with what `handle` returns, on its own
+/// task; a one-way message is counted as unexpected. Each change of `state` (from the role
+/// loop) is published in the registry and on `/healthz` (ready when running). Then the drain:
+/// not ready, `drain()` (the service's last writes), deregister, close the transport.
 pub async fn serve_replica<H, Fut>(
     service: crate::Service,
     mut inbound: tokio::sync::mpsc::Receiver<pixiu_transport::Inbound>,
@@ -189,16 +190,27 @@ pub async fn serve_replica<H, Fut>(
     drain: impl FnOnce(),
 ) -> Result<(), crate::RuntimeError>
 where
-    H: Fn(pixiu_transport::Inbound) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    H: Fn(pixiu_protocol::wire::Message) -> Fut,
+    Fut: std::future::Future<Output = pixiu_protocol::wire::Message> + Send + 'static,
 {
+    use crate::inbound::{self, Received};
     let shutdown = service.shutdown.clone();
+    let role = service.role.as_str();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(msg) = inbound.recv() => {
-                tokio::spawn(handle(msg));
-            }
+            Some(msg) = inbound.recv() => match inbound::decode(msg, &service.metrics) {
+                Some(Received::Request { msg, reply, .. }) => {
+                    let answer = handle(msg);
+                    tokio::spawn(async move {
+                        reply.send(pixiu_protocol::wire::encode(&answer.await));
+                    });
+                }
+                Some(Received::Message { from, msg, .. }) => {
+                    inbound::unexpected(&service.metrics, role, from, &msg, None);
+                }
+                None => {}
+            },
             Ok(()) = state.changed() => {
                 let now = *state.borrow_and_update();
                 service.set_state(now).await?;
@@ -208,6 +220,28 @@ where
     drain();
     service.drain(async {}).await;
     Ok(())
+}
+
+/// A role loop's wait: `pause`, cut short when `view` (if given) changes. False when shutdown
+/// came first (the loop then ends).
+pub async fn rest(
+    shutdown: &crate::Shutdown,
+    view: Option<&mut watch::Receiver<std::sync::Arc<RoleView>>>,
+    pause: Duration,
+) -> bool {
+    let changed = async {
+        match view {
+            Some(v) => {
+                let _ = v.changed().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = changed => true,
+        _ = tokio::time::sleep(pause) => true,
+    }
 }
 
 /// Marks a replica running; a no-op when it already is, so that a role loop may say it on

@@ -65,7 +65,7 @@ pub struct Service {
     pub shutdown: Shutdown,
     /// The snowflake generator of a node registered with [`Registering::ids`].
     ids: Option<SnowflakeGen>,
-    role: Role,
+    pub(crate) role: Role,
 }
 
 impl Service {

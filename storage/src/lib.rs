@@ -29,6 +29,16 @@ pub struct Options {
     pub lz4: bool,
 }
 
+impl Options {
+    /// LZ4-compressed blocks with `durability`: the stores of message bodies and ids.
+    pub fn compressed(durability: Durability) -> Options {
+        Options {
+            durability,
+            lz4: true,
+        }
+    }
+}
+
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

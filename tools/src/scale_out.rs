@@ -480,8 +480,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn roles_that_cannot_double_yet_are_refused_before_anything_changes() {
+    async fn one_of_each() -> Registry {
         let registry = Registry::embedded("t");
         let layout = pixiu_registry::Layout {
             broker_partitions: 1,
@@ -490,6 +489,12 @@ mod tests {
             pi_partitions: 1,
         };
         registry.init_layout(&layout).await.unwrap();
+        registry
+    }
+
+    #[tokio::test]
+    async fn roles_that_cannot_double_yet_are_refused_before_anything_changes() {
+        let registry = one_of_each().await;
         for role in [Role::Xiu, Role::Pi] {
             let o = Options {
                 role,
@@ -506,14 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_partition_that_never_runs_times_out_and_changes_nothing() {
-        let registry = Registry::embedded("t");
-        let layout = pixiu_registry::Layout {
-            broker_partitions: 1,
-            router_partitions: 1,
-            xiu_partitions: 1,
-            pi_partitions: 1,
-        };
-        registry.init_layout(&layout).await.unwrap();
+        let registry = one_of_each().await;
         let _old = registry
             .register(Role::Router, Some(0), NodeInfo::new("127.0.0.1:1"))
             .await

@@ -167,13 +167,7 @@ impl XiuStore {
     /// Opens (or creates) the store at `path` and resumes its counter from the larger of the
     /// recorded last id and the highest stored message.
     pub fn open(path: &Path, options: XiuOptions) -> Result<XiuStore, XiuError> {
-        let db = Db::open(
-            path,
-            pixiu_storage::Options {
-                durability: options.sync,
-                lz4: true,
-            },
-        )?;
+        let db = Db::open(path, pixiu_storage::Options::compressed(options.sync))?;
         let partition = options.partition;
 
         let mut last = MsgId::new(partition, KIND_NONE, 0);

@@ -31,17 +31,16 @@ mod write;
 use crate::{Durability, XiuError, XiuOptions, XiuStore};
 use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::routing::{group_users, owns_user, user_partition};
-use pixiu_protocol::wire::{self, InboxItem, Message, ReadResult, StoreRequest};
+use pixiu_protocol::wire::{InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeState, Role, RoleView};
-use pixiu_runtime::inbound::{self, Received};
 use pixiu_runtime::replication::{
-    mark_running, peers, place, serve_replica, Followers, Head, Place,
+    mark_running, peers, place, rest, serve_replica, Followers, Head, Place,
 };
 use pixiu_runtime::{
     ask, AskError, CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
 };
-use pixiu_transport::{Inbound, Transport};
+use pixiu_transport::Transport;
 use replica::{roles, serve_pull};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -207,7 +206,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     let handler = node.clone();
     let handle = move |msg| {
         let node = handler.clone();
-        async move { on_inbound(&node, msg).await }
+        async move { handle(&node, msg).await }
     };
     let drain = || {
         node.leading.store(false, Ordering::SeqCst);
@@ -217,18 +216,6 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     };
     serve_replica(service, inbound, state_rx, handle, drain).await?;
     Ok(())
-}
-
-async fn on_inbound(node: &Node, inbound: Inbound) {
-    match inbound::decode(inbound, &node.metrics) {
-        Some(Received::Request { msg, reply, .. }) => {
-            reply.send(wire::encode(&handle(node, msg).await));
-        }
-        Some(Received::Message { from, msg, .. }) => {
-            inbound::unexpected(&node.metrics, "xiu", from, &msg, None);
-        }
-        None => {}
-    }
 }
 
 fn unavailable(reason: impl Into<String>) -> Message {

@@ -31,10 +31,8 @@ pub(super) async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shut
                     tracing::info!(partition = node.partition, last = %node.store().last_id(), "xiu leading");
                 }
                 mark_running(&state);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = xius.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !rest(&shutdown, Some(&mut xius), Duration::from_secs(1)).await {
+                    return;
                 }
             }
             Place::Follower { addr, .. } => {
@@ -54,19 +52,16 @@ pub(super) async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shut
                     }
                     Err(e) => {
                         tracing::debug!(%addr, "pulling from the leader: {e}");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        if !rest(&shutdown, None, Duration::from_millis(100)).await {
+                            return;
                         }
                     }
                 }
             }
             Place::Unknown => {
                 node.leading.store(false, Ordering::SeqCst);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = xius.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                if !rest(&shutdown, Some(&mut xius), Duration::from_millis(200)).await {
+                    return;
                 }
             }
         }
