@@ -352,9 +352,10 @@ async fn restore_from(node: &Arc<Node>, leader: SocketAddr) -> Result<(), PullEr
 
 /// One pull of the log from `from`. `Ok(true)` when nothing more is to be had.
 async fn pull_once(node: &Arc<Node>, from: SocketAddr, wait: Duration) -> Result<bool, PullError> {
-    let after = with_index(node, |_, idx| Ok(idx.last_log_id().0))
-        .await
-        .map_err(|e| PullError::Other(e.to_string()))?;
+    // only this loop writes a follower's index, and it moves the head after each write:
+    // the head is the index's last LogId (a smaller one would only re-fetch entries that
+    // apply_log skips), so no trip to the blocking pool is needed
+    let after = node.head.get();
     let req = Message::ReplicaPull {
         node: node.me(),
         after,
@@ -581,10 +582,15 @@ async fn serve_pull(
     max: u32,
     wait_ms: u32,
 ) -> Message {
-    let last = match with_index(node, |_, idx| Ok(idx.last_log_id().0)).await {
-        Ok(last) => last,
-        Err(e) => return unavailable(format!("reading the log: {e}")),
-    };
+    // the head trails the index only between a write and its `head.set`: a follower ahead of
+    // the head is checked against the index itself before it is told it diverged
+    let mut last = node.head.get();
+    if after > last {
+        last = match with_index(node, |_, idx| Ok(idx.last_log_id().0)).await {
+            Ok(last) => last,
+            Err(e) => return unavailable(format!("reading the log: {e}")),
+        };
+    }
     if after > last {
         return Message::Diverged {
             after,

@@ -112,11 +112,13 @@ pub(super) async fn pull_once(
     wait: Duration,
     why: Pull,
 ) -> Result<bool, PullError> {
-    let (after, check) = with_store(node, |_, s| {
+    // a read of the last record (a follower's store has no other writer than this loop, so
+    // the lock is free and nothing waits on a disk write here)
+    let (after, check) = {
+        let s = node.store();
         let after = s.last_id().counter();
-        Ok((after, s.mark_at(after)?.unwrap_or_default()))
-    })
-    .await?;
+        (after, s.mark_at(after)?.unwrap_or_default())
+    };
     let mine = (check.epoch, after);
     let req = Message::ReplicaPull {
         node: node.me(),
