@@ -417,7 +417,6 @@ impl Broker {
         };
         match msg {
             Message::Room(m) => {
-                let _span = tracing::debug_span!("room", room = m.key.room, id = m.id).entered();
                 self.metrics.inc_in("room");
                 // the frame received is the frame to send: forward its bytes as they are
                 let mut n = 0;

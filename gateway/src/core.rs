@@ -366,7 +366,6 @@ impl Core {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room = m.key.room, id = m.id))]
     fn deliver(&mut self, m: RoomMessage) {
         self.metrics.inc_in("room");
         let (c, out) = (&self.cluster, &mut self.actions);

@@ -137,6 +137,26 @@ where
     pixiu_storage::blocking(move || work(&node, &mut node.index())).await?
 }
 
+/// A read of the index: here when the index is free (a read is quick), on the blocking pool
+/// when a write holds it (it may be waiting for an fsync), so no async worker waits on one.
+async fn read_index<T, F>(node: &Arc<Node>, read: F) -> Result<T, PiError>
+where
+    F: FnOnce(&PiIndex) -> Result<T, PiError> + Send + 'static,
+    T: Send + 'static,
+{
+    {
+        let free = match node.index.try_lock() {
+            Ok(idx) => Some(idx),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(idx) = free {
+            return read(&idx);
+        }
+    }
+    with_index(node, |_, idx| read(idx)).await
+}
+
 /// What a Pi replica refuses in its own settings before it starts (`--check-config` too).
 /// Returns the data dir.
 pub fn check(config: &Config) -> Result<std::path::PathBuf, Error> {
@@ -607,7 +627,7 @@ async fn serve_pull(
         }
     }
     let max = max.clamp(1, 8192) as usize;
-    let read = with_index(node, move |_, idx| {
+    let read = read_index(node, move |idx| {
         if after >= idx.last_log_id().0 {
             return Ok(Vec::new());
         }
