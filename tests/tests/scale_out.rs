@@ -234,6 +234,57 @@ async fn doubles_under_load(role: &'static str) {
     assert_eq!(partition_num(&c, role), 2);
     let ids: HashSet<u64> = sent.values().flatten().copied().collect();
     assert_eq!(ids.len(), total, "ids are unique");
+
+    // and again, 2 -> 4: partitions 2 and 3 are children of 0 and 1
+    for p in [2, 3] {
+        spawn_partition(&mut c, role, &format!("{role}-{p}"), p);
+        wait_registered(&c, role, p).await;
+    }
+    let out = c.ctl(&["scale-out", role, "--timeout", "60", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}\n{}", c.logs());
+    assert_eq!(
+        report["outcome"], "doubled from 2 to 4 partitions",
+        "{report}"
+    );
+    assert_eq!(partition_num(&c, role), 4);
+    // every member of the first rooms and the late ones still gets its room's messages
+    let p = c.publisher("proxy");
+    for room in ROOMS.chain(LATE_ROOMS) {
+        let id = p.publish_room(room, "after 4", 1, None).await.unwrap();
+        for (uid, _, client) in members
+            .iter_mut()
+            .chain(late.iter_mut())
+            .filter(|(_, r, _)| *r == room)
+        {
+            match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
+                Ok(Some(ServerFrame::Room { id: got, .. })) => assert_eq!(got.0, id),
+                other => panic!(
+                    "uid {uid} in room {room} after 2 -> 4: {other:?}\n{}",
+                    c.logs()
+                ),
+            }
+        }
+    }
+    // rooms r with r % 4 == p: 2 rooms on both gateways and 1 late room on one, each
+    for p in 0..4 {
+        let admin = c.admin(&format!("{role}-{p}"));
+        assert_eventually(
+            &format!("{role}-{p} holds 5 rows"),
+            Duration::from_secs(20),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let got =
+                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"table_rows\"}")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    (got == 5.0).then_some(()).ok_or(format!("{got} rows"))
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// Wait until `pixiu-ctl status` lists a node of `role` in `partition`.
