@@ -84,8 +84,9 @@ async fn doubles_under_load(role: &'static str) {
         tokio::spawn(async move {
             let mut sent: HashMap<u64, Vec<u64>> = HashMap::new();
             let mut tick = tokio::time::interval(Duration::from_millis(10));
+            // at least 200 (2 s), however quickly the doubling goes
             for k in 0..20_000u32 {
-                if stop.load(Ordering::SeqCst) {
+                if k >= 200 && stop.load(Ordering::SeqCst) {
                     break;
                 }
                 tick.tick().await;
@@ -168,7 +169,7 @@ async fn doubles_under_load(role: &'static str) {
     stop.store(true, Ordering::SeqCst);
     let sent = publisher.await.unwrap();
     let total: usize = sent.values().map(Vec::len).sum();
-    assert!(total > 100, "only {total} messages were published");
+    assert!(total >= 200, "only {total} messages were published");
 
     // every member got every message of its room, once, in order
     for (uid, room, client) in members.iter_mut() {
@@ -412,5 +413,134 @@ async fn a_scale_out_killed_after_its_flip_is_finished_by_a_rerun() {
             Ok(Some(ServerFrame::Room { id: got, .. })) => assert_eq!(got.0, id),
             other => panic!("room {room}: {other:?}\n{}", c.logs()),
         }
+    }
+}
+
+/// A device's inbox frames (acking each) until `stop`, then for `quiet` more.
+async fn receive_inbox(mut dev: pixiu_client::Client, stop: Arc<AtomicBool>) -> Vec<u64> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(1500), dev.next_event()).await {
+            Ok(Some(ServerFrame::Inbox { id, .. })) => {
+                got.push(id.0);
+                dev.ack(id.0).await.unwrap();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) if stop.load(Ordering::SeqCst) => break,
+            Err(_) => {}
+        }
+    }
+    got
+}
+
+/// Personal messages keep reaching online devices while the broker doubles: users with odd
+/// ids move to the new broker partition, which resumes their devices from Pi's cursors; every
+/// acknowledged message reaches its device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbox_devices_move_to_their_new_broker_losing_nothing() {
+    let mut c = Cluster::start("scale_inbox", 1, 1).await;
+    c.spawn_store("xiu0", "xiu", 0, &["--min-insync", "0"]);
+    c.spawn_store("pi0", "pi", 0, &["--min-insync", "0"]);
+    c.spawn_router("router-0", 0);
+    let broker = c.config_file("broker", "redeliver_ms = 700\ninbox_poll_ms = 1000\n");
+    let broker: Vec<&str> = broker.iter().map(String::as_str).collect();
+    c.spawn_broker_with("broker-0", 0, &broker);
+    let gateway = c.config_file("gateway", "inbox_heartbeat_ms = 500\n");
+    let gateway: Vec<&str> = gateway.iter().map(String::as_str).collect();
+    c.spawn_gateway("gw-a", &gateway);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut devices = Vec::new();
+    for uid in 1..=8u64 {
+        let dev = c.device("gw-a", uid, "phone").await;
+        devices.push((uid, tokio::spawn(receive_inbox(dev, stop.clone()))));
+    }
+    let sending = Arc::new(AtomicBool::new(true));
+    let sender = {
+        let (p, sending) = (c.publisher("proxy"), sending.clone());
+        tokio::spawn(async move {
+            let mut acked: HashMap<u64, Vec<u64>> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            // at least 100 sends (2 s), however quickly the doubling goes
+            for k in 0..10_000u64 {
+                if k >= 100 && !sending.load(Ordering::SeqCst) {
+                    break;
+                }
+                tick.tick().await;
+                let uid = 1 + k % 8;
+                // a send that is not acknowledged is retried with the same sid
+                let sid = 1_000_000 + k;
+                for _ in 0..20 {
+                    if let Ok(id) = p.send_user(uid, &format!("m{k}"), 1, Some(sid)).await {
+                        acked.entry(uid).or_default().push(id);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            acked
+        })
+    };
+
+    c.spawn_broker_with("broker-1", 1, &broker);
+    c.wait_healthy("broker-1").await;
+    let out = c.ctl(&["scale-out", "broker", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    // the odd users' devices now live on broker 1, the even ones' on broker 0
+    for node in ["broker-0", "broker-1"] {
+        let admin = c.admin(node);
+        assert_eventually(
+            &format!("{node} holds 4 devices"),
+            Duration::from_secs(20),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let got =
+                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"inbox_devices\"}")
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    (got == 4.0).then_some(()).ok_or(format!("{got} devices"))
+                }
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sending.store(false, Ordering::SeqCst);
+    let acked = sender.await.unwrap();
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total > 50, "only {total} sends were acknowledged");
+
+    // every acknowledged message reaches its device (the device may see one twice, when
+    // both brokers delivered it around the switch; clients drop ids they have seen)
+    let mut got_all: HashMap<u64, HashSet<u64>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (uid, _) in &devices {
+        let want: HashSet<u64> = acked
+            .get(uid)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        got_all.insert(*uid, want);
+    }
+    while tokio::time::Instant::now() < deadline && !devices.iter().all(|(_, t)| t.is_finished()) {
+        stop.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (uid, task) in devices {
+        let got: HashSet<u64> = task.await.unwrap().into_iter().collect();
+        let want = &got_all[&uid];
+        let lost: Vec<&u64> = want.difference(&got).collect();
+        assert!(lost.is_empty(), "uid {uid} lost {lost:?}\n{}", c.logs());
     }
 }
