@@ -27,6 +27,10 @@ pub struct NodeRow {
     /// `scale-out` doubles `partition_num`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counted: Option<bool>,
+    /// The role's count this replica reports it works under (routers and brokers): during a
+    /// doubling, `partition_num` is in force for a replica once it serves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving: Option<u32>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -59,6 +63,7 @@ pub async fn status(registry: &Registry) -> anyhow::Result<Status> {
                 http: m.info.http.clone(),
                 load: m.info.load,
                 counted: role.is_partitioned().then_some(p < view.partition_num),
+                serving: m.info.serving,
             });
         }
     }
@@ -94,6 +99,7 @@ pub fn render_status(s: &Status) -> String {
     ));
     for n in &s.nodes {
         let extra = [
+            n.serving.map(|c| format!("serving {c}")),
             n.client_url.clone(),
             n.http.as_ref().map(|h| format!("http://{h}")),
             n.admin.as_ref().map(|a| format!("admin {a}")),
@@ -171,6 +177,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("2 (new)"), "{text}");
+        regs[0].update(|i| i.serving = Some(2)).await.unwrap();
+        let text = render_status(&status(&registry).await.unwrap());
+        assert!(text.contains("serving 2"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(
             json["nodes"]
