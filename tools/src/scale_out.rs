@@ -195,7 +195,7 @@ pub async fn run(
         let what = "every replica of the new partitions to be running";
         say(&format!("waiting for {what}"));
         let started = Instant::now();
-        wait_until(registry, o, what, |v| not_running(v, from, to)).await?;
+        wait_until(registry, o, what, |v| not_running(v, from, to), &mut say).await?;
         report.steps.push(step("new partitions running", started));
         let started = Instant::now();
         let under_way = Doubling {
@@ -220,13 +220,13 @@ pub async fn run(
     let what = "every replica to serve the new count";
     say(&format!("waiting for {what}"));
     let started = Instant::now();
-    wait_until(registry, o, what, |v| {
+    let lag = |v: &RoleView| -> Vec<String> {
         lagging(v, to)
             .into_iter()
             .map(|(p, id)| format!("partition {p} replica {id}"))
             .collect()
-    })
-    .await?;
+    };
+    wait_until(registry, o, what, lag, &mut say).await?;
     report
         .steps
         .push(step("every replica serves the new count", started));
@@ -247,12 +247,14 @@ fn step(name: &str, started: Instant) -> Step {
     }
 }
 
-/// Wait until `pending` of the role's view is empty, or `o.timeout` passes.
+/// Wait until `pending` of the role's view is empty, or `o.timeout` passes; every
+/// [`PROGRESS`] without a change, `say` what is still awaited.
 async fn wait_until(
     registry: &Registry,
     o: &Options,
     what: &'static str,
     pending: impl Fn(&RoleView) -> Vec<String>,
+    say: &mut impl FnMut(&str),
 ) -> Result<(), ScaleOutError> {
     let mut views = registry.watch(o.role).await?;
     let deadline = tokio::time::Instant::now() + o.timeout;
@@ -261,16 +263,23 @@ async fn wait_until(
         if left.is_empty() {
             return Ok(());
         }
-        let changed = tokio::time::timeout_at(deadline, views.changed()).await;
-        if !matches!(changed, Ok(Ok(()))) {
-            return Err(ScaleOutError::TimedOut {
-                secs: o.timeout.as_secs(),
-                what,
-                pending: left.join(", "),
-            });
+        let next = deadline.min(tokio::time::Instant::now() + PROGRESS);
+        match tokio::time::timeout_at(next, views.changed()).await {
+            Ok(Ok(())) => {}
+            Err(_) if next < deadline => say(&format!("still waiting for {}", left.join(", "))),
+            _ => {
+                return Err(ScaleOutError::TimedOut {
+                    secs: o.timeout.as_secs(),
+                    what,
+                    pending: left.join(", "),
+                })
+            }
         }
     }
 }
+
+/// How often a wait says what it still waits for.
+const PROGRESS: Duration = Duration::from_secs(5);
 
 /// One line saying what `plan` means for the operator.
 pub fn describe(plan: &Plan, o: &Options) -> String {
