@@ -105,24 +105,7 @@ async fn doubles_under_load(role: &'static str) {
     let new = format!("{role}-1");
     spawn_partition(&mut c, role, &new, 1);
     // once it is registered (not yet running: the tool waits for that)
-    assert_eventually(
-        &format!("{new} registered"),
-        Duration::from_secs(20),
-        || {
-            let s = c.status();
-            async move {
-                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-                match nodes
-                    .iter()
-                    .find(|n| n["role"] == role && n["partition"] == 1)
-                {
-                    Some(n) if n["counted"] == false => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        },
-    )
-    .await;
+    wait_registered(&c, role, 1).await;
     let out = tokio::task::spawn_blocking({
         let args: Vec<String> = ["scale-out", role, "--timeout", "60", "--json"]
             .map(String::from)
@@ -201,26 +184,7 @@ async fn doubles_under_load(role: &'static str) {
     // each partition holds only its share: (room, gateway) rows of even rooms on 0, odd on 1:
     // 4 rooms on both gateways and 2 late rooms on one, each
     for (node, rows) in [(format!("{role}-0"), 10.0), (new.clone(), 10.0)] {
-        let admin = c.admin(&node);
-        assert_eventually(
-            &format!("{node} holds {rows} rows"),
-            Duration::from_secs(20),
-            || {
-                let admin = admin.clone();
-                async move {
-                    let got =
-                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"table_rows\"}")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    if got == rows {
-                        Ok(())
-                    } else {
-                        Err(format!("{got} rows"))
-                    }
-                }
-            },
-        )
-        .await;
+        wait_queue(&c, &node, "table_rows", rows).await;
     }
 
     // a rerun says there is nothing to do and changes nothing
@@ -269,26 +233,11 @@ async fn doubles_under_load(role: &'static str) {
     }
     // rooms r with r % 4 == p: 2 rooms on both gateways and 1 late room on one, each
     for p in 0..4 {
-        let admin = c.admin(&format!("{role}-{p}"));
-        assert_eventually(
-            &format!("{role}-{p} holds 5 rows"),
-            Duration::from_secs(20),
-            || {
-                let admin = admin.clone();
-                async move {
-                    let got =
-                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"table_rows\"}")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    (got == 5.0).then_some(()).ok_or(format!("{got} rows"))
-                }
-            },
-        )
-        .await;
+        wait_queue(&c, &format!("{role}-{p}"), "table_rows", 5.0).await;
     }
 }
 
-/// Wait until `pixiu-ctl status` lists a node of `role` in `partition`.
+/// Wait until `pixiu-ctl status` lists a node of `role` in `partition`, not yet counted.
 async fn wait_registered(c: &Cluster, role: &'static str, partition: u32) {
     assert_eventually(
         &format!("{role} partition {partition} registered"),
@@ -297,9 +246,9 @@ async fn wait_registered(c: &Cluster, role: &'static str, partition: u32) {
             let s = c.status();
             async move {
                 let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-                let found = nodes
-                    .iter()
-                    .any(|n| n["role"] == role && n["partition"] == partition);
+                let found = nodes.iter().any(|n| {
+                    n["role"] == role && n["partition"] == partition && n["counted"] == false
+                });
                 found.then_some(()).ok_or_else(|| s.to_string())
             }
         },
@@ -497,22 +446,7 @@ async fn inbox_devices_move_to_their_new_broker_losing_nothing() {
     );
     // the odd users' devices now live on broker 1, the even ones' on broker 0
     for node in ["broker-0", "broker-1"] {
-        let admin = c.admin(node);
-        assert_eventually(
-            &format!("{node} holds 4 devices"),
-            Duration::from_secs(20),
-            || {
-                let admin = admin.clone();
-                async move {
-                    let got =
-                        pixiu_tests::metric(&admin, "pixiu_queue_depth{queue=\"inbox_devices\"}")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    (got == 4.0).then_some(()).ok_or(format!("{got} devices"))
-                }
-            },
-        )
-        .await;
+        wait_queue(&c, node, "inbox_devices", 4.0).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     sending.store(false, Ordering::SeqCst);
@@ -543,4 +477,24 @@ async fn inbox_devices_move_to_their_new_broker_losing_nothing() {
         let lost: Vec<&u64> = want.difference(&got).collect();
         assert!(lost.is_empty(), "uid {uid} lost {lost:?}\n{}", c.logs());
     }
+}
+
+/// Wait until `node`'s `pixiu_queue_depth{queue}` gauge reads `want`.
+async fn wait_queue(c: &Cluster, node: &str, queue: &str, want: f64) {
+    let admin = c.admin(node);
+    let query = format!("pixiu_queue_depth{{queue=\"{queue}\"}}");
+    assert_eventually(
+        &format!("{node}: {queue} = {want}"),
+        Duration::from_secs(20),
+        || {
+            let (admin, query) = (admin.clone(), query.clone());
+            async move {
+                let got = pixiu_tests::metric(&admin, &query)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (got == want).then_some(()).ok_or(format!("{got}"))
+            }
+        },
+    )
+    .await;
 }
