@@ -9,6 +9,10 @@
 //! (login, heartbeat, logout), acks and syncs; proxies send a Notify when a user's inbox grew.
 //! The broker pulls ids from Pi and messages from Xiu and pushes them to every online device
 //! through its gateway, with per-device acknowledgement and redelivery ([`delivery`]).
+//!
+//! Doubling: a replica of a partition beyond `partition_num` serves its parent's share until
+//! the count grows; then every broker, after a grace for messages routed by the old count,
+//! keeps only its rooms and users and reports `serving` (ARCHITECTURE (m)).
 
 pub mod delivery;
 mod inbox;

@@ -3,6 +3,10 @@
 //! in RocksDB so a restarted router, and a starting broker, can load it), passed to the peer
 //! replicas of the partition and to every broker that subscribed by heartbeat (seed 7.3).
 //! Updates older than what the table holds for that gateway are dropped.
+//!
+//! Doubling (seed 7.2, 7.3): a replica of a partition beyond `partition_num` is a child; it
+//! subscribes to its parent like a broker and loads the parent's rows of its share. When the
+//! count grows every router keeps only its share and reports `serving` (ARCHITECTURE (m)).
 
 mod store;
 

@@ -3,7 +3,8 @@
 //! environment (registry, TLS, metrics, health), the admin HTTP server
 //! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup,
 //! signal-driven shutdown, one-line fatal errors, and the registration that keeps snowflake
-//! instances unique among live gateways and proxies.
+//! instances unique among live gateways and proxies. [`Service`] is the one way a role runs
+//! (bind, register, its own registry view, state, drain); [`inbound`] decodes what arrives.
 
 pub mod admin;
 pub mod ask;

@@ -1,5 +1,7 @@
 //! Operator tools behind `pixiu-ctl`: create a cluster's layout and development certificates,
-//! show its nodes, issue tokens, and run one of every role in one process (standalone mode).
+//! show its nodes (partitions registered for a doubling marked as not counted), issue tokens,
+//! double a role's partitions ([`scale_out`]), and run one of every role in one process
+//! (standalone mode).
 
 pub mod scale_out;
 pub mod standalone;
