@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::{
-    lock, publish, Doubling, Layout, Member, NodeInfo, RegInner, RegistryError, Role, RoleView,
+    check_layout, lock, publish, Doubling, Layout, Member, NodeInfo, RegInner, RegistryError, Role,
+    RoleView,
 };
 
 #[derive(Default)]
@@ -103,20 +104,9 @@ impl EmbShared {
 
     pub(crate) fn init_layout(&self, layout: &Layout) -> Result<(), RegistryError> {
         let mut st = lock(&self.state);
-        for role in Role::ALL {
-            if let (Some(wanted), Some(existing)) = (
-                layout.partitions(role),
-                st.roles.get(&role).and_then(|t| t.partition_num),
-            ) {
-                if existing != wanted {
-                    return Err(RegistryError::AlreadyInitialized {
-                        role,
-                        existing,
-                        wanted,
-                    });
-                }
-            }
-        }
+        check_layout(layout, |role| {
+            st.roles.get(&role).and_then(|t| t.partition_num)
+        })?;
         for role in Role::ALL {
             match layout.partitions(role) {
                 Some(n) => {

@@ -371,6 +371,26 @@ pub enum RegistryError {
     Closed,
 }
 
+/// Before `init` writes anything: a role whose count is already set must have the one wanted
+/// (`existing` gives the count set now, if any).
+pub(crate) fn check_layout(
+    layout: &Layout,
+    existing: impl Fn(Role) -> Option<u32>,
+) -> Result<(), RegistryError> {
+    for role in Role::ALL {
+        if let (Some(wanted), Some(existing)) = (layout.partitions(role), existing(role)) {
+            if existing != wanted {
+                return Err(RegistryError::AlreadyInitialized {
+                    role,
+                    existing,
+                    wanted,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_power_of_two(n: u32) -> Result<(), RegistryError> {
     if n.is_power_of_two() {
         Ok(())

@@ -15,8 +15,8 @@ use zookeeper_client::{
 };
 
 use crate::{
-    check_power_of_two, lock, parse_node_name, parse_partition_name, publish, Doubling, Layout,
-    Member, NodeInfo, RegInner, RegistryError, Role, RoleView, ZkConfig,
+    check_layout, check_power_of_two, lock, parse_node_name, parse_partition_name, publish,
+    Doubling, Layout, Member, NodeInfo, RegInner, RegistryError, Role, RoleView, ZkConfig,
 };
 
 mod layout;

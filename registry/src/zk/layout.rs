@@ -25,19 +25,13 @@ impl ZkShared {
     pub(crate) async fn init_layout(&self, layout: &Layout) -> Result<(), RegistryError> {
         let (_, client) = self.client()?;
         // Check everything before writing anything.
+        let mut existing = std::collections::HashMap::new();
         for role in Role::ALL {
-            if let Some(wanted) = layout.partitions(role) {
-                if let Some(existing) = self.get_partition_num(&client, role).await? {
-                    if existing != wanted {
-                        return Err(RegistryError::AlreadyInitialized {
-                            role,
-                            existing,
-                            wanted,
-                        });
-                    }
-                }
+            if let Some(n) = self.get_partition_num(&client, role).await? {
+                existing.insert(role, n);
             }
         }
+        check_layout(layout, |role| existing.get(&role).copied())?;
         for role in Role::ALL {
             client
                 .mkdir(&self.role_path(role), &PERSISTENT)
