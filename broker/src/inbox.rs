@@ -240,8 +240,8 @@ async fn fetch(
             skipped_upto: None,
         });
     }
-    // one user's ids all come from one xiu partition (see pixiu_protocol::inbox), but do not
-    // rely on it: read each partition's share, then keep id order
+    // a user's ids come from one xiu partition, or from a parent and its child after a
+    // doubling: read each partition's share where the id's partition byte says, keep id order
     let mut by_part: std::collections::BTreeMap<u8, Vec<u64>> = Default::default();
     for id in &ids {
         by_part.entry(MsgId(*id).partition()).or_default().push(*id);

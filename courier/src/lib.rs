@@ -5,7 +5,10 @@
 //! Receivers are grouped by Xiu partition (`uid % N`): one stored copy per partition, indexed
 //! in each of its receivers' inboxes. A store answered `Unavailable` (leader changing,
 //! `min_insync` not met, Pi not indexing) is retried with the same `sid` until the deadline;
-//! Xiu returns the first id for a sid it has, so a retry never stores twice.
+//! Xiu returns the first id for a sid it has, so a retry never stores twice. A store answered
+//! `Moved` (Xiu doubled and this view is older) is regrouped under the new count once the
+//! view shows it, and asked again of the new owners, within the same deadline; a `sid` whose
+//! first answer was lost and that is retried across the flip may then be stored twice.
 
 use pixiu_protocol::routing::{group_users, user_partition, user_replica};
 use pixiu_protocol::wire::{self, Message, StoreRequest};
@@ -36,6 +39,18 @@ pub struct Courier {
     brokers: watch::Receiver<Arc<RoleView>>,
     deadline: Duration,
 }
+
+/// What one store of a group came to.
+enum Stored {
+    /// Stored: the receivers and their id.
+    Ids(Vec<u64>, u64),
+    /// These receivers moved to another partition under this count.
+    Moved(Vec<u64>, u32),
+}
+
+/// Regroupings of one send (each needs a doubling: more than two in one send's deadline
+/// means the registry is flapping).
+const MAX_REGROUPS: usize = 3;
 
 /// Largest receiver list of one multicast message.
 pub const MAX_RECEIVERS: usize = 10_000;
@@ -76,32 +91,49 @@ impl Courier {
                 to.len()
             )));
         }
-        let num = self.xius.borrow().partition_num;
+        let mut num = self.xius.borrow().partition_num;
         if num == 0 {
             return Err(CourierError::Unavailable(
                 "the cluster has no xiu partitions".into(),
             ));
         }
-        let mut receivers = to.to_vec();
-        receivers.sort_unstable();
-        receivers.dedup();
-        let groups = group_users(receivers, num, |uid| *uid);
-        let stores = groups.into_iter().map(|(p, to)| {
-            let req = StoreRequest {
-                sid,
-                from,
-                to,
-                body: body.clone(),
-                ts,
-            };
-            async move { self.store(p, req).await }
-        });
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let mut pending = to.to_vec();
+        pending.sort_unstable();
+        pending.dedup();
         let mut ids = BTreeMap::new();
-        for r in futures::future::join_all(stores).await {
-            let (to, id) = r?;
-            for uid in to {
-                ids.insert(uid, id);
+        // each round regroups what a doubling moved; counts only grow, so rounds are few
+        for _ in 0..MAX_REGROUPS {
+            let groups = group_users(std::mem::take(&mut pending), num, |uid| *uid);
+            let stores = groups.into_iter().map(|(p, to)| {
+                let req = StoreRequest {
+                    sid,
+                    from,
+                    to,
+                    body: body.clone(),
+                    ts,
+                };
+                async move { self.store(p, req, deadline).await }
+            });
+            let mut moved_to = num;
+            for r in futures::future::join_all(stores).await {
+                match r? {
+                    Stored::Ids(to, id) => ids.extend(to.into_iter().map(|uid| (uid, id))),
+                    Stored::Moved(to, n) => {
+                        pending.extend(to);
+                        moved_to = moved_to.max(n);
+                    }
+                }
             }
+            if pending.is_empty() {
+                break;
+            }
+            num = self.await_count(moved_to, deadline).await?;
+        }
+        if !pending.is_empty() {
+            return Err(CourierError::Unavailable(format!(
+                "receivers {pending:?} kept moving between xiu partitions"
+            )));
         }
         for (uid, id) in &ids {
             self.notify(*uid, *id);
@@ -109,12 +141,32 @@ impl Courier {
         Ok(ids)
     }
 
+    /// Wait until the Xiu view shows at least `num` partitions (a `Moved` answer is ahead of
+    /// this node's registry watch by a moment); the count then in force.
+    async fn await_count(
+        &self,
+        num: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<u32, CourierError> {
+        let mut view = self.xius.clone();
+        let shown = tokio::time::timeout_at(deadline, view.wait_for(|v| v.partition_num >= num))
+            .await
+            .map(|r| r.map(|v| v.partition_num));
+        match shown {
+            Ok(Ok(n)) => Ok(n),
+            _ => Err(CourierError::Unavailable(format!(
+                "xiu moved to {num} partitions, which this node's registry view does not show yet"
+            ))),
+        }
+    }
+
     async fn store(
         &self,
         partition: u32,
         req: StoreRequest,
-    ) -> Result<(Vec<u64>, u64), CourierError> {
-        let deadline = tokio::time::Instant::now() + self.deadline;
+        deadline: tokio::time::Instant,
+    ) -> Result<Stored, CourierError> {
+        let used = self.xius.borrow().partition_num;
         let msg = Message::XiuStore(req.clone());
         let mut last_error = String::from("no attempt");
         // what the store itself said beats a transport timeout of a later attempt
@@ -137,7 +189,14 @@ impl Courier {
                 }
             };
             match answer {
-                Ok(Message::XiuStored { id, .. }) => return Ok((req.to, id)),
+                Ok(Message::XiuStored { id, .. }) => return Ok(Stored::Ids(req.to, id)),
+                // a doubling this view has not caught up with: regroup under the new count
+                Err(AskError::Moved { partition_num, .. }) if partition_num > used => {
+                    return Ok(Stored::Moved(req.to, partition_num))
+                }
+                Err(AskError::Moved { reason, .. }) => {
+                    return Err(CourierError::BadRequest(reason))
+                }
                 Ok(other) => {
                     last_error = AskError::unexpected(leader, &other, "xiu_stored").to_string()
                 }

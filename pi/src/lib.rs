@@ -96,6 +96,13 @@
 //! Whether a uid belongs to this partition is the caller's check
 //! (`pixiu_protocol::routing::owns_user`): the
 //! partition count changes while a doubling is under way.
+//!
+//! # Doubling
+//!
+//! A new partition takes its users over from its parent: [`PiIndex::adopt_chunk`] merges
+//! their part of the parent's snapshot, [`PiIndex::adopt_log`] re-does their part of the
+//! parent's log after it, each as this index's own changes (own LogIds). Once the doubling is
+//! complete the parent removes them with [`PiIndex::drop_users`].
 
 pub mod service;
 
@@ -176,6 +183,7 @@ pub enum PiError {
     Restore(String),
 }
 
+mod adopt;
 mod keys;
 mod snapshot;
 

@@ -13,11 +13,13 @@
 //! - **Takeover**: a new leader first pulls whatever log another live replica holds beyond
 //!   its own (every follower's log is a prefix of the old leader's), then serves.
 
+mod doubling;
+
 use crate::{Durability, LogEntry, LogId, PiError, PiIndex, PiOptions, Snapshot, SnapshotChunk};
 use pixiu_protocol::inbox::MsgId;
 use pixiu_protocol::routing::{owns_user, user_partition};
 use pixiu_protocol::wire::Message;
-use pixiu_registry::{NodeState, Role, RoleView};
+use pixiu_registry::{NodeState, Registry, Role, RoleView};
 use pixiu_runtime::replication::{
     mark_running, peers, place, rest, serve_replica, Followers, Head, Place,
 };
@@ -98,6 +100,11 @@ struct Node {
     followers: Followers,
     head: Head,
     leading: AtomicBool,
+    /// Leading and serving requests: settled, or a new partition its parent handed over to.
+    open: AtomicBool,
+    /// The count this replica serves (published as `NodeInfo::serving`).
+    serving: watch::Sender<Option<u32>>,
+    registry: Registry,
     /// The snapshot being sent to followers (taken on the first chunk request).
     snapshot: Mutex<Option<Arc<Snapshot>>>,
 }
@@ -197,8 +204,12 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         pis: service.peers.clone(),
         followers: Followers::new(Duration::from_secs(3)),
         leading: AtomicBool::new(false),
+        open: AtomicBool::new(false),
+        serving: watch::channel(None).0,
+        registry: service.env.registry.clone(),
         snapshot: Mutex::new(None),
     });
+    let serving = node.serving.subscribe();
     let shutdown = service.shutdown.clone();
     let (state_tx, state_rx) = watch::channel(NodeState::Init);
     tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
@@ -214,7 +225,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             tracing::error!("flushing the WAL at shutdown: {e}");
         }
     };
-    serve_replica(service, inbound, state_rx, handle, drain).await?;
+    serve_replica(service, inbound, state_rx, serving, handle, drain).await?;
     Ok(())
 }
 
@@ -222,6 +233,8 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
     let mut pis = node.pis.clone();
     // the leader whose snapshot this copy was restored from (None: restore before pulling)
     let mut synced_with: Option<u64> = None;
+    // the count whose moved users this leader has dropped
+    let mut dropped_for = 0;
     while !shutdown.is_cancelled() {
         let here = place(&node.pis.borrow(), node.cfg.partition, node.me());
         match here {
@@ -231,21 +244,29 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
                     node.followers.clear();
                     node.leading.store(true, Ordering::SeqCst);
                     synced_with = None;
+                    dropped_for = 0;
                     tracing::info!(
                         partition = node.cfg.partition,
                         last_log = node.head.get(),
                         "pi leading"
                     );
                 }
+                if !node.open.load(Ordering::SeqCst) && !open(&node, &state, &shutdown).await {
+                    continue;
+                }
                 mark_running(&state);
+                publish_serving(&node);
+                doubling::drop_moved(&node, &mut dropped_for).await;
                 if !rest(&shutdown, Some(&mut pis), Duration::from_secs(1)).await {
                     return;
                 }
             }
             Place::Follower { leader, addr } => {
+                node.open.store(false, Ordering::SeqCst);
                 if node.leading.swap(false, Ordering::SeqCst) {
                     tracing::warn!(partition = node.cfg.partition, "pi no longer leads");
                 }
+                publish_serving(&node);
                 let step = if synced_with != Some(leader) {
                     restore_from(&node, addr).await.map(|()| {
                         synced_with = Some(leader);
@@ -279,11 +300,46 @@ async fn roles(node: Arc<Node>, state: watch::Sender<NodeState>, shutdown: Shutd
             }
             Place::Unknown => {
                 node.leading.store(false, Ordering::SeqCst);
+                node.open.store(false, Ordering::SeqCst);
                 if !rest(&shutdown, Some(&mut pis), Duration::from_millis(200)).await {
                     return;
                 }
             }
         }
+    }
+}
+
+/// A new leader opens for requests: at once when its partition is settled, after taking its
+/// users over from its parent when it is new (see `doubling`). False when it did not open
+/// (no longer leading, shutdown, or the registry cannot be read now).
+async fn open(node: &Arc<Node>, state: &watch::Sender<NodeState>, shutdown: &Shutdown) -> bool {
+    let lineage = match doubling::lineage_now(node).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("{e}");
+            // waited out (or shut down): the caller's loop tries again
+            let _ = rest(shutdown, None, Duration::from_millis(500)).await;
+            return false;
+        }
+    };
+    if let pixiu_runtime::replication::Lineage::Child { parent, to, .. } = lineage {
+        if let doubling::Adopted::Stopped = doubling::adopt(node, parent, to, state, shutdown).await
+        {
+            return false;
+        }
+    }
+    node.open.store(true, Ordering::SeqCst);
+    true
+}
+
+/// Publish the count this replica serves: a follower serves what the registry says, a leader
+/// once it is open; a new partition before the flip serves nothing yet.
+fn publish_serving(node: &Node) {
+    let num = node.pis.borrow().partition_num;
+    let serves = node.cfg.partition < num && (!node.leading() || node.open.load(Ordering::SeqCst));
+    if serves {
+        node.serving
+            .send_if_modified(|s| s.replace(num) != Some(num));
     }
 }
 
@@ -467,9 +523,12 @@ fn unavailable(reason: impl Into<String>) -> Message {
     }
 }
 
+/// `Moved` when this partition does not own `uid` under the count it sees. Checked under the
+/// index lock, as the handoff mark is taken (see `doubling`).
 fn not_ours(node: &Node, uid: u64) -> Option<Message> {
     let num = node.pis.borrow().partition_num;
-    (!owns_user(uid, node.cfg.partition, num)).then(|| Message::Refused {
+    (!owns_user(uid, node.cfg.partition, num)).then(|| Message::Moved {
+        partition_num: num,
         reason: format!(
             "user {uid} belongs to pi partition {} of {num}, not {}",
             user_partition(uid, num),
@@ -486,7 +545,7 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
             max,
             wait_ms,
             ..
-        } => return serve_pull(&node, follower, after, max, wait_ms).await,
+        } => return serve_pull(&node, Some(follower), after, max, wait_ms).await,
         Message::PiSnapshotRequest { upto, after } => {
             return serve_snapshot(&node, upto, after).await
         }
@@ -494,6 +553,21 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
     }
     if !node.leading() {
         return unavailable("not the leader of this pi partition");
+    }
+    match msg {
+        Message::PiAdopt {
+            after,
+            max,
+            wait_ms,
+        } => return serve_pull(&node, None, after, max, wait_ms).await,
+        Message::Handoff { partition_num, .. } => {
+            node.metrics.inc_in("handoff");
+            return doubling::answer_handoff(&node, partition_num).await;
+        }
+        _ => {}
+    }
+    if !node.open.load(Ordering::SeqCst) {
+        return unavailable("this pi partition is taking its users over from its parent");
     }
     match msg {
         Message::PiAppend { items, ts } => append(&node, items, ts).await,
@@ -505,19 +579,20 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
         } => read(&node, uid, device, after, max).await,
         Message::PiCursor { uid, device, id } => {
             node.metrics.inc_in("cursor");
-            if let Some(refusal) = not_ours(&node, uid) {
-                return refusal;
-            }
-            let done = with_index(&node, move |_, idx| {
+            let done = with_index(&node, move |node, idx| {
+                if let Some(moved) = not_ours(node, uid) {
+                    return Ok(Err(moved));
+                }
                 idx.set_cursor(uid, device, MsgId(id))?;
-                Ok(idx.last_log_id().0)
+                Ok(Ok(idx.last_log_id().0))
             })
             .await;
             match done {
-                Ok(last) => {
+                Ok(Ok(last)) => {
                     node.head.set(last);
                     Message::Done
                 }
+                Ok(Err(moved)) => moved,
                 Err(e) => unavailable(format!("setting the cursor: {e}")),
             }
         }
@@ -531,19 +606,20 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
 #[tracing::instrument(level = "debug", skip_all, fields(ids = items.len()))]
 async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
     node.metrics.inc_in("append");
-    if let Some(refusal) = items.iter().find_map(|(uid, _)| not_ours(node, *uid)) {
-        return refusal;
-    }
     let n = items.len() as u64;
     let pairs: Vec<(u64, MsgId)> = items.iter().map(|(u, i)| (*u, MsgId(*i))).collect();
     let done = with_index(node, move |node, idx| {
+        if let Some(moved) = pairs.iter().find_map(|(uid, _)| not_ours(node, *uid)) {
+            return Ok(Err(moved));
+        }
         idx.append_many(&pairs, ts)?;
         node.flush(idx)?;
-        Ok(idx.last_log_id().0)
+        Ok(Ok(idx.last_log_id().0))
     })
     .await;
     let last = match done {
-        Ok(last) => last,
+        Ok(Ok(last)) => last,
+        Ok(Err(moved)) => return moved,
         Err(e) => {
             tracing::error!("appending: {e}");
             return unavailable(format!("append failed: {e}"));
@@ -570,21 +646,22 @@ async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
 /// unknown device at cursor 0.
 async fn read(node: &Arc<Node>, uid: u64, device: u64, after: Option<u64>, max: u32) -> Message {
     node.metrics.inc_in("read");
-    if let Some(refusal) = not_ours(node, uid) {
-        return refusal;
-    }
-    let done = with_index(node, move |_, idx| {
+    let done = with_index(node, move |node, idx| {
+        if let Some(moved) = not_ours(node, uid) {
+            return Ok(Err(moved));
+        }
         let cursor = match idx.cursor(uid, device)? {
             Some(c) => c,
             None => idx.set_cursor(uid, device, MsgId(0))?.0,
         };
         let start = after.map(MsgId).unwrap_or(cursor);
         let ids = idx.read(uid, start, max.clamp(1, 1024) as usize)?;
-        Ok((cursor, ids, idx.last_log_id().0))
+        Ok(Ok((cursor, ids, idx.last_log_id().0)))
     })
     .await;
     match done {
-        Ok((cursor, ids, last)) => {
+        Ok(Err(moved)) => moved,
+        Ok(Ok((cursor, ids, last))) => {
             node.head.set(last);
             Message::PiIds {
                 ids: ids.into_iter().map(|i| i.0).collect(),
@@ -595,9 +672,11 @@ async fn read(node: &Arc<Node>, uid: u64, device: u64, after: Option<u64>, max: 
     }
 }
 
+/// The log after `after`, for a follower (`Some`: its position counts for `min_insync`) or
+/// for a new partition taking its users over (`None`).
 async fn serve_pull(
     node: &Arc<Node>,
-    follower: u64,
+    follower: Option<u64>,
     after: u64,
     max: u32,
     wait_ms: u32,
@@ -619,7 +698,9 @@ async fn serve_pull(
         };
     }
     if node.leading() {
-        node.followers.report(follower, after);
+        if let Some(follower) = follower {
+            node.followers.report(follower, after);
+        }
         if after >= last && wait_ms > 0 {
             node.head
                 .wait_above(after, Duration::from_millis(u64::from(wait_ms.min(5000))))

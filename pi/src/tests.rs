@@ -910,3 +910,57 @@ fn corrupt_values_are_errors_not_panics() {
     let e = pi.expire_older_than(u64::MAX, 10).unwrap_err().to_string();
     assert!(e.contains("append time"), "{e}");
 }
+
+/// A child index adopts the odd users of its parent from a snapshot and the log after it,
+/// bounded by the parent's mark; then the parent drops them.
+#[test]
+fn a_child_adopts_its_users_and_the_parent_drops_them() {
+    let (pdir, cdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut parent = PiIndex::open(pdir.path(), opts()).unwrap();
+    let mut child = PiIndex::open(cdir.path(), opts()).unwrap();
+    let odd = |uid: u64| uid % 2 == 1;
+    for uid in 1..=4 {
+        parent.append(uid, p(1), TS).unwrap();
+        parent.append(uid, p(2), TS + 1).unwrap();
+        parent.set_cursor(uid, 77, p(1)).unwrap();
+    }
+    let snap = parent.snapshot().unwrap();
+    for chunk in snap.chunks(3) {
+        child.adopt_chunk(&chunk, odd).unwrap();
+    }
+    // after the snapshot: an append, an ack, and a device forgotten; then the mark
+    parent.append(3, p(5), TS + 2).unwrap();
+    parent.append(4, p(5), TS + 2).unwrap();
+    parent.set_cursor(1, 77, p(2)).unwrap();
+    let mark = parent.last_log_id();
+    // beyond the mark: never adopted
+    parent.append(3, p(9), TS + 3).unwrap();
+    let log = parent.log_after(snap.upto(), 100).unwrap();
+    let changes = child.adopt_log(&log, Some(mark), odd).unwrap();
+    assert_eq!(changes, 2, "append of 3 and cursor of 1");
+    assert_eq!(
+        child.read(1, START, 10).unwrap(),
+        vec![],
+        "acked by its one device"
+    );
+    assert_eq!(child.read(3, START, 10).unwrap(), vec![p(2), p(5)]);
+    assert_eq!(child.cursor(3, 77).unwrap(), Some(p(1)));
+    assert_eq!(child.read(2, START, 10).unwrap(), vec![], "even users stay");
+    assert_eq!(child.cursor(4, 77).unwrap(), None);
+    // adopting the same again changes nothing
+    assert_eq!(child.adopt_log(&log, Some(mark), odd).unwrap(), 0);
+    // the child's followers replay the child's own log
+    let fdir = tempfile::tempdir().unwrap();
+    let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+    follower
+        .apply_log(&child.log_after(LogId(0), 1000).unwrap())
+        .unwrap();
+    assert_eq!(follower.read(3, START, 10).unwrap(), vec![p(2), p(5)]);
+
+    // the parent drops the odd users, ids and devices, and keeps the even ones
+    assert_eq!(parent.drop_users(|uid| !odd(uid)).unwrap(), 2);
+    assert_eq!(parent.read(3, START, 10).unwrap(), vec![]);
+    assert_eq!(parent.cursor(3, 77).unwrap(), None);
+    assert_eq!(parent.read(4, START, 10).unwrap(), vec![p(2), p(5)]);
+    assert_eq!(parent.drop_users(|uid| !odd(uid)).unwrap(), 0);
+}

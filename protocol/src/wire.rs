@@ -228,6 +228,35 @@ pub enum Message {
         dev: DeviceRef,
         items: Vec<InboxItem>,
     },
+
+    // ---- doubling of Xiu and Pi (seed 8.2.4, 8.3.4) ----
+    /// A Xiu or Pi replica to the sender of a request for a user it no longer owns: its role
+    /// has `partition_num` partitions now (the sender's view is older); regroup and ask the
+    /// owner. Never an answer to a request that would have been wrong under any count.
+    Moved {
+        partition_num: u32,
+        reason: String,
+    },
+    /// The leader of new partition `partition` (of `partition_num`) to its parent's leader,
+    /// once `partition_num` is in force: "where do you stop for my users?" The parent answers
+    /// `HandoffMark` once it refuses every later write for them, else `Unavailable`.
+    Handoff {
+        partition: u32,
+        partition_num: u32,
+    },
+    /// The parent's mark: Xiu, the counter up to which its ids are indexed in Pi (the child
+    /// may index its own from then on); Pi, the LogId of its last entry for the child's users.
+    HandoffMark {
+        last: u64,
+    },
+    /// A new Pi partition's leader to its parent's leader: log entries after `after`, as
+    /// `ReplicaPull` gives a follower, but the puller is not a follower (it counts for no
+    /// `min_insync`). Answered `PiLog` or `PiTrimmed`.
+    PiAdopt {
+        after: u64,
+        max: u32,
+        wait_ms: u32,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -305,6 +334,10 @@ impl Message {
             Message::DeviceAck { .. } => "device_ack",
             Message::DeviceSync { .. } => "device_sync",
             Message::InboxPush { .. } => "inbox_push",
+            Message::Moved { .. } => "moved",
+            Message::Handoff { .. } => "handoff",
+            Message::HandoffMark { .. } => "handoff_mark",
+            Message::PiAdopt { .. } => "pi_adopt",
         }
     }
 }
@@ -413,6 +446,20 @@ mod tests {
                 device: 2,
                 after: None,
                 max: 3,
+            },
+            Message::Moved {
+                partition_num: 4,
+                reason: "user 3 belongs to pi partition 3 of 4, not 1".into(),
+            },
+            Message::Handoff {
+                partition: 3,
+                partition_num: 4,
+            },
+            Message::HandoffMark { last: 17 },
+            Message::PiAdopt {
+                after: 9,
+                max: 100,
+                wait_ms: 1000,
             },
         ]
     }

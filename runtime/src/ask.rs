@@ -30,6 +30,14 @@ pub enum AskError {
     /// The peer cannot serve it now (not the leader, not enough replicas, ...).
     #[error("{to} unavailable: {reason}")]
     Unavailable { to: SocketAddr, reason: String },
+    /// The peer no longer owns what was asked: its role has `partition_num` partitions
+    /// (a doubling); ask the owner under that count.
+    #[error("{to} moved on to {partition_num} partitions: {reason}")]
+    Moved {
+        to: SocketAddr,
+        partition_num: u32,
+        reason: String,
+    },
     /// An answer of another kind than the request calls for.
     #[error("{to} answered {kind}, expected {expected}")]
     Unexpected {
@@ -69,6 +77,14 @@ pub async fn ask(
     match wire::decode(&bytes).map_err(|source| AskError::Decode { to, source })? {
         Message::Refused { reason } => Err(AskError::Refused { to, reason }),
         Message::Unavailable { reason } => Err(AskError::Unavailable { to, reason }),
+        Message::Moved {
+            partition_num,
+            reason,
+        } => Err(AskError::Moved {
+            to,
+            partition_num,
+            reason,
+        }),
         answer => Ok(answer),
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! A position is the store's own order: a Xiu counter or a Pi LogId. Followers pull: each
 //! pull says "I durably hold everything up to `after`", which is what the leader records.
+//!
+//! During a doubling a partition's [`Lineage`] says whether it still has to take its users
+//! over from a parent (no IO: it is decided from the registry view and the recorded doubling).
 
 use pixiu_registry::{Member, RoleView};
 use std::collections::HashMap;
@@ -11,6 +14,54 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// Where a partition stands in the doubling of its role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lineage {
+    /// Serves its users on its own: an original partition, or a new one whose doubling is
+    /// complete (every replica served the new count, so its handoff happened).
+    Settled,
+    /// A new partition of the doubling to `to`, whose users `uid % to == partition` its
+    /// `parent` served before. `flipped`: `partition_num` is `to` already (the parent stops
+    /// writing for those users at a mark it tells); before, the parent serves them alone.
+    Child { parent: u32, to: u32, flipped: bool },
+}
+
+/// The [`Lineage`] of `partition` when the role's `partition_num` is as published and `last`
+/// is the last recorded doubling. A partition beyond `partition_num` is a child of
+/// `partition % partition_num` in the coming doubling; one inside it is a child only while
+/// the doubling that made it is recorded as under way.
+pub fn lineage(
+    partition: u32,
+    partition_num: u32,
+    last: Option<pixiu_registry::Doubling>,
+) -> Lineage {
+    if partition_num == 0 {
+        return Lineage::Settled;
+    }
+    if partition >= partition_num {
+        return Lineage::Child {
+            parent: partition % partition_num,
+            to: partition_num.saturating_mul(2),
+            flipped: false,
+        };
+    }
+    match last {
+        Some(d)
+            if d.done_ms.is_none()
+                && d.to == partition_num
+                && (d.from..d.to).contains(&partition)
+                && d.from > 0 =>
+        {
+            Lineage::Child {
+                parent: partition - d.from,
+                to: d.to,
+                flipped: true,
+            }
+        }
+        _ => Lineage::Settled,
+    }
+}
 
 /// This node's place in its partition (seed 8.2.3: the smallest sequence number leads).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,12 +231,14 @@ pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
 /// The request loop of a replicated store (Xiu, Pi), until shutdown: each inbound request
 /// is decoded ([`crate::inbound::decode`]) and answered with what `handle` returns, on its own
 /// task; a one-way message is counted as unexpected. Each change of `state` (from the role
-/// loop) is published in the registry and on `/healthz` (ready when running). Then the drain:
+/// loop) is published in the registry and on `/healthz` (ready when running), and each
+/// `serving` count as `NodeInfo::serving` (what `scale-out` waits for). Then the drain:
 /// not ready, `drain()` (the service's last writes), deregister, close the transport.
 pub async fn serve_replica<H, Fut>(
     service: crate::Service,
     mut inbound: tokio::sync::mpsc::Receiver<pixiu_transport::Inbound>,
     mut state: watch::Receiver<pixiu_registry::NodeState>,
+    mut serving: watch::Receiver<Option<u32>>,
     handle: H,
     drain: impl FnOnce(),
 ) -> Result<(), crate::RuntimeError>
@@ -214,6 +267,12 @@ where
             Ok(()) = state.changed() => {
                 let now = *state.borrow_and_update();
                 service.set_state(now).await?;
+            }
+            Ok(()) = serving.changed() => {
+                let now = *serving.borrow_and_update();
+                if let Some(n) = now {
+                    service.set_serving(n).await?;
+                }
             }
         }
     }
@@ -254,6 +313,71 @@ pub fn mark_running(state: &watch::Sender<pixiu_registry::NodeState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lineage_follows_the_doubling_from_start_to_done() {
+        use pixiu_registry::Doubling;
+        let under_way = Some(Doubling {
+            from: 2,
+            to: 4,
+            done_ms: None,
+        });
+        let done = Some(Doubling {
+            from: 2,
+            to: 4,
+            done_ms: Some(1),
+        });
+        // an original partition is settled whatever is recorded
+        assert_eq!(lineage(1, 2, under_way), Lineage::Settled);
+        assert_eq!(lineage(1, 4, under_way), Lineage::Settled);
+        // a new partition before the flip: its parent serves its users alone
+        let before = Lineage::Child {
+            parent: 1,
+            to: 4,
+            flipped: false,
+        };
+        assert_eq!(lineage(3, 2, None), before);
+        assert_eq!(lineage(3, 2, under_way), before);
+        // after the flip, until the doubling is recorded done
+        let after = Lineage::Child {
+            parent: 1,
+            to: 4,
+            flipped: true,
+        };
+        assert_eq!(lineage(3, 4, under_way), after);
+        assert_eq!(
+            lineage(2, 4, under_way),
+            Lineage::Child {
+                parent: 0,
+                to: 4,
+                flipped: true
+            }
+        );
+        assert_eq!(lineage(3, 4, done), Lineage::Settled);
+        // a child of an older doubling is settled; so is everything with no partitions
+        assert_eq!(
+            lineage(
+                1,
+                4,
+                Some(Doubling {
+                    from: 1,
+                    to: 2,
+                    done_ms: None
+                })
+            ),
+            Lineage::Settled
+        );
+        assert_eq!(lineage(0, 0, None), Lineage::Settled);
+        // counts that are not powers of two: 3 -> 6
+        assert_eq!(
+            lineage(5, 3, None),
+            Lineage::Child {
+                parent: 2,
+                to: 6,
+                flipped: false
+            }
+        );
+    }
     use pixiu_registry::{Member, NodeInfo};
 
     #[test]

@@ -1,8 +1,8 @@
 //! A Jepsen-style checker of personal inboxes: 20 senders, 50 receivers with 2 devices each
 //! that drop and reconnect at random, 10,000 messages, with faults injected while it runs
 //! (kill -9 of the Xiu leader, of the Pi leader, of a broker, of a gateway; a restart of every
-//! role; all of them). Then every device stays online until it has everything, and the
-//! checker counts:
+//! role; all of them; Xiu, and Pi, doubled 1 -> 2 -> 4 with `pixiu-ctl scale-out`). Then every
+//! device stays online until it has everything, and the checker counts:
 //! - **lost**: acknowledged (201) and never delivered to a device of its receiver (every
 //!   device is known to the cluster before the first send, and online at the end);
 //! - **reordered**: a device saw a smaller id after a larger one, after dropping duplicates;
@@ -32,6 +32,12 @@ enum Fault {
     Broker,
     Gateway,
     RestartEveryRole,
+    /// Start two replicas of each new partition of `xiu` or `pi`, run `pixiu-ctl scale-out`,
+    /// and check that the new partitions carry traffic (and that Pi's parents drop the users
+    /// they no longer own).
+    Double(&'static str),
+    /// The same, with a kill -9 of the leader of partition 0 just after the flip.
+    DoubleKillingParent(&'static str),
 }
 
 #[derive(Default, Debug)]
@@ -125,6 +131,8 @@ async fn inject(c: &Arc<tokio::sync::Mutex<Cluster>>, fault: Fault) {
         }
         Fault::Broker => kill_and_restart(c, "broker0", false).await,
         Fault::Gateway => kill_and_restart(c, "gw0", false).await,
+        Fault::Double(role) => double(c, role, false).await,
+        Fault::DoubleKillingParent(role) => double(c, role, true).await,
         Fault::RestartEveryRole => {
             for name in [
                 "xiu0", "pi0", "router0", "broker1", "gw1", "proxy0", "xiu1", "pi1",
@@ -132,6 +140,122 @@ async fn inject(c: &Arc<tokio::sync::Mutex<Cluster>>, fault: Fault) {
                 kill_and_restart(c, name, true).await;
             }
         }
+    }
+}
+
+/// Double `role` (xiu or pi) under the load of the run.
+async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_parent: bool) {
+    let mut g = c.lock().await;
+    let n = g.status()["partition_num"][role].as_u64().unwrap() as u32;
+    let mut dropped_before = 0.0;
+    let dropped = r#"pixiu_messages_out_total{role="pi",stage="users_dropped"}"#;
+    for (_, node) in g
+        .nodes
+        .iter()
+        .filter(|(name, _)| role == "pi" && name.starts_with("pi"))
+    {
+        dropped_before += pixiu_tests::metric(&node.admin, dropped)
+            .await
+            .unwrap_or(0.0);
+    }
+    let mut names = Vec::new();
+    for p in n..2 * n {
+        for r in 0..2 {
+            let name = format!("{role}-p{p}-{r}");
+            g.spawn_store(&name, role, p, &[]);
+            names.push((p, name));
+        }
+    }
+    for (_, name) in &names {
+        g.wait_healthy(name).await;
+    }
+    eprintln!("fault: scale-out {role} from {n} to {}", 2 * n);
+    let tool = std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
+        .args(["scale-out", role, "--timeout", "60"])
+        .args(["--zk", &g.zk.connect_string(), "--cluster", "test"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if kill_parent {
+        let flipped = async {
+            while g.status()["partition_num"][role].as_u64() != Some(u64::from(2 * n)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), flipped)
+            .await
+            .expect("the flip");
+        let parent = leader(&g, role);
+        drop(g);
+        kill_and_restart(c, &parent, false).await;
+        g = c.lock().await;
+    }
+    let out = tokio::task::spawn_blocking(move || tool.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        g.logs()
+    );
+    // the new partitions carry traffic: stores in Xiu, appends in Pi
+    let stage = if role == "xiu" { "stored" } else { "appended" };
+    let query = format!("pixiu_messages_out_total{{role=\"{role}\",stage=\"{stage}\"}}");
+    for p in n..2 * n {
+        let admins: Vec<String> = names
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, name)| g.admin(name))
+            .collect();
+        pixiu_tests::assert_eventually(
+            &format!("{role} partition {p} {stage} messages"),
+            Duration::from_secs(30),
+            || {
+                let (admins, query) = (admins.clone(), query.clone());
+                async move {
+                    let mut sum = 0.0;
+                    for admin in &admins {
+                        sum += pixiu_tests::metric(admin, &query)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    (sum > 0.0).then_some(()).ok_or(format!("{sum}"))
+                }
+            },
+        )
+        .await;
+    }
+    if role == "pi" {
+        // the parents drop the users they no longer own once the doubling is recorded done
+        let moved = (FIRST_UID..FIRST_UID + RECEIVERS)
+            .filter(|uid| uid % u64::from(2 * n) >= u64::from(n))
+            .count() as f64;
+        let admins: Vec<String> = g
+            .nodes
+            .iter()
+            .filter(|(name, _)| name.starts_with("pi"))
+            .map(|(_, node)| node.admin.clone())
+            .collect();
+        pixiu_tests::assert_eventually(
+            &format!("pi parents drop their moved users ({n} -> {})", 2 * n),
+            Duration::from_secs(30),
+            || {
+                let admins = admins.clone();
+                async move {
+                    let mut sum = 0.0;
+                    for admin in &admins {
+                        sum += pixiu_tests::metric(admin, dropped).await.unwrap_or(0.0);
+                    }
+                    (sum - dropped_before >= moved).then_some(()).ok_or(format!(
+                        "{sum} dropped, {dropped_before} before, {moved} moved"
+                    ))
+                }
+            },
+        )
+        .await;
     }
 }
 
@@ -428,6 +552,36 @@ async fn checker_kill_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_restart_every_role() {
     check(&run("chk-restart", &[Fault::RestartEveryRole]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_xiu_doubles_twice() {
+    check(
+        &run(
+            "chk-xiu-double",
+            &[Fault::Double("xiu"), Fault::Double("xiu")],
+        )
+        .await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_pi_doubles_twice() {
+    check(&run("chk-pi-double", &[Fault::Double("pi"), Fault::Double("pi")]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_doubles_while_the_parent_leader_dies() {
+    check(
+        &run(
+            "chk-double-kill",
+            &[
+                Fault::DoubleKillingParent("xiu"),
+                Fault::DoubleKillingParent("pi"),
+            ],
+        )
+        .await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

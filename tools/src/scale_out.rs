@@ -13,8 +13,8 @@
 //!    it routes by `2N` and dropped what it no longer owns), then records it as done.
 //!
 //! Every step is idempotent, so a run stopped anywhere is finished by running it again.
-//! In this version the router and the broker can be doubled; Xiu and Pi cannot yet, and the
-//! tool refuses them before changing anything.
+//! Every partitioned role can be doubled; Xiu up to 256 partitions (the MsgID's partition
+//! byte), which the tool refuses to exceed before changing anything.
 
 use pixiu_registry::{Doubling, Registry, RegistryError, Role, RoleView};
 use std::collections::BTreeSet;
@@ -22,7 +22,15 @@ use std::time::{Duration, Instant};
 
 /// Roles whose replicas implement the doubling (load from the parent, drop after the flip,
 /// report `serving`).
-pub const DOUBLING_ROLES: &[Role] = &[Role::Router, Role::Broker];
+pub const DOUBLING_ROLES: &[Role] = &[Role::Router, Role::Broker, Role::Xiu, Role::Pi];
+
+/// The most partitions `role` can have: Xiu's MsgID names its partition in one byte.
+pub fn max_partitions(role: Role) -> u32 {
+    match role {
+        Role::Xiu => 256,
+        _ => u32::MAX,
+    }
+}
 
 /// What a run of `scale-out` will do, decided from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,7 +169,7 @@ pub async fn run(
 ) -> Result<Report, ScaleOutError> {
     if !DOUBLING_ROLES.contains(&o.role) {
         return Err(ScaleOutError::Refused(format!(
-            "doubling {} is not supported yet; in this version the router and the broker can be doubled",
+            "the {} has no partitions to double; broker, router, xiu and pi do",
             o.role.as_str()
         )));
     }
@@ -174,6 +182,16 @@ pub async fn run(
         ..Report::default()
     };
     let plan = plan(&view, last);
+    let max = max_partitions(o.role);
+    if let Plan::Double { from, .. } | Plan::Refuse { from, .. } = plan {
+        if u64::from(from) * 2 > u64::from(max) {
+            return Err(ScaleOutError::Refused(format!(
+                "refusing to double the {} from {from} to {}: it can have at most {max} partitions (a message id names its xiu partition in one byte)",
+                o.role.as_str(),
+                u64::from(from) * 2
+            )));
+        }
+    }
     say(&describe(&plan, o));
     let (from, to) = match plan {
         Plan::Nothing { .. } => {
@@ -502,20 +520,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn roles_that_cannot_double_yet_are_refused_before_anything_changes() {
+    async fn xiu_beyond_256_partitions_is_refused_before_anything_changes() {
         let registry = one_of_each().await;
-        for role in [Role::Xiu, Role::Pi] {
-            let o = Options {
-                role,
-                timeout: Duration::from_secs(1),
-                dry_run: false,
-                zk: "zk".into(),
-                cluster: "t".into(),
-            };
-            let err = run(&registry, &o, |_| {}).await.unwrap_err();
-            assert!(err.to_string().contains("not supported yet"), "{err}");
-            assert_eq!(registry.read(role).await.unwrap().partition_num, 1);
-        }
+        registry.set_partition_num(Role::Xiu, 256).await.unwrap();
+        let _new = registry
+            .register(Role::Xiu, Some(256), NodeInfo::new("127.0.0.1:1"))
+            .await
+            .unwrap();
+        let o = Options {
+            role: Role::Xiu,
+            timeout: Duration::from_secs(1),
+            dry_run: false,
+            zk: "zk".into(),
+            cluster: "t".into(),
+        };
+        let err = run(&registry, &o, |_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("at most 256 partitions"), "{err}");
+        assert_eq!(registry.read(Role::Xiu).await.unwrap().partition_num, 256);
+        assert_eq!(registry.last_doubling(Role::Xiu).await.unwrap(), None);
+        // Pi has no such limit: its refusal is the missing replicas
+        registry.set_partition_num(Role::Pi, 256).await.unwrap();
+        let pi = Options {
+            role: Role::Pi,
+            ..o
+        };
+        let err = run(&registry, &pi, |_| {}).await.unwrap_err();
+        assert!(
+            err.to_string().contains("no replica of partition 256"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

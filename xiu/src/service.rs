@@ -25,6 +25,7 @@
 //!   id survives, whatever the order in which replicas fail and return; then it re-indexes
 //!   from its watermark, then serves.
 
+mod handoff;
 mod replica;
 mod write;
 
@@ -33,7 +34,7 @@ use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::routing::{group_users, owns_user, user_partition};
 use pixiu_protocol::wire::{InboxItem, Message, ReadResult, StoreRequest};
 use pixiu_protocol::MAX_BODY;
-use pixiu_registry::{NodeState, Role, RoleView};
+use pixiu_registry::{NodeState, Registry, Role, RoleView};
 use pixiu_runtime::replication::{
     mark_running, peers, place, rest, serve_replica, Followers, Head, Place,
 };
@@ -100,7 +101,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     pixiu_runtime::in_own_process(&config.common.clone(), config, shutdown, run_with).await
 }
 
-type StoreReply = oneshot::Sender<Result<(MsgId, bool), XiuError>>;
+type StoreReply = oneshot::Sender<Result<(MsgId, bool), WriteError>>;
+
+/// Why the writer did not store a request.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    /// The count the writer saw moved a receiver to another partition (a doubling).
+    #[error("receiver {uid} belongs to xiu partition {owner} of {partition_num}")]
+    Moved {
+        uid: u64,
+        owner: u32,
+        partition_num: u32,
+    },
+    #[error(transparent)]
+    Store(#[from] XiuError),
+}
 
 struct Node {
     cfg: XiuConfig,
@@ -116,6 +131,14 @@ struct Node {
     indexed: watch::Sender<u64>,
     /// Leader and done taking over: stores and reads are served.
     leading: AtomicBool,
+    /// This leader may index its ids (its partition is settled, or its parent handed over).
+    may_index: AtomicBool,
+    /// Parent in a doubling: `(count, counter)`, the count the first `Handoff` asked for and
+    /// the last counter then.
+    handoff_mark: Mutex<Option<(u32, u64)>>,
+    /// The count this replica serves (published as `NodeInfo::serving`).
+    serving: watch::Sender<Option<u32>>,
+    registry: Registry,
     writes: mpsc::Sender<(StoreRequest, StoreReply)>,
 }
 
@@ -195,11 +218,17 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         head,
         indexed,
         leading: AtomicBool::new(false),
+        may_index: AtomicBool::new(false),
+        handoff_mark: Mutex::new(None),
+        serving: watch::channel(None).0,
+        registry: service.env.registry.clone(),
         writes,
     });
     let shutdown = service.shutdown.clone();
     tokio::spawn(writer(node.clone(), write_rx));
     tokio::spawn(indexer(node.clone(), shutdown.clone()));
+    tokio::spawn(handoff::handoff(node.clone(), shutdown.clone()));
+    let serving = node.serving.subscribe();
 
     let (state_tx, state_rx) = watch::channel(NodeState::Init);
     tokio::spawn(roles(node.clone(), state_tx, shutdown.clone()));
@@ -214,7 +243,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             tracing::error!("flushing the WAL at shutdown: {e}");
         }
     };
-    serve_replica(service, inbound, state_rx, handle, drain).await?;
+    serve_replica(service, inbound, state_rx, serving, handle, drain).await?;
     Ok(())
 }
 
@@ -287,6 +316,10 @@ async fn handle(node: &Node, msg: Message) -> Message {
                 sid: check,
             };
             serve_pull(node, follower, after, check, max, wait_ms).await
+        }
+        Message::Handoff { partition_num, .. } => {
+            node.metrics.inc_in("handoff");
+            handoff::answer_handoff(node, partition_num)
         }
         other => {
             node.metrics.drop("request", "unexpected_kind");

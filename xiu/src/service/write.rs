@@ -17,10 +17,17 @@ pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest
         let n2 = node.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut s = n2.store();
+            // under the store lock: a doubling's handoff mark is taken under it too (handoff.rs)
+            let num = n2.xius.borrow().partition_num;
             let mut out = Vec::with_capacity(batch.len());
             let mut fresh = false;
             for (req, reply) in batch {
-                let r = s.store(req.sid, KIND_PERSONAL, req.from, &req.to, &req.body, req.ts);
+                let r = match moved(&req.to, n2.cfg.partition, num) {
+                    Some(moved) => Err(moved),
+                    None => s
+                        .store(req.sid, KIND_PERSONAL, req.from, &req.to, &req.body, req.ts)
+                        .map_err(WriteError::from),
+                };
                 fresh |= matches!(r, Ok((_, true)));
                 out.push((r, reply));
             }
@@ -29,10 +36,10 @@ pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest
                     tracing::error!("fsyncing the WAL: {e}");
                     // nothing written in this group may be acknowledged
                     for (r, _) in out.iter_mut() {
-                        *r = Err(XiuError::CorruptMeta {
+                        *r = Err(WriteError::Store(XiuError::CorruptMeta {
                             what: "wal".into(),
                             reason: format!("fsync failed: {e}"),
-                        });
+                        }));
                     }
                 }
             }
@@ -51,6 +58,17 @@ pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest
     }
 }
 
+/// The first receiver in `to` that partition `partition` does not own under `num`.
+fn moved(to: &[u64], partition: u32, num: u32) -> Option<WriteError> {
+    to.iter()
+        .find(|uid| !owns_user(**uid, partition, num))
+        .map(|uid| WriteError::Moved {
+            uid: *uid,
+            owner: user_partition(*uid, num),
+            partition_num: num,
+        })
+}
+
 /// Puts in-sync ids into Pi, in id order, one batch at a time.
 pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
     // woken by new writes (head) and by follower reports (insync); the timer only covers a
@@ -59,7 +77,9 @@ pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
     let mut writes = node.head.subscribe();
     while !shutdown.is_cancelled() {
         let done = *node.indexed.borrow();
-        let ready = if node.leading.load(Ordering::SeqCst) {
+        // a new partition's leader indexes only once its parent handed over (handoff.rs)
+        let ready = if node.leading.load(Ordering::SeqCst) && node.may_index.load(Ordering::SeqCst)
+        {
             node.followers
                 .insync(node.cfg.min_insync)
                 .min(node.head.get())
@@ -172,18 +192,8 @@ pub(super) async fn store(node: &Node, req: StoreRequest) -> Message {
             reason: "no receivers".into(),
         };
     }
-    if let Some(uid) = req
-        .to
-        .iter()
-        .find(|uid| !owns_user(**uid, node.cfg.partition, num))
-    {
-        return Message::Refused {
-            reason: format!(
-                "receiver {uid} belongs to xiu partition {} of {num}, not {}",
-                user_partition(*uid, num),
-                node.cfg.partition
-            ),
-        };
+    if let Some(moved) = moved(&req.to, node.cfg.partition, num) {
+        return moved_answer(node, moved);
     }
     if req.body.len() > MAX_BODY {
         return Message::Refused {
@@ -196,6 +206,7 @@ pub(super) async fn store(node: &Node, req: StoreRequest) -> Message {
     }
     let (id, fresh) = match rx.await {
         Ok(Ok(x)) => x,
+        Ok(Err(moved @ WriteError::Moved { .. })) => return moved_answer(node, moved),
         Ok(Err(e)) => {
             tracing::error!("storing: {e}");
             return unavailable(format!("store failed: {e}"));
@@ -223,4 +234,17 @@ pub(super) async fn store(node: &Node, req: StoreRequest) -> Message {
     }
     node.metrics.inc_out("stored");
     Message::XiuStored { id: id.0, fresh }
+}
+
+/// `Moved` for a receiver this partition does not own under the count it sees.
+fn moved_answer(node: &Node, moved: WriteError) -> Message {
+    node.metrics.drop("store", "moved");
+    let partition_num = match &moved {
+        WriteError::Moved { partition_num, .. } => *partition_num,
+        WriteError::Store(_) => node.xius.borrow().partition_num,
+    };
+    Message::Moved {
+        partition_num,
+        reason: format!("{moved}, not {}", node.cfg.partition),
+    }
 }
