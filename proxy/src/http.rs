@@ -3,7 +3,7 @@
 //! answer 201 only once the message is acknowledged (see `pixiu_courier`).
 #![allow(clippy::result_large_err)] // axum responses are the handlers' error type
 
-use crate::pipeline::{Job, Pipeline, Routes};
+use crate::pipeline::{Job, Pipeline, RouteTable};
 use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -28,7 +28,7 @@ pub(crate) struct HttpState {
     pub secret: Option<Vec<u8>>,
     pub insecure_dev_auth: bool,
     pub pipeline: Pipeline,
-    pub routes: Arc<ArcSwap<Routes>>,
+    pub routes: Arc<ArcSwap<RouteTable>>,
     pub ids: Arc<SnowflakeGen>,
     pub sids: Mutex<LruCache<u64, u64>>,
     pub gateways: watch::Receiver<Arc<RoleView>>,
@@ -142,7 +142,7 @@ async fn publish_room(
         .big_rooms
         .publish_keys(room)
         .iter()
-        .any(|k| routes.pick(k).is_some())
+        .any(|k| routes.now.pick(k).is_some())
     {
         s.metrics.drop("http", "no_broker");
         return error(

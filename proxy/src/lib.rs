@@ -12,7 +12,7 @@ mod http;
 mod pipeline;
 
 use arc_swap::ArcSwap;
-use pipeline::{Job, Pipeline, Routes};
+use pipeline::{Job, Pipeline, RouteTable, Routes};
 use pixiu_protocol::ids::IdSource;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::wire::{self, Message};
@@ -42,7 +42,7 @@ pub struct ProxyConfig {
     pub heartbeat_interval_ms: u64,
     /// A broker replica that has not answered heartbeats for this long gets no messages.
     pub heartbeat_timeout_ms: u64,
-    /// Convert queues (N); default: the broker partition count at start.
+    /// Convert queues (N); default: the machine's cores.
     pub convert_queues: Option<usize>,
     /// Capacity of each pipeline queue.
     pub queue_capacity: usize,
@@ -132,11 +132,15 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         brokers_rx.clone(),
         Duration::from_millis(pc.inbox_timeout_ms),
     );
-    let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
-    let n = pc
-        .convert_queues
-        // one queue per broker partition unless set, as the seed's pipeline has
-        .unwrap_or_else(|| (brokers_rx.borrow().partition_num as usize).clamp(1, 64));
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let n = pc.convert_queues.unwrap_or_else(|| {
+        // the seed has one queue per broker partition; the queues only spread the work over
+        // threads (each message's broker is read from the current routes), so the count no
+        // longer follows the brokers, whose count a doubling changes
+        std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .clamp(1, 64)
+    });
     let pipeline = Pipeline::start(
         n,
         pc.queue_capacity,
@@ -175,8 +179,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         transport,
         metrics,
     };
-    p.routes
-        .store(Arc::new(Routes::build(&p.brokers, &p.live, Instant::now())));
+    p.set_routes(Routes::build(&p.brokers, &p.live, Instant::now()));
     service.set_state(NodeState::Running).await?;
     tracing::info!(%http_addr, convert_queues = n, "proxy running");
 
@@ -188,7 +191,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             Some(msg) = inbound.recv() => p.on_inbound(msg),
             Ok(()) = brokers_rx.changed() => {
                 p.brokers = brokers_rx.borrow_and_update().clone();
-                p.routes.store(Arc::new(Routes::build(&p.brokers, &p.live, Instant::now())));
+                p.set_routes(Routes::build(&p.brokers, &p.live, Instant::now()));
             }
             _ = heartbeat.tick() => p.heartbeat(),
         }
@@ -207,7 +210,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
 struct Proxy {
     live: Liveness,
     brokers: Arc<pixiu_registry::RoleView>,
-    routes: Arc<ArcSwap<Routes>>,
+    routes: Arc<ArcSwap<RouteTable>>,
     pipeline: Pipeline,
     transport: Transport,
     metrics: RoleMetrics,
@@ -254,10 +257,18 @@ impl Proxy {
             .peers
             .with_label_values(&["broker_routable"])
             .set(new.partitions.iter().map(Vec::len).sum::<usize>() as i64);
-        if **self.routes.load() != new {
-            tracing::info!(routes = ?new, "broker routes changed");
-            self.routes.store(Arc::new(new));
-        }
+        self.set_routes(new);
         self.pipeline.report_depths();
+    }
+
+    /// Publish `new` routes to the pipeline when they differ (noting when, so that keys whose
+    /// replica changed keep their order: see `pipeline`).
+    fn set_routes(&mut self, new: Routes) {
+        let old = self.routes.load();
+        if old.now != new {
+            tracing::info!(routes = ?new, "broker routes changed");
+            let table = RouteTable::changed(&old, new, Instant::now());
+            self.routes.store(Arc::new(table));
+        }
     }
 }

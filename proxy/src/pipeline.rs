@@ -4,6 +4,13 @@
 //! exactly one producer (the convert thread `room % N`) and one consumer, and a room always takes
 //! the same path, so one room's messages keep their order. The queues are crossbeam's bounded
 //! lock-free array channels; a full queue drops the message and counts it.
+//!
+//! **Order across a route change.** When the routes change (a broker doubling, a replica
+//! joining or leaving), a key whose broker replica changed would race: its last message to the
+//! old replica against its first to the new one. So for [`ROUTE_CHANGE_HOLD`] after a change
+//! the convert thread holds the messages of keys whose replica changed, in arrival order, and
+//! sends them when the hold ends: the old replica has had that long to forward what it got
+//! (the old broker keeps the rows for 3 s after a flip). Other keys are not delayed.
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -14,9 +21,14 @@ use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{Liveness, RoleMetrics};
 use pixiu_transport::Transport;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long messages whose broker replica changed with the routes are held (see the module
+/// doc): well above the time a healthy broker takes to forward a message.
+pub(crate) const ROUTE_CHANGE_HOLD: Duration = Duration::from_millis(50);
 
 /// A room message accepted by a receiver.
 pub(crate) struct Job {
@@ -61,6 +73,39 @@ impl Routes {
     }
 }
 
+/// What the convert threads read: the routes, and the ones they replaced with when.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    pub now: Routes,
+    pub before: Option<(Routes, Instant)>,
+}
+
+impl RouteTable {
+    /// The routes `now`, replacing `old`'s at `at`.
+    pub(crate) fn changed(old: &RouteTable, now: Routes, at: Instant) -> RouteTable {
+        RouteTable {
+            before: Some((old.now.clone(), at)),
+            now,
+        }
+    }
+
+    /// Where a message for `key` goes, and until when it must be held: while the routes
+    /// changed less than [`ROUTE_CHANGE_HOLD`] ago and gave the key another replica.
+    pub(crate) fn pick(
+        &self,
+        key: &RouteKey,
+        now: Instant,
+    ) -> Option<(SocketAddr, Option<Instant>)> {
+        let to = self.now.pick(key)?;
+        let hold = self.before.as_ref().and_then(|(before, at)| {
+            let until = *at + ROUTE_CHANGE_HOLD;
+            let moved = before.pick(key).is_some_and(|old| old != to);
+            (moved && now < until).then_some(until)
+        });
+        Some((to, hold))
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Pipeline {
     convert: Arc<Vec<Sender<Job>>>,
@@ -73,7 +118,7 @@ impl Pipeline {
         n: usize,
         capacity: usize,
         big_rooms: BigRooms,
-        routes: Arc<ArcSwap<Routes>>,
+        routes: Arc<ArcSwap<RouteTable>>,
         transport: Transport,
         metrics: RoleMetrics,
         rt: tokio::runtime::Handle,
@@ -142,42 +187,104 @@ impl Pipeline {
     }
 }
 
+/// Messages held after a route change: (until, send queue, to, frame), in arrival order.
+type Held = VecDeque<(Instant, usize, SocketAddr, Bytes)>;
+
 fn convert_loop(
     rx: Receiver<Job>,
     send: Arc<Vec<Sender<(SocketAddr, Bytes)>>>,
-    routes: Arc<ArcSwap<Routes>>,
+    routes: Arc<ArcSwap<RouteTable>>,
     big_rooms: BigRooms,
     metrics: RoleMetrics,
 ) {
-    let q = send.len() as u64;
-    while let Ok(job) = rx.recv() {
-        let routes = routes.load();
-        let out = &send[(job.room % q) as usize];
-        let keys = big_rooms.publish_keys(job.room);
-        let last = keys.len().saturating_sub(1);
-        // one key for an ordinary room: the body moves into the message, no copy
-        let mut body = Some(job.body);
-        for (i, key) in keys.into_iter().enumerate() {
-            let Some(to) = routes.pick(&key) else {
-                metrics.drop("convert", "no_broker");
-                continue;
-            };
-            let body = if i == last {
-                body.take().unwrap_or_default()
-            } else {
-                body.clone().unwrap_or_default()
-            };
-            let bytes = wire::encode(&Message::Room(RoomMessage {
-                id: job.id,
-                key,
-                from: job.from,
-                body,
-                ts: job.ts,
-            }));
-            match out.try_send((to, bytes)) {
-                Ok(()) => metrics.inc_out("convert"),
-                Err(_) => metrics.drop("send", "queue_full"),
+    let mut held: Held = VecDeque::new();
+    loop {
+        let next = match held.front() {
+            None => match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            },
+            Some((until, ..)) => {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(crossbeam::channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
+                        release(&mut held, None, &send, &metrics);
+                        return;
+                    }
+                }
             }
+        };
+        // one instant for both: what is released now goes before what is converted now
+        let now = Instant::now();
+        release(&mut held, Some(now), &send, &metrics);
+        if let Some(job) = next {
+            convert(job, now, &send, &routes, &big_rooms, &metrics, &mut held);
+        }
+    }
+}
+
+/// Send the held messages whose hold ended by `now` (all of them when `None`), in order.
+fn release(
+    held: &mut Held,
+    now: Option<Instant>,
+    send: &[Sender<(SocketAddr, Bytes)>],
+    metrics: &RoleMetrics,
+) {
+    while let Some((until, ..)) = held.front() {
+        if now.is_some_and(|now| *until > now) {
+            break;
+        }
+        let Some((_, q, to, bytes)) = held.pop_front() else {
+            break;
+        };
+        match send[q].try_send((to, bytes)) {
+            Ok(()) => metrics.inc_out("convert"),
+            Err(_) => metrics.drop("send", "queue_full"),
+        }
+    }
+}
+
+fn convert(
+    job: Job,
+    now: Instant,
+    send: &[Sender<(SocketAddr, Bytes)>],
+    routes: &ArcSwap<RouteTable>,
+    big_rooms: &BigRooms,
+    metrics: &RoleMetrics,
+    held: &mut Held,
+) {
+    let q = (job.room % send.len() as u64) as usize;
+    let routes = routes.load();
+    let out = &send[q];
+    let keys = big_rooms.publish_keys(job.room);
+    let last = keys.len().saturating_sub(1);
+    // one key for an ordinary room: the body moves into the message, no copy
+    let mut body = Some(job.body);
+    for (i, key) in keys.into_iter().enumerate() {
+        let Some((to, hold)) = routes.pick(&key, now) else {
+            metrics.drop("convert", "no_broker");
+            continue;
+        };
+        let body = if i == last {
+            body.take().unwrap_or_default()
+        } else {
+            body.clone().unwrap_or_default()
+        };
+        let bytes = wire::encode(&Message::Room(RoomMessage {
+            id: job.id,
+            key,
+            from: job.from,
+            body,
+            ts: job.ts,
+        }));
+        if let Some(until) = hold {
+            held.push_back((until, q, to, bytes));
+            continue;
+        }
+        match out.try_send((to, bytes)) {
+            Ok(()) => metrics.inc_out("convert"),
+            Err(_) => metrics.drop("send", "queue_full"),
         }
     }
 }
@@ -222,5 +329,80 @@ mod tests {
         };
         assert_eq!(r.pick(&RouteKey::room(5)), None);
         assert_eq!(Routes::default().pick(&RouteKey::room(1)), None);
+    }
+
+    fn doubled(at: Instant) -> (RouteTable, SocketAddr, SocketAddr) {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let old = RouteTable {
+            now: Routes {
+                partition_num: 1,
+                partitions: vec![vec![a]],
+            },
+            before: None,
+        };
+        let new = Routes {
+            partition_num: 2,
+            partitions: vec![vec![a], vec![c]],
+        };
+        (RouteTable::changed(&old, new, at), a, c)
+    }
+
+    #[test]
+    fn a_key_whose_replica_changed_is_held_for_a_while_others_are_not() {
+        let at = Instant::now();
+        let (t, a, c) = doubled(at);
+        // room 5 moves to partition 1 of 2, room 4 stays on partition 0
+        let until = at + ROUTE_CHANGE_HOLD;
+        assert_eq!(t.pick(&RouteKey::room(5), at), Some((c, Some(until))));
+        assert_eq!(t.pick(&RouteKey::room(4), at), Some((a, None)));
+        assert_eq!(t.pick(&RouteKey::room(5), until), Some((c, None)));
+        // no earlier routes: nothing is held
+        let first = RouteTable {
+            now: t.now.clone(),
+            before: None,
+        };
+        assert_eq!(first.pick(&RouteKey::room(5), at), Some((c, None)));
+    }
+
+    /// The convert thread itself: a moved room's messages wait out the hold in order, then go
+    /// before anything of that room converted later; an unmoved room's pass at once.
+    #[test]
+    fn held_messages_keep_their_order_and_go_first() {
+        let (t, a, c) = doubled(Instant::now());
+        let routes = Arc::new(ArcSwap::from_pointee(t));
+        let (job_tx, job_rx) = bounded::<Job>(16);
+        let (out_tx, out_rx) = bounded::<(SocketAddr, Bytes)>(16);
+        let metrics = RoleMetrics::new(&prometheus::Registry::new(), "proxy");
+        let send = Arc::new(vec![out_tx]);
+        let thread = std::thread::spawn(move || {
+            convert_loop(job_rx, send, routes, BigRooms::default(), metrics)
+        });
+        let job = |id: u64, room: u64| Job {
+            id,
+            room,
+            from: 1,
+            body: String::new(),
+            ts: 0,
+        };
+        let started = Instant::now();
+        for (id, room) in [(1, 5), (2, 4), (3, 5)] {
+            job_tx.send(job(id, room)).unwrap();
+        }
+        let next = || {
+            let (to, bytes) = out_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            match wire::decode(&bytes).unwrap() {
+                Message::Room(m) => (to, m.id),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(next(), (a, 2), "the unmoved room is not held");
+        assert_eq!(next(), (c, 1));
+        assert!(started.elapsed() >= ROUTE_CHANGE_HOLD / 2, "held");
+        assert_eq!(next(), (c, 3));
+        job_tx.send(job(4, 5)).unwrap();
+        assert_eq!(next(), (c, 4), "after the hold, straight through");
+        drop(job_tx);
+        thread.join().unwrap();
     }
 }

@@ -7,8 +7,9 @@
 //! that acknowledge everything. Then, one role after the other (router, broker, Xiu, Pi), it
 //! starts the new partition's replicas and runs `pixiu-ctl scale-out ROLE` (1 -> 2), and
 //! reports per role: the time from `scale-out` to done, and the publish-to-delivery latency
-//! (p50 / p99 / max) of room and inbox messages sent during the doubling against those sent in
-//! the 5 s before it, with the sends that failed.
+//! (p50 / p99 / max) of room and inbox messages sent during the doubling (from the start of
+//! `scale-out` to 2 s after it finished) against those sent in the 5 s before the new
+//! partition was started, with the sends that failed.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench doubling`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,6 +25,7 @@ const RECEIVERS: u64 = 64;
 const ROOM_RATE: u64 = 200;
 const INBOX_RATE: u64 = 100;
 const BEFORE: Duration = Duration::from_secs(5);
+const AFTER: Duration = Duration::from_secs(2);
 
 /// (sent at, µs since start; delivery latency)
 type Samples = Arc<Mutex<Vec<(u64, Duration)>>>;
@@ -199,6 +201,8 @@ async fn main() {
         let from = stamp(start);
         let out = tokio::task::block_in_place(|| c.ctl(&["scale-out", role, "--timeout", "120"]));
         let took = t0.elapsed();
+        // the doubling's aftermath counts too (drops, regrouped sends)
+        tokio::time::sleep(AFTER).await;
         let to = stamp(start);
         assert!(
             out.status.success(),
@@ -207,7 +211,6 @@ async fn main() {
         );
         let quiet_end = before + BEFORE.as_micros() as u64;
         rows.push((role, took, (before, quiet_end), (from, to)));
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     load.stop.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
