@@ -26,6 +26,7 @@ const ROOM_RATE: u64 = 200;
 const INBOX_RATE: u64 = 100;
 const BEFORE: Duration = Duration::from_secs(5);
 const AFTER: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// (sent at, µs since start; delivery latency)
 type Samples = Arc<Mutex<Vec<(u64, Duration)>>>;
@@ -191,6 +192,8 @@ async fn main() {
 
     let mut rows = Vec::new();
     for role in ["router", "broker", "xiu", "pi"] {
+        // the previous doubling's aftermath (moved devices, drops) stays out of this one's
+        tokio::time::sleep(SETTLE).await;
         let before = stamp(start);
         tokio::time::sleep(BEFORE).await;
         let names = spawn_partition(&mut c, role, 1);
