@@ -257,6 +257,24 @@ pub enum Message {
         max: u32,
         wait_ms: u32,
     },
+
+    // ---- operator tools ----
+    /// To a Xiu leader: up to `max` stored messages of `uid` with `since <= ts < until`,
+    /// oldest first (by `ts`, then id), after the `(ts, id)` position `after` when given.
+    /// Answered `XiuHistoryPage`.
+    XiuHistory {
+        uid: u64,
+        since: u64,
+        until: u64,
+        after: Option<(u64, u64)>,
+        max: u32,
+    },
+    /// One page of `XiuHistory`: the messages (an unreadable record as `Corrupt` or
+    /// `Missing`), and the `(ts, id)` to ask after for the next page (`None`: no more).
+    XiuHistoryPage {
+        items: Vec<ReadResult>,
+        next: Option<(u64, u64)>,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -338,6 +356,8 @@ impl Message {
             Message::Handoff { .. } => "handoff",
             Message::HandoffMark { .. } => "handoff_mark",
             Message::PiAdopt { .. } => "pi_adopt",
+            Message::XiuHistory { .. } => "xiu_history",
+            Message::XiuHistoryPage { .. } => "xiu_history_page",
         }
     }
 }
@@ -460,6 +480,13 @@ mod tests {
                 after: 9,
                 max: 100,
                 wait_ms: 1000,
+            },
+            Message::XiuHistory {
+                uid: 7,
+                since: 1,
+                until: 2,
+                after: Some((1, 5)),
+                max: 10,
             },
         ]
     }

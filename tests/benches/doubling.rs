@@ -9,7 +9,8 @@
 //! reports per role: the time from `scale-out` to done, and the publish-to-delivery latency
 //! (p50 / p99 / max) of room and inbox messages sent during the doubling (from the start of
 //! `scale-out` to 2 s after it finished) against those sent in the 5 s before the new
-//! partition was started, with the sends that failed.
+//! partition was started, with the sends that failed. Then, with no flip, one more replica of
+//! each role (and one more gateway and proxy): the time from its start until it serves.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench doubling`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -215,6 +216,24 @@ async fn main() {
         let quiet_end = before + BEFORE.as_micros() as u64;
         rows.push((role, took, (before, quiet_end), (from, to)));
     }
+    // replica scale-out (no flip): one more replica of partition 0 of each role, and one more
+    // gateway and proxy; the time from start to serving (`/healthz` ready: registered, loaded
+    // or caught up, running)
+    let mut replicas = Vec::new();
+    for role in ["router", "broker", "xiu", "pi", "gateway", "proxy"] {
+        let name = format!("{role}-extra");
+        let t0 = Instant::now();
+        match role {
+            "router" => c.spawn_router(&name, 0),
+            "broker" => c.spawn_broker(&name, 0),
+            "xiu" => c.spawn_store(&name, "xiu", 0, &["--min-insync", "1"]),
+            "pi" => c.spawn_store(&name, "pi", 0, &["--min-insync", "1"]),
+            "gateway" => c.spawn_gateway(&name, &[]),
+            _ => c.spawn_proxy(&name, &[]),
+        }
+        c.wait_healthy(&name).await;
+        replicas.push((role, t0.elapsed()));
+    }
     load.stop.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -245,5 +264,9 @@ async fn main() {
             fails(b0, b1),
             fails(d0, d1)
         );
+    }
+    println!("another replica, under the same load, from start to serving:");
+    for (role, took) in replicas {
+        println!("  {role}: {:.2} s", took.as_secs_f64());
     }
 }

@@ -312,6 +312,18 @@ impl Cluster {
             .expect("running pixiu-ctl")
     }
 
+    /// `pixiu-ctl ARGS --zk .. --cluster test` started in the background (stderr piped), for
+    /// a test that acts while the tool waits.
+    pub fn ctl_spawn(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(bin_path("pixiu-ctl"))
+            .args(args)
+            .args(["--zk", &self.zk.connect_string(), "--cluster", "test"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting pixiu-ctl")
+    }
+
     /// `pixiu-ctl status --json`
     pub fn status(&self) -> serde_json::Value {
         let out = std::process::Command::new(bin_path("pixiu-ctl"))

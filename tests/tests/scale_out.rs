@@ -329,13 +329,7 @@ async fn a_scale_out_killed_after_its_flip_is_finished_by_a_rerun() {
         members.push((room, member));
     }
 
-    let mut tool = std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
-        .args(["scale-out", "broker", "--timeout", "60"])
-        .args(["--zk", &c.zk.connect_string(), "--cluster", "test"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut tool = c.ctl_spawn(&["scale-out", "broker", "--timeout", "60"]);
     assert_eventually("the flip", Duration::from_secs(30), || {
         let n = partition_num(&c, "broker");
         async move { (n == 2).then_some(()).ok_or(format!("partition_num {n}")) }
@@ -542,13 +536,7 @@ async fn a_store_the_parent_took_before_the_flip_reaches_the_device_before_the_c
     )
     .await;
     // the flip (the tool then waits for the frozen follower; it finishes after SIGCONT)
-    let tool = std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
-        .args(["scale-out", "xiu", "--timeout", "60"])
-        .args(["--zk", &c.zk.connect_string(), "--cluster", "test"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let tool = c.ctl_spawn(&["scale-out", "xiu", "--timeout", "60"]);
     assert_eventually("xiu partition_num 2", Duration::from_secs(10), || {
         let n = partition_num(&c, "xiu");
         async move { (n == 2).then_some(()).ok_or(format!("{n}")) }

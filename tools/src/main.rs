@@ -1,4 +1,5 @@
-//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `scale-out`, `standalone`.
+//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `scale-out`, `replay`,
+//! `standalone`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -67,7 +68,7 @@ enum Cmd {
     /// Double the partitions of ROLE from N to 2N once replicas of partitions N..2N-1 run:
     /// wait for them, flip partition_num, wait until every replica serves the new count.
     ScaleOut {
-        /// broker, router, xiu or pi (this version doubles the router).
+        /// broker, router, xiu or pi.
         role: String,
         #[command(flatten)]
         zk: ZkArgs,
@@ -81,6 +82,26 @@ enum Cmd {
         /// One JSON object on stdout instead of the human summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Every stored inbox message of a user received in [--since, --until), oldest first,
+    /// whatever the devices acknowledged, as JSON lines in the `inbox` frame format.
+    Replay {
+        #[command(flatten)]
+        zk: ZkArgs,
+        #[arg(long)]
+        uid: u64,
+        /// Unix milliseconds or RFC 3339; default: the beginning.
+        #[arg(long)]
+        since: Option<String>,
+        /// Unix milliseconds or RFC 3339 (excluded); default: no end.
+        #[arg(long)]
+        until: Option<String>,
+        /// Write the lines here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The cluster's TLS folder (ca.pem, node.pem, node.key): Xiu speaks mutual TLS.
+        #[arg(long, env = "PIXIU_TLS_DIR")]
+        tls_dir: PathBuf,
     },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
@@ -160,6 +181,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 json,
             } => scale_out(&role, &zk, Duration::from_secs(timeout), dry_run, json).await,
+            Cmd::Replay {
+                zk,
+                uid,
+                since,
+                until,
+                out,
+                tls_dir,
+            } => {
+                let window = pixiu_tools::replay::window(since.as_deref(), until.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+                replay(&zk, uid, window, out.as_deref(), &tls_dir).await
+            }
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -238,6 +271,61 @@ fn token(
     let secret = pixiu_runtime::read_secret_file(auth_secret_file)?;
     let token = pixiu_protocol::auth::issue(secret.as_bytes(), uid, dev, publisher, ttl);
     println!("{token}");
+    Ok(())
+}
+
+/// `pixiu-ctl replay`: the lines on stdout (or `--out`), a summary on stderr; a partition that
+/// cannot be read, or a record that cannot, exits 1; bad usage, ZooKeeper or TLS exits 2.
+async fn replay(
+    zk: &ZkArgs,
+    uid: u64,
+    window: pixiu_tools::replay::Window,
+    out: Option<&std::path::Path>,
+    tls_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use pixiu_tools::replay;
+    use std::io::Write;
+    let tls = pixiu_transport::TlsMaterial::load(tls_dir)
+        .with_context(|| format!("loading TLS material from {}", tls_dir.display()))?;
+    let local: SocketAddr = "0.0.0.0:0"
+        .parse()
+        .context("parsing the wildcard address")?;
+    let (transport, _inbound) =
+        pixiu_transport::Transport::bind(pixiu_transport::TransportConfig::new(local, tls))
+            .await
+            .context("binding the QUIC transport")?;
+    let mut sink: Box<dyn Write> = match out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let registry = connect(zk).await?;
+    let res = replay::export(&registry, &transport, uid, window).await;
+    registry.close().await;
+    transport.close().await;
+    let export = match res {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("pixiu-ctl: {e}");
+            std::process::exit(1);
+        }
+    };
+    for m in &export.messages {
+        writeln!(sink, "{}", replay::json_line(m)).context("writing the export")?;
+    }
+    sink.flush().context("writing the export")?;
+    eprintln!(
+        "pixiu-ctl: {} messages of user {uid} from {} xiu partitions",
+        export.messages.len(),
+        export.partitions
+    );
+    if !export.unreadable.is_empty() {
+        for (id, reason) in &export.unreadable {
+            eprintln!("pixiu-ctl: message {id} unreadable: {reason}");
+        }
+        std::process::exit(1);
+    }
     Ok(())
 }
 

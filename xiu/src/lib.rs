@@ -21,10 +21,14 @@
 //!   ([`service`]) carries them over QUIC.
 //!
 //! On disk: `m | counter (8 bytes BE)` -> record, `s | sid (8 bytes BE)` -> MsgId (8 bytes BE),
+//! `u | uid | ts | counter` -> nothing (a user's messages by time, [`XiuStore::history`]),
 //! `!last` -> last assigned MsgId (8 bytes BE). Messages are keyed by counter alone (one counter
 //! per partition, shared by all kinds), so a range scan yields them in assignment order.
 
+mod history;
 pub mod service;
+
+pub use history::History;
 
 use lru::LruCache;
 use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
@@ -193,6 +197,14 @@ impl XiuStore {
             }
         }
 
+        if db.get(history::META_USER_INDEX)?.is_none() {
+            let n = history::build_index(&db, partition)?;
+            tracing::info!(
+                partition,
+                records = n,
+                "xiu indexed its records by user and time"
+            );
+        }
         let cache = NonZeroUsize::new(options.cache_entries).map(LruCache::new);
         tracing::info!(partition, last = %last, "xiu store opened");
         Ok(XiuStore {
@@ -270,6 +282,7 @@ impl XiuStore {
         let mut batch = WriteBatch::default();
         batch.put(msg_key(counter), encode_record(&msg, self.epoch));
         batch.put(sid_key(sid), id.to_be_bytes());
+        history::index_message(&mut batch, &msg);
         batch.put(META_LAST, id.to_be_bytes());
         self.db.write(batch)?;
         self.last = id;
@@ -384,6 +397,7 @@ impl XiuStore {
             }
             batch.put(msg_key(id.counter()), raw);
             batch.put(sid_key(msg.sid), id.to_be_bytes());
+            history::index_message(&mut batch, &msg);
             last = *id;
             fresh.push(msg);
         }
@@ -488,6 +502,7 @@ impl XiuStore {
             };
             if let Ok(m) = decode_record(MsgId::new(self.partition, KIND_NONE, c), &v) {
                 batch.delete(sid_key(m.sid));
+                history::unindex_message(&mut batch, &m);
             }
             batch.delete(k);
             n += 1;

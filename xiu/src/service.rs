@@ -247,6 +247,43 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     Ok(())
 }
 
+/// What a read of message `id` for `uid` gives out: never another user's message, never a
+/// corrupt record as data.
+fn read_result(
+    node: &Node,
+    uid: u64,
+    id: MsgId,
+    r: Result<pixiu_protocol::inbox::StoredMessage, XiuError>,
+) -> ReadResult {
+    match r {
+        Ok(m) if !m.to.contains(&uid) => {
+            node.metrics.drop("read", "misaddressed");
+            tracing::error!(%id, uid, "refusing to read another user's message");
+            ReadResult::Missing {
+                id: id.0,
+                reason: format!("message {id} is not addressed to {uid}"),
+            }
+        }
+        Ok(m) => ReadResult::Found(InboxItem {
+            id: m.id.0,
+            from: m.from,
+            body: m.body,
+            ts: m.ts,
+        }),
+        Err(e @ XiuError::Corrupt { .. }) => {
+            node.metrics.drop("read", "corrupt");
+            ReadResult::Corrupt {
+                id: id.0,
+                reason: e.to_string(),
+            }
+        }
+        Err(e) => ReadResult::Missing {
+            id: id.0,
+            reason: e.to_string(),
+        },
+    }
+}
+
 fn unavailable(reason: impl Into<String>) -> Message {
     Message::Unavailable {
         reason: reason.into(),
@@ -259,6 +296,33 @@ async fn handle(node: &Node, msg: Message) -> Message {
             node.metrics.inc_in("store");
             store(node, req).await
         }
+        Message::XiuHistory {
+            uid,
+            since,
+            until,
+            after,
+            max,
+        } => {
+            node.metrics.inc_in("history");
+            if !node.leading.load(Ordering::SeqCst) {
+                return unavailable("not the leader of this xiu partition");
+            }
+            let after = after.map(|(ts, id)| (ts, MsgId(id)));
+            let max = max.clamp(1, 1000) as usize;
+            match node.store().history(uid, since, until, after, max) {
+                Ok(found) => {
+                    let next = (found.len() == max)
+                        .then(|| found.last().map(|h| (h.ts, h.id.0)))
+                        .flatten();
+                    let items = found
+                        .into_iter()
+                        .map(|h| read_result(node, uid, h.id, h.read))
+                        .collect();
+                    Message::XiuHistoryPage { items, next }
+                }
+                Err(e) => unavailable(format!("reading the history of {uid}: {e}")),
+            }
+        }
         Message::XiuRead { uid, ids } => {
             node.metrics.inc_in("read");
             if !node.leading.load(Ordering::SeqCst) {
@@ -269,33 +333,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
             let items = ids
                 .iter()
                 .zip(results)
-                .map(|(id, r)| match r {
-                    Ok(m) if !m.to.contains(&uid) => {
-                        node.metrics.drop("read", "misaddressed");
-                        tracing::error!(%id, uid, "refusing to read another user's message");
-                        ReadResult::Missing {
-                            id: id.0,
-                            reason: format!("message {id} is not addressed to {uid}"),
-                        }
-                    }
-                    Ok(m) => ReadResult::Found(InboxItem {
-                        id: m.id.0,
-                        from: m.from,
-                        body: m.body,
-                        ts: m.ts,
-                    }),
-                    Err(e @ XiuError::Corrupt { .. }) => {
-                        node.metrics.drop("read", "corrupt");
-                        ReadResult::Corrupt {
-                            id: id.0,
-                            reason: e.to_string(),
-                        }
-                    }
-                    Err(e) => ReadResult::Missing {
-                        id: id.0,
-                        reason: e.to_string(),
-                    },
-                })
+                .map(|(id, r)| read_result(node, uid, *id, r))
                 .collect();
             Message::XiuMessages { items }
         }

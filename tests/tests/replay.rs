@@ -1,0 +1,115 @@
+//! `pixiu-ctl replay` against real processes: a user's stored messages in a window, oldest
+//! first, across two Xiu partitions, after the device acknowledged them all; the window's
+//! ends; `--out`; bad usage; and a partition without a replica, which is an error, not an
+//! empty answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_protocol::client::ServerFrame;
+use pixiu_tests::Cluster;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// `pixiu-ctl replay ARGS` with the cluster's TLS folder: (exit code, stdout lines, stderr).
+fn replay(c: &Cluster, args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let tls = c.tls_dir.to_string_lossy().to_string();
+    let mut all = vec!["replay", "--tls-dir", tls.as_str()];
+    all.extend_from_slice(args);
+    let out = c.ctl(&all);
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        out.status.code(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn ids(lines: &[serde_json::Value]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_exports_a_users_window_oldest_first_whatever_was_acknowledged() {
+    let mut c = Cluster::start_layout("replay", 1, 1, 2, 1).await;
+    c.spawn_store("xiu0", "xiu", 0, &["--min-insync", "0"]);
+    c.spawn_store("xiu1", "xiu", 1, &["--min-insync", "0"]);
+    c.spawn_store("pi0", "pi", 0, &["--min-insync", "0"]);
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let mut dev = c.device("gw", 7, "phone").await;
+    let p = c.publisher("proxy");
+
+    // four to user 7 (partition 1), one to user 8 (partition 0), one to both
+    let mut early = Vec::new();
+    for i in 0..4 {
+        early.push(p.send_user(7, &format!("early{i}"), 1, None).await.unwrap());
+    }
+    p.send_user(8, "other", 1, None).await.unwrap();
+    let both = p.send_users(&[7, 8], "both", 1, None).await.unwrap();
+    early.push(both[&7]);
+    let mid = pixiu_protocol::now_ms();
+    while pixiu_protocol::now_ms() <= mid {
+        tokio::task::yield_now().await;
+    }
+    let mut late = Vec::new();
+    for i in 0..3 {
+        late.push(p.send_user(7, &format!("late{i}"), 1, None).await.unwrap());
+    }
+
+    // the device receives and acknowledges every one (Pi may then drop them)
+    let want: BTreeSet<u64> = early.iter().chain(&late).copied().collect();
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got != want && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(ServerFrame::Inbox { id, .. })) =
+            tokio::time::timeout(Duration::from_secs(2), dev.next_event()).await
+        {
+            dev.ack(id.0).await.unwrap();
+            got.insert(id.0);
+        }
+    }
+    assert_eq!(got, want, "{}", c.logs());
+
+    let since = (mid + 1).to_string();
+    let (code, all, err) = replay(&c, &["--uid", "7"]);
+    assert_eq!(code, Some(0), "{err}");
+    let everything: Vec<u64> = early.iter().chain(&late).copied().collect();
+    assert_eq!(ids(&all), everything, "oldest first");
+    assert_eq!(all[0]["body"], "early0");
+    assert_eq!(all[0]["type"], "inbox");
+    assert!(err.contains("from 2 xiu partitions"), "{err}");
+    let (_, window, _) = replay(&c, &["--uid", "7", "--since", &since]);
+    assert_eq!(ids(&window), late);
+    let (_, window, _) = replay(&c, &["--uid", "7", "--until", &since]);
+    assert_eq!(ids(&window), early);
+    let (_, other, _) = replay(&c, &["--uid", "8"]);
+    assert_eq!(other.len(), 2, "user 8's own and the shared one");
+    let file = c.dir.path().join("export.jsonl");
+    let file_arg = file.to_string_lossy().to_string();
+    let (code, stdout, _) = replay(&c, &["--uid", "7", "--since", &since, "--out", &file_arg]);
+    assert_eq!((code, stdout.len()), (Some(0), 0));
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 3);
+
+    // bad usage: exit 2, one line
+    let (code, _, err) = replay(&c, &["--uid", "7", "--since", &since, "--until", "5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not before"), "{err}");
+    let (code, _, err) = replay(&c, &["--uid", "7", "--since", "last tuesday"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    // a partition with no replica cannot be read: exit 1 naming it
+    c.node("xiu1").proc.sigterm();
+    let _ = c.node("xiu1").proc.wait_exit(Duration::from_secs(10));
+    let (code, out, err) = replay(&c, &["--uid", "7"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("xiu partition 1 has no leader"), "{err}");
+}
