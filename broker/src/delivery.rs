@@ -245,6 +245,30 @@ impl Delivery {
         out
     }
 
+    /// An operator's replay: push `items` again to every online device of `uid` (one push
+    /// each, outside the redelivery bookkeeping: nothing waits for their acknowledgements,
+    /// which cannot move a cursor back).
+    pub fn redeliver(&self, uid: u64, items: &[InboxItem]) -> Vec<Action> {
+        let Some(devices) = self.by_uid.get(&uid) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for device in devices {
+            if let Some(d) = self.devices.get(&(uid, device.clone())) {
+                out.push(Action::Push {
+                    gateway: d.gateway,
+                    dev: DeviceRef {
+                        uid,
+                        device: device.clone(),
+                        conn: d.conn,
+                    },
+                    items: items.to_vec(),
+                });
+            }
+        }
+        out
+    }
+
     /// The device acknowledged every id up to `id`.
     pub fn ack(&mut self, dev: &DeviceRef, id: u64, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
@@ -486,6 +510,33 @@ mod tests {
         let a = d.ack(&dev(1), 4, t);
         let (_, after) = epoch_of(&a);
         assert_eq!(after, Some(4));
+    }
+
+    #[test]
+    fn a_replay_goes_to_every_online_device_and_its_acks_move_nothing_back() {
+        let t = Instant::now();
+        let mut d = Delivery::new(cfg());
+        assert!(d.redeliver(7, &[item(3)]).is_empty(), "no device online");
+        let (e, _) = epoch_of(&d.online(gw(), &dev(1), t));
+        let laptop = DeviceRef {
+            uid: 7,
+            device: "laptop".into(),
+            conn: 2,
+        };
+        d.online(gw(), &laptop, t);
+        let f = Fetched {
+            items: vec![item(5)],
+            cursor: 4,
+            skipped_upto: None,
+        };
+        d.fetched(7, "phone", e, Some(f), t);
+        d.ack(&dev(1), 5, t);
+        let a = d.redeliver(7, &[item(3), item(4)]);
+        assert_eq!(a.len(), 2, "one push per device");
+        assert_eq!(pushed(&a), vec![3, 4, 3, 4]);
+        assert!(d.redeliver(8, &[item(3)]).is_empty(), "another user");
+        // the device acknowledges the replayed ids: no cursor write, nothing fetched
+        assert!(d.ack(&dev(1), 4, t).is_empty());
     }
 
     #[test]

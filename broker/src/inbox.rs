@@ -36,6 +36,12 @@ pub(crate) enum Event {
         partition: u32,
         partition_num: u32,
     },
+    /// An operator's replay (`pixiu-ctl replay --redeliver`): answered with the devices.
+    Redeliver {
+        uid: u64,
+        items: Vec<InboxItem>,
+        reply: pixiu_transport::Responder,
+    },
 }
 
 struct Done {
@@ -93,6 +99,13 @@ async fn run(mut d: Delivery, io: Io, mut rx: mpsc::Receiver<Event>, shutdown: S
                 Event::Ack { dev, id } => d.ack(&dev, id, now),
                 Event::Sync { gateway, dev, after } => d.sync(gateway, &dev, after, now),
                 Event::Notify { uid } => d.notify(uid, now),
+                Event::Redeliver { uid, items, reply } => {
+                    let pushes = d.redeliver(uid, &items);
+                    let devices = pushes.len() as u32;
+                    reply.send(wire::encode(&Message::Redelivered { devices }));
+                    tracing::warn!(uid, messages = items.len(), devices, "redelivering on an operator's request");
+                    pushes
+                }
                 Event::Retain { partition, partition_num } => {
                     let n = d.retain_users(|uid| owns_user(uid, partition, partition_num));
                     tracing::info!(partition_num, devices = n, "forgot the devices of users no longer this partition's");

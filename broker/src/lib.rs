@@ -414,7 +414,23 @@ impl Broker {
         let (from, msg, bytes) = match inbound::decode(inbound, &self.metrics) {
             Some(Received::Message { from, msg, bytes }) => (from, msg, bytes),
             Some(Received::Request { from, msg, reply }) => {
-                inbound::unexpected(&self.metrics, "broker", from, &msg, Some(reply));
+                match msg {
+                    Message::Redeliver { uid, items } => {
+                        self.metrics.inc_in("redeliver");
+                        let ev = inbox::Event::Redeliver { uid, items, reply };
+                        if let Err(e) = self.inbox.try_send(ev) {
+                            self.metrics.drop("inbox_event", "queue_full");
+                            if let inbox::Event::Redeliver { reply, .. } = e.into_inner() {
+                                reply.send(wire::encode(&Message::Unavailable {
+                                    reason: "the broker's inbox queue is full".into(),
+                                }));
+                            }
+                        }
+                    }
+                    other => {
+                        inbound::unexpected(&self.metrics, "broker", from, &other, Some(reply))
+                    }
+                }
                 return;
             }
             None => return,

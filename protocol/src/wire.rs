@@ -275,6 +275,18 @@ pub enum Message {
         items: Vec<ReadResult>,
         next: Option<(u64, u64)>,
     },
+    /// To every running replica of the broker partition serving `uid`: push these stored
+    /// messages again, with their ids, to every online device of `uid` that this replica
+    /// tracks (cursors are not touched: an acknowledgement of an old id changes nothing).
+    /// Answered `Redelivered`.
+    Redeliver {
+        uid: u64,
+        items: Vec<InboxItem>,
+    },
+    /// How many devices a `Redeliver` was pushed to.
+    Redelivered {
+        devices: u32,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -358,6 +370,8 @@ impl Message {
             Message::PiAdopt { .. } => "pi_adopt",
             Message::XiuHistory { .. } => "xiu_history",
             Message::XiuHistoryPage { .. } => "xiu_history_page",
+            Message::Redeliver { .. } => "redeliver",
+            Message::Redelivered { .. } => "redelivered",
         }
     }
 }
@@ -488,6 +502,16 @@ mod tests {
                 after: Some((1, 5)),
                 max: 10,
             },
+            Message::Redeliver {
+                uid: 7,
+                items: vec![InboxItem {
+                    id: 3,
+                    from: 1,
+                    body: "again".into(),
+                    ts: 4,
+                }],
+            },
+            Message::Redelivered { devices: 2 },
         ]
     }
 

@@ -1,7 +1,8 @@
 //! `pixiu-ctl replay` against real processes: a user's stored messages in a window, oldest
 //! first, across two Xiu partitions, after the device acknowledged them all; the window's
-//! ends; `--out`; bad usage; and a partition without a replica, which is an error, not an
-//! empty answer.
+//! ends; `--out`; `--redeliver` to the online device with the original ids (and a user with
+//! none online: exit 1); bad usage; and a partition without a replica, which is an error, not
+//! an empty answer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
@@ -97,6 +98,41 @@ async fn replay_exports_a_users_window_oldest_first_whatever_was_acknowledged() 
     let (code, stdout, _) = replay(&c, &["--uid", "7", "--since", &since, "--out", &file_arg]);
     assert_eq!((code, stdout.len()), (Some(0), 0));
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 3);
+
+    // redelivery: the window's messages reach the online device again, with their ids
+    let (code, stdout, err) = replay(
+        &c,
+        &[
+            "--uid",
+            "7",
+            "--since",
+            &since,
+            "--redeliver",
+            "--rate",
+            "50",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(stdout.is_empty(), "no export lines without --out");
+    assert!(
+        err.contains("redelivered 3 messages to 1 online devices"),
+        "{err}"
+    );
+    let mut again = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while again.len() < late.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(ServerFrame::Inbox { id, .. })) =
+            tokio::time::timeout(Duration::from_secs(2), dev.next_event()).await
+        {
+            dev.ack(id.0).await.unwrap();
+            again.push(id.0);
+        }
+    }
+    assert_eq!(again, late, "the same ids, in order");
+    // user 8 has messages and no device online: nothing went out, exit 1
+    let (code, _, err) = replay(&c, &["--uid", "8", "--redeliver"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no device of user 8 is online"), "{err}");
 
     // bad usage: exit 2, one line
     let (code, _, err) = replay(&c, &["--uid", "7", "--since", &since, "--until", "5"]);

@@ -102,6 +102,12 @@ enum Cmd {
         /// The cluster's TLS folder (ca.pem, node.pem, node.key): Xiu speaks mutual TLS.
         #[arg(long, env = "PIXIU_TLS_DIR")]
         tls_dir: PathBuf,
+        /// Push the messages again, with their ids, to the user's online devices.
+        #[arg(long)]
+        redeliver: bool,
+        /// Messages a second when redelivering.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        rate: u32,
     },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
@@ -188,10 +194,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 until,
                 out,
                 tls_dir,
+                redeliver,
+                rate,
             } => {
                 let window = pixiu_tools::replay::window(since.as_deref(), until.as_deref())
                     .map_err(anyhow::Error::msg)?;
-                replay(&zk, uid, window, out.as_deref(), &tls_dir).await
+                let redeliver = redeliver.then_some(rate);
+                replay(&zk, uid, window, out.as_deref(), &tls_dir, redeliver).await
             }
             Cmd::Standalone {
                 client_listen,
@@ -274,14 +283,16 @@ fn token(
     Ok(())
 }
 
-/// `pixiu-ctl replay`: the lines on stdout (or `--out`), a summary on stderr; a partition that
-/// cannot be read, or a record that cannot, exits 1; bad usage, ZooKeeper or TLS exits 2.
+/// `pixiu-ctl replay`: the lines on stdout (or `--out`; with `--redeliver` only there), the
+/// summaries on stderr; a partition that cannot be read, or a record that cannot, exits 1, and
+/// so does a redelivery that reached no device; bad usage, ZooKeeper or TLS exits 2.
 async fn replay(
     zk: &ZkArgs,
     uid: u64,
     window: pixiu_tools::replay::Window,
     out: Option<&std::path::Path>,
     tls_dir: &std::path::Path,
+    redeliver: Option<u32>,
 ) -> anyhow::Result<()> {
     use pixiu_tools::replay;
     use std::io::Write;
@@ -298,14 +309,26 @@ async fn replay(
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         )),
+        None if redeliver.is_some() => Box::new(std::io::sink()),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let registry = connect(zk).await?;
-    let res = replay::export(&registry, &transport, uid, window).await;
+    let res = async {
+        let export = replay::export(&registry, &transport, uid, window).await?;
+        let pushed = match redeliver {
+            Some(rate) => {
+                let r = replay::redeliver(&registry, &transport, uid, &export.messages, rate);
+                Some(r.await?)
+            }
+            None => None,
+        };
+        Ok::<_, replay::ReplayError>((export, pushed))
+    }
+    .await;
     registry.close().await;
     transport.close().await;
-    let export = match res {
-        Ok(export) => export,
+    let (export, pushed) = match res {
+        Ok(done) => done,
         Err(e) => {
             eprintln!("pixiu-ctl: {e}");
             std::process::exit(1);
@@ -320,10 +343,20 @@ async fn replay(
         export.messages.len(),
         export.partitions
     );
+    if let Some(r) = &pushed {
+        eprintln!(
+            "pixiu-ctl: redelivered {} messages to {} online devices of user {uid}",
+            r.messages, r.devices
+        );
+    }
     if !export.unreadable.is_empty() {
         for (id, reason) in &export.unreadable {
             eprintln!("pixiu-ctl: message {id} unreadable: {reason}");
         }
+        std::process::exit(1);
+    }
+    if pushed.is_some_and(|r| r.devices == 0 && r.messages > 0) {
+        eprintln!("pixiu-ctl: no device of user {uid} is online; nothing was redelivered");
         std::process::exit(1);
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `pixiu-ctl replay --uid U [--since T] [--until T] [--out FILE]`: every stored inbox message
 //! of one user received in a window, oldest first, whatever the devices acknowledged, as JSON
-//! lines in the `inbox` frame's format. Each Xiu partition's leader answers from its index of
+//! lines in the `inbox` frame's format; with `--redeliver`, pushed again with their ids to the
+//! user's online devices through its brokers, paced ([`redeliver`]). Each Xiu partition's leader answers from its index of
 //! messages by user and time (`xiu/src/history.rs`), page by page; every partition is asked,
 //! since after a doubling a user's messages lie in a parent and its children. The window,
 //! the merge and the output are decided here without IO ([`window`], [`merge`]).
@@ -22,6 +23,10 @@ pub enum ReplayError {
     NoLeader(u32),
     #[error("xiu partition {partition}: {source}")]
     Ask { partition: u32, source: AskError },
+    #[error("broker partition {0} has no running replica; nothing can be pushed")]
+    NoBroker(u32),
+    #[error("broker partition {partition}: {source}")]
+    Broker { partition: u32, source: AskError },
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
 }
@@ -142,6 +147,66 @@ pub async fn export(
     Ok(out)
 }
 
+/// What a redelivery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Redelivery {
+    pub messages: usize,
+    /// The most devices one batch reached (a device that went offline meanwhile is not
+    /// counted for later batches).
+    pub devices: u32,
+}
+
+/// Messages per batch and the pause after each, for `rate` messages a second (ten batches
+/// a second at most).
+pub fn pacing(rate: u32) -> (usize, Duration) {
+    let batch = (rate / 10).max(1);
+    (
+        batch as usize,
+        Duration::from_secs_f64(f64::from(batch) / f64::from(rate.max(1))),
+    )
+}
+
+/// Pushes `messages` again, with their ids, to the online devices of `uid`, through every
+/// running replica of its broker partition (each pushes to the devices it tracks), at
+/// `rate` messages a second.
+pub async fn redeliver(
+    registry: &Registry,
+    transport: &Transport,
+    uid: u64,
+    messages: &[InboxItem],
+    rate: u32,
+) -> Result<Redelivery, ReplayError> {
+    let view = registry.read(Role::Broker).await?;
+    let partition = pixiu_protocol::routing::user_partition(uid, view.partition_num);
+    let brokers = view.running_addrs(partition);
+    if brokers.is_empty() {
+        return Err(ReplayError::NoBroker(partition));
+    }
+    let (batch, pause) = pacing(rate);
+    let mut out = Redelivery::default();
+    for chunk in messages.chunks(batch) {
+        let mut devices = 0;
+        for &broker in &brokers {
+            let req = Message::Redeliver {
+                uid,
+                items: chunk.to_vec(),
+            };
+            match ask(transport, broker, &req, Duration::from_secs(5)).await {
+                Ok(Message::Redelivered { devices: n }) => devices += n,
+                Ok(other) => {
+                    let source = AskError::unexpected(broker, &other, "redelivered");
+                    return Err(ReplayError::Broker { partition, source });
+                }
+                Err(source) => return Err(ReplayError::Broker { partition, source }),
+            }
+        }
+        out.messages += chunk.len();
+        out.devices = out.devices.max(devices);
+        tokio::time::sleep(pause).await;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +236,13 @@ mod tests {
             "{err}"
         );
         assert!(parse_time("1969-12-31T23:59:59Z").is_err());
+    }
+
+    #[test]
+    fn redelivery_is_paced_in_at_most_ten_batches_a_second() {
+        assert_eq!(pacing(100), (10, Duration::from_millis(100)));
+        assert_eq!(pacing(5), (1, Duration::from_millis(200)));
+        assert_eq!(pacing(0), (1, Duration::from_secs(1)));
     }
 
     #[test]
