@@ -577,6 +577,20 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
             after,
             max,
         } => read(&node, uid, device, after, max).await,
+        Message::PiList { uid, after, max } => {
+            node.metrics.inc_in("list");
+            if let Some(moved) = not_ours(&node, uid) {
+                return moved;
+            }
+            let max = max.clamp(1, 1024) as usize;
+            match read_index(&node, move |idx| idx.read(uid, MsgId(after), max)).await {
+                Ok(ids) => Message::PiIds {
+                    ids: ids.into_iter().map(|i| i.0).collect(),
+                    cursor: 0,
+                },
+                Err(e) => unavailable(format!("reading: {e}")),
+            }
+        }
         Message::PiCursor { uid, device, id } => {
             node.metrics.inc_in("cursor");
             let done = with_index(&node, move |node, idx| {

@@ -287,6 +287,27 @@ pub enum Message {
     Redelivered {
         devices: u32,
     },
+    /// To a Xiu leader: the receivers with messages stored there that belong to Pi partition
+    /// `pi_partition` of `pi_partitions`, among the next `max` receivers after `after`.
+    /// Answered `XiuUserList`.
+    XiuUsers {
+        pi_partition: u32,
+        pi_partitions: u32,
+        after: Option<u64>,
+        max: u32,
+    },
+    /// The receivers found, and where to continue (`None`: no more).
+    XiuUserList {
+        uids: Vec<u64>,
+        next: Option<u64>,
+    },
+    /// To a Pi leader: up to `max` ids of `uid` after `after`, read only (no device is
+    /// registered, unlike `PiRead`). Answered `PiIds` with cursor 0.
+    PiList {
+        uid: u64,
+        after: u64,
+        max: u32,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -372,6 +393,9 @@ impl Message {
             Message::XiuHistoryPage { .. } => "xiu_history_page",
             Message::Redeliver { .. } => "redeliver",
             Message::Redelivered { .. } => "redelivered",
+            Message::XiuUsers { .. } => "xiu_users",
+            Message::XiuUserList { .. } => "xiu_user_list",
+            Message::PiList { .. } => "pi_list",
         }
     }
 }
@@ -512,6 +536,21 @@ mod tests {
                 }],
             },
             Message::Redelivered { devices: 2 },
+            Message::XiuUsers {
+                pi_partition: 1,
+                pi_partitions: 2,
+                after: Some(9),
+                max: 100,
+            },
+            Message::XiuUserList {
+                uids: vec![1, 3],
+                next: Some(3),
+            },
+            Message::PiList {
+                uid: 3,
+                after: 0,
+                max: 10,
+            },
         ]
     }
 

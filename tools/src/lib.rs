@@ -3,6 +3,7 @@
 //! double a role's partitions ([`scale_out`]), and run one of every role in one process
 //! (standalone mode).
 
+pub mod rebuild_pi;
 pub mod replay;
 pub mod scale_out;
 pub mod standalone;

@@ -88,8 +88,8 @@ enum Cmd {
     Replay {
         #[command(flatten)]
         zk: ZkArgs,
-        #[arg(long)]
-        uid: u64,
+        #[arg(long, required_unless_present = "rebuild_pi")]
+        uid: Option<u64>,
         /// Unix milliseconds or RFC 3339; default: the beginning.
         #[arg(long)]
         since: Option<String>,
@@ -108,6 +108,14 @@ enum Cmd {
         /// Messages a second when redelivering.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         rate: u32,
+        /// Rebuild Pi partition --partition from Xiu's records (plan only without --execute).
+        #[arg(long, requires = "partition", conflicts_with_all = ["uid", "redeliver", "since", "until", "out"])]
+        rebuild_pi: bool,
+        #[arg(long, requires = "rebuild_pi")]
+        partition: Option<u32>,
+        /// Write the rebuilt lists (and verify them).
+        #[arg(long, requires = "rebuild_pi")]
+        execute: bool,
     },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
@@ -196,12 +204,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 tls_dir,
                 redeliver,
                 rate,
-            } => {
-                let window = pixiu_tools::replay::window(since.as_deref(), until.as_deref())
-                    .map_err(anyhow::Error::msg)?;
-                let redeliver = redeliver.then_some(rate);
-                replay(&zk, uid, window, out.as_deref(), &tls_dir, redeliver).await
-            }
+                rebuild_pi,
+                partition,
+                execute,
+            } => match (rebuild_pi, partition, uid) {
+                (true, Some(partition), _) => rebuild(&zk, partition, execute, &tls_dir).await,
+                (_, _, Some(uid)) => {
+                    let window = pixiu_tools::replay::window(since.as_deref(), until.as_deref())
+                        .map_err(anyhow::Error::msg)?;
+                    let redeliver = redeliver.then_some(rate);
+                    replay(&zk, uid, window, out.as_deref(), &tls_dir, redeliver).await
+                }
+                _ => anyhow::bail!("replay needs --uid, or --rebuild-pi with --partition"),
+            },
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -296,15 +311,7 @@ async fn replay(
 ) -> anyhow::Result<()> {
     use pixiu_tools::replay;
     use std::io::Write;
-    let tls = pixiu_transport::TlsMaterial::load(tls_dir)
-        .with_context(|| format!("loading TLS material from {}", tls_dir.display()))?;
-    let local: SocketAddr = "0.0.0.0:0"
-        .parse()
-        .context("parsing the wildcard address")?;
-    let (transport, _inbound) =
-        pixiu_transport::Transport::bind(pixiu_transport::TransportConfig::new(local, tls))
-            .await
-            .context("binding the QUIC transport")?;
+    let transport = tool_transport(tls_dir).await?;
     let mut sink: Box<dyn Write> = match out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -360,6 +367,73 @@ async fn replay(
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The QUIC transport of a tool that talks to the nodes (mutual TLS with the cluster's CA).
+async fn tool_transport(tls_dir: &std::path::Path) -> anyhow::Result<pixiu_transport::Transport> {
+    let tls = pixiu_transport::TlsMaterial::load(tls_dir)
+        .with_context(|| format!("loading TLS material from {}", tls_dir.display()))?;
+    let local: SocketAddr = "0.0.0.0:0"
+        .parse()
+        .context("parsing the wildcard address")?;
+    let (transport, _inbound) =
+        pixiu_transport::Transport::bind(pixiu_transport::TransportConfig::new(local, tls))
+            .await
+            .context("binding the QUIC transport")?;
+    Ok(transport)
+}
+
+/// `pixiu-ctl replay --rebuild-pi`: the plan, then (with `--execute`) the appends and their
+/// verification, on stdout; a failure exits 1 (a partition that does not exist: 2).
+async fn rebuild(
+    zk: &ZkArgs,
+    partition: u32,
+    execute: bool,
+    tls_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use pixiu_tools::rebuild_pi::{self, RebuildError};
+    let transport = tool_transport(tls_dir).await?;
+    let registry = connect(zk).await?;
+    let res = async {
+        let plan = rebuild_pi::plan(&registry, &transport, partition).await?;
+        println!(
+            "pi partition {partition}: {} users, {} ids from xiu ({} unreadable records left out)",
+            plan.users.len(),
+            plan.ids(),
+            plan.unreadable
+        );
+        if !execute {
+            println!("nothing changed; rerun with --execute to write them");
+            return Ok(Vec::new());
+        }
+        let sent = rebuild_pi::execute(&registry, &transport, &plan).await?;
+        println!("appended {sent} ids; verifying");
+        rebuild_pi::verify(&registry, &transport, &plan).await
+    }
+    .await;
+    registry.close().await;
+    transport.close().await;
+    match res {
+        Ok(missing) if missing.is_empty() => {
+            if execute {
+                println!("verified: pi partition {partition} lists every id");
+            }
+            Ok(())
+        }
+        Ok(missing) => {
+            eprintln!(
+                "pixiu-ctl: pi partition {partition} does not list {} ids, e.g. (uid, id) {:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
+            std::process::exit(1);
+        }
+        Err(e @ RebuildError::NoSuchPartition { .. }) => Err(e.into()),
+        Err(e) => {
+            eprintln!("pixiu-ctl: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// `pixiu-ctl scale-out`: a refusal, a timeout or a lost race exits 1 with one line; bad

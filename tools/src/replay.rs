@@ -11,6 +11,8 @@ use pixiu_protocol::wire::{InboxItem, Message, ReadResult};
 use pixiu_registry::{Registry, RegistryError, Role};
 use pixiu_runtime::{ask, AskError};
 use pixiu_transport::Transport;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Messages asked of a leader per request.
@@ -87,6 +89,61 @@ pub fn json_line(m: &InboxItem) -> String {
     .to_string()
 }
 
+/// The Xiu partitions to ask about a user, with their leaders: every counted partition (one
+/// without a replica is an error, not an empty answer), and the new partitions of a doubling
+/// under way.
+pub async fn xiu_leaders(registry: &Registry) -> Result<Vec<(u32, SocketAddr)>, ReplayError> {
+    let view = registry.read(Role::Xiu).await?;
+    let mut partitions: BTreeSet<u32> = (0..view.partition_num).collect();
+    partitions.extend(
+        view.partitions
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(p, _)| *p),
+    );
+    partitions
+        .into_iter()
+        .map(|p| {
+            view.leader_addr(p)
+                .map(|a| (p, a))
+                .ok_or(ReplayError::NoLeader(p))
+        })
+        .collect()
+}
+
+/// Every stored message of `uid` in `w` on one Xiu partition's leader, page by page.
+pub async fn history(
+    transport: &Transport,
+    (partition, leader): (u32, SocketAddr),
+    uid: u64,
+    w: Window,
+) -> Result<Vec<ReadResult>, ReplayError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let req = Message::XiuHistory {
+            uid,
+            since: w.since,
+            until: w.until,
+            after,
+            max: PAGE,
+        };
+        let (items, next) = match ask(transport, leader, &req, Duration::from_secs(10)).await {
+            Ok(Message::XiuHistoryPage { items, next }) => (items, next),
+            Ok(other) => {
+                let source = AskError::unexpected(leader, &other, "xiu_history_page");
+                return Err(ReplayError::Ask { partition, source });
+            }
+            Err(source) => return Err(ReplayError::Ask { partition, source }),
+        };
+        out.extend(items);
+        match next {
+            Some(n) => after = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// Reads `uid`'s messages in `w` from the leader of every Xiu partition registered.
 pub async fn export(
     registry: &Registry,
@@ -94,52 +151,16 @@ pub async fn export(
     uid: u64,
     w: Window,
 ) -> Result<Export, ReplayError> {
-    let view = registry.read(Role::Xiu).await?;
     let mut out = Export::default();
     let mut found = Vec::new();
-    // every counted partition (one without a replica is an error, not an empty answer), and
-    // the new partitions of a doubling under way
-    let mut partitions: std::collections::BTreeSet<u32> = (0..view.partition_num).collect();
-    partitions.extend(
-        view.partitions
-            .iter()
-            .filter(|(_, m)| !m.is_empty())
-            .map(|(p, _)| *p),
-    );
-    for partition in partitions {
-        let leader = view
-            .leader_addr(partition)
-            .ok_or(ReplayError::NoLeader(partition))?;
+    for leader in xiu_leaders(registry).await? {
         out.partitions += 1;
-        let mut after = None;
-        loop {
-            let req = Message::XiuHistory {
-                uid,
-                since: w.since,
-                until: w.until,
-                after,
-                max: PAGE,
-            };
-            let answer = ask(transport, leader, &req, Duration::from_secs(10)).await;
-            let (items, next) = match answer {
-                Ok(Message::XiuHistoryPage { items, next }) => (items, next),
-                Ok(other) => {
-                    let source = AskError::unexpected(leader, &other, "xiu_history_page");
-                    return Err(ReplayError::Ask { partition, source });
+        for item in history(transport, leader, uid, w).await? {
+            match item {
+                ReadResult::Found(m) => found.push(m),
+                ReadResult::Corrupt { id, reason } | ReadResult::Missing { id, reason } => {
+                    out.unreadable.push((id, reason))
                 }
-                Err(source) => return Err(ReplayError::Ask { partition, source }),
-            };
-            for item in items {
-                match item {
-                    ReadResult::Found(m) => found.push(m),
-                    ReadResult::Corrupt { id, reason } | ReadResult::Missing { id, reason } => {
-                        out.unreadable.push((id, reason))
-                    }
-                }
-            }
-            match next {
-                Some(n) => after = Some(n),
-                None => break,
             }
         }
     }

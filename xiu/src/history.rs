@@ -118,6 +118,45 @@ impl XiuStore {
             .collect())
     }
 
+    /// The receivers that have messages here and satisfy `wanted`, in uid order, among the
+    /// next `max` receivers after `after` (one index seek each); and the last receiver looked
+    /// at when more may follow (`None`: the index is exhausted).
+    pub fn users(
+        &self,
+        wanted: impl Fn(u64) -> bool,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<(Vec<u64>, Option<u64>), XiuError> {
+        let mut out = Vec::new();
+        let mut next = match after {
+            Some(u64::MAX) => return Ok((out, None)),
+            Some(u) => u + 1,
+            None => 0,
+        };
+        for _ in 0..max {
+            let start = user_key(next, 0, 0);
+            let Some(item) = self.db.scan_from(&start, &[USER_PREFIX]).next() else {
+                return Ok((out, None));
+            };
+            let (k, _) = item?;
+            let Some(uid) = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                return Ok((out, None));
+            };
+            if wanted(uid) {
+                out.push(uid);
+            }
+            if uid == u64::MAX {
+                return Ok((out, None));
+            }
+            next = uid + 1;
+        }
+        Ok((out, next.checked_sub(1)))
+    }
+
     /// The record with counter `counter`, whatever its kind, CRC checked.
     fn read_counter(&mut self, counter: u64) -> Result<StoredMessage, XiuError> {
         let named = MsgId::new(self.partition(), KIND_NONE, counter);
@@ -191,6 +230,38 @@ mod tests {
         assert_eq!(
             bodies(f.history(7, 0, u64::MAX, None, 10).unwrap()),
             ["m2", "m1"]
+        );
+    }
+
+    #[test]
+    fn receivers_are_listed_once_in_uid_order_and_filtered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path());
+        for (sid, to) in [
+            (1, vec![9, 4]),
+            (2, vec![4]),
+            (3, vec![u64::MAX]),
+            (4, vec![6]),
+        ] {
+            s.store(sid, KIND_PERSONAL, 1, &to, "x", sid).unwrap();
+        }
+        assert_eq!(
+            s.users(|_| true, None, 10).unwrap(),
+            (vec![4, 6, 9, u64::MAX], None)
+        );
+        assert_eq!(
+            s.users(|u| u % 2 == 0, None, 10).unwrap(),
+            (vec![4, 6], None)
+        );
+        // a page looks at `max` receivers, matching or not, and says where to go on
+        assert_eq!(s.users(|u| u % 2 == 1, None, 2).unwrap(), (vec![], Some(6)));
+        assert_eq!(
+            s.users(|_| true, Some(4), 2).unwrap(),
+            (vec![6, 9], Some(9))
+        );
+        assert_eq!(
+            s.users(|_| true, Some(u64::MAX), 2).unwrap(),
+            (vec![], None)
         );
     }
 

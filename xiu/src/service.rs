@@ -323,6 +323,25 @@ async fn handle(node: &Node, msg: Message) -> Message {
                 Err(e) => unavailable(format!("reading the history of {uid}: {e}")),
             }
         }
+        Message::XiuUsers {
+            pi_partition,
+            pi_partitions,
+            after,
+            max,
+        } => {
+            node.metrics.inc_in("users");
+            if !node.leading.load(Ordering::SeqCst) {
+                return unavailable("not the leader of this xiu partition");
+            }
+            let wanted = |uid| user_partition(uid, pi_partitions) == pi_partition;
+            match node
+                .store()
+                .users(wanted, after, max.clamp(1, 10_000) as usize)
+            {
+                Ok((uids, next)) => Message::XiuUserList { uids, next },
+                Err(e) => unavailable(format!("listing receivers: {e}")),
+            }
+        }
         Message::XiuRead { uid, ids } => {
             node.metrics.inc_in("read");
             if !node.leading.load(Ordering::SeqCst) {
