@@ -99,6 +99,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
 
 struct Broker {
     partition: u32,
+    /// This broker, for the stamps of traced messages.
+    hop: pixiu_runtime::Hop,
     my_id: watch::Receiver<u64>,
     transport: Transport,
     metrics: RoleMetrics,
@@ -159,6 +161,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     );
     let mut b = Broker {
         partition: bc.partition,
+        hop: service.hop(),
         my_id: service.id_watch(),
         transport: service.transport.clone(),
         metrics: service.metrics.clone(),
@@ -451,6 +454,22 @@ impl Broker {
                     self.metrics.drop("room", "no_gateway");
                 }
                 self.metrics.add_out("room", n);
+            }
+            Message::TracedRoom { msg, mut trace } => {
+                self.metrics.inc_in("room");
+                let arrived = pixiu_protocol::trace::now_us();
+                let gateways: Vec<SocketAddr> =
+                    self.table.gateways(&msg.key).map(|g| g.addr).collect();
+                trace.push(self.hop.stamp(arrived));
+                let frame = wire::encode(&Message::TracedRoom { msg, trace });
+                let n = gateways
+                    .into_iter()
+                    .filter(|g| self.transport.send(*g, frame.clone()))
+                    .count();
+                if n == 0 {
+                    self.metrics.drop("room", "no_gateway");
+                }
+                self.metrics.add_out("room", n as u64);
             }
             Message::Gateway(u) => {
                 self.metrics.inc_in("gateway_update");

@@ -327,10 +327,20 @@ impl Client {
 
     /// Publishes `body` into a joined `room`; returns the message id.
     pub async fn publish(&self, room: u64, body: &str) -> Result<u64, ClientError> {
-        match self
-            .request(json!({"op": "publish", "room": Id(room), "body": body}))
-            .await?
-        {
+        self.publish_with(room, body, false).await
+    }
+
+    /// [`Client::publish`] with `"trace": true`: the delivered frames carry every hop.
+    pub async fn publish_traced(&self, room: u64, body: &str) -> Result<u64, ClientError> {
+        self.publish_with(room, body, true).await
+    }
+
+    async fn publish_with(&self, room: u64, body: &str, trace: bool) -> Result<u64, ClientError> {
+        let mut req = json!({"op": "publish", "room": Id(room), "body": body});
+        if trace {
+            req["trace"] = json!(true);
+        }
+        match self.request(req).await? {
             ServerFrame::Published { id, .. } => Ok(id.0),
             other => Err(Self::unexpected("published", &other)),
         }
@@ -473,10 +483,27 @@ impl Publisher {
         from: u64,
         sid: Option<u64>,
     ) -> Result<u64, ClientError> {
+        self.publish_room_with(room, body, from, sid, false).await
+    }
+
+    /// [`Publisher::publish_room`] with `"trace": true`: the delivered frames carry every hop.
+    pub async fn publish_room_traced(&self, room: u64, body: &str) -> Result<u64, ClientError> {
+        self.publish_room_with(room, body, 0, None, true).await
+    }
+
+    async fn publish_room_with(
+        &self,
+        room: u64,
+        body: &str,
+        from: u64,
+        sid: Option<u64>,
+        trace: bool,
+    ) -> Result<u64, ClientError> {
         let msg = PublishBody {
             body: body.to_string(),
             from: Some(Id(from)),
             sid: sid.map(Id),
+            trace,
         };
         let req = self
             .http
@@ -497,6 +524,7 @@ impl Publisher {
             body: body.to_string(),
             from: Some(Id(from)),
             sid: sid.map(Id),
+            trace: false,
         };
         let req = self
             .http
@@ -600,6 +628,7 @@ mod tests {
             from: Id(3),
             body: "hi".into(),
             ts: 4,
+            trace: None,
         };
         assert_eq!(pending.route(room.clone()), Some(room));
         // An error with no waiter, or a waiter's cid that is not waited for, is an event.

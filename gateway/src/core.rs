@@ -12,6 +12,7 @@ use crate::rooms::{
 use axum::extract::ws::Utf8Bytes;
 use pixiu_protocol::client::{Id, ServerFrame};
 use pixiu_protocol::routing::BigRooms;
+use pixiu_protocol::trace::{HopJson, Stamp};
 use pixiu_protocol::wire::{self, DeviceRef, GatewayUpdate, InboxItem, Message, RoomMessage};
 use pixiu_registry::RoleView;
 use pixiu_runtime::inbound::{self, Received};
@@ -71,9 +72,12 @@ pub(crate) struct CoreSettings {
     pub node_addr: SocketAddr,
     /// Every this often each connected device is reported to its broker (seed 8.5 heartbeat).
     pub inbox_heartbeat: Duration,
+    /// This gateway, for the stamps of traced messages.
+    pub hop: pixiu_runtime::Hop,
 }
 
 pub(crate) struct Core {
+    hop: pixiu_runtime::Hop,
     refresh_interval: Duration,
     heartbeat_interval: Duration,
     inbox_heartbeat: Duration,
@@ -114,6 +118,7 @@ impl Core {
             dedup_capacity: s.dedup_capacity,
         };
         Core {
+            hop: s.hop,
             refresh_interval: s.refresh_interval,
             heartbeat_interval: s.heartbeat_interval,
             inbox_heartbeat: s.inbox_heartbeat,
@@ -345,7 +350,11 @@ impl Core {
             None => return,
         };
         match msg {
-            Message::Room(m) => self.deliver(m),
+            Message::Room(m) => self.deliver(m, None),
+            Message::TracedRoom { msg, trace } => {
+                let arrived = pixiu_protocol::trace::now_us();
+                self.deliver(msg, Some((trace, arrived)))
+            }
             Message::InboxPush { dev, items } => self.on_inbox_push(dev, items),
             Message::Pong { seq } => self.cluster.router_live.pong(from, seq, Instant::now()),
             Message::RouteApplied {
@@ -366,7 +375,9 @@ impl Core {
         }
     }
 
-    fn deliver(&mut self, m: RoomMessage) {
+    /// A room message to its local members: one frame, encoded once; a traced one carries
+    /// the hops so far and this gateway's (it arrived at `.1`, unix µs).
+    fn deliver(&mut self, m: RoomMessage, trace: Option<(Vec<Stamp>, u64)>) {
         self.metrics.inc_in("room");
         let (c, out) = (&self.cluster, &mut self.actions);
         match self.rooms.room_message(Instant::now(), c, m.id, m.key, out) {
@@ -374,12 +385,17 @@ impl Core {
             Verdict::NoMembers => return self.metrics.drop("room", "no_members"),
             Verdict::Deliver => {}
         }
+        let trace = trace.map(|(mut stamps, arrived)| {
+            stamps.push(self.hop.stamp(arrived));
+            stamps.iter().map(HopJson::from).collect()
+        });
         let frame = ServerFrame::Room {
             room: Id(m.key.room),
             id: Id(m.id),
             from: Id(m.from),
             body: m.body,
             ts: m.ts,
+            trace,
         };
         let text = Utf8Bytes::from(frame.to_json());
         let mut out = 0;

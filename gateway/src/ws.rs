@@ -36,6 +36,8 @@ pub(crate) struct WsSettings {
     pub client_queue: usize,
     pub publish_rate: u32,
     pub publish_burst: u32,
+    /// This gateway, for the stamps of traced publishes.
+    pub hop: pixiu_runtime::Hop,
 }
 
 pub(crate) struct WsState {

@@ -57,6 +57,8 @@ pub enum ClientRequest {
         room: u64,
         body: String,
         cid: Option<String>,
+        /// `"trace": true`: the delivered frames carry every hop's stamp.
+        trace: bool,
     },
     Send {
         to: u64,
@@ -175,6 +177,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientRequest, FrameError> {
         "publish" => ClientRequest::Publish {
             room: field::<Id>(&obj, "room", &cid)?.0,
             body: body_field(&obj, &cid)?,
+            trace: obj.get("trace").and_then(Value::as_bool).unwrap_or(false),
             cid,
         },
         "send" => ClientRequest::Send {
@@ -229,6 +232,9 @@ pub enum ServerFrame {
         from: Id,
         body: String,
         ts: u64,
+        /// The hops of a message published with `"trace": true` (absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<Vec<crate::trace::HopJson>>,
     },
     Inbox {
         id: Id,
@@ -262,6 +268,9 @@ pub struct PublishBody {
     pub from: Option<Id>,
     #[serde(default)]
     pub sid: Option<Id>,
+    /// Collect every hop's stamp into the delivered frames.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trace: bool,
 }
 
 /// Body of `POST /v1/users/messages`.
@@ -320,7 +329,8 @@ mod tests {
             ClientRequest::Publish {
                 room: u64::MAX,
                 body: "hi".into(),
-                cid: None
+                cid: None,
+                trace: false,
             }
         );
         assert!(matches!(
@@ -390,6 +400,7 @@ mod tests {
             from: Id(7),
             body: "hi".into(),
             ts: 1,
+            trace: None,
         };
         let s = f.to_json();
         assert_eq!(

@@ -8,6 +8,7 @@
 //! - [`wire`]: node-to-node messages (what travels in QUIC datagrams and streams) and their codec.
 //! - [`client`]: the client WebSocket frames and publisher HTTP bodies of the external contract.
 //! - [`auth`]: HS256 tokens for clients and publishers.
+//! - [`trace`]: the per-hop stamps of traced messages.
 
 pub mod auth;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod ids;
 pub mod inbox;
 pub mod routing;
 pub mod table;
+pub mod trace;
 pub mod wire;
 
 /// Largest message body accepted anywhere (64 KiB), from clients and publishers alike.

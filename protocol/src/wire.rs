@@ -308,6 +308,18 @@ pub enum Message {
         after: u64,
         max: u32,
     },
+
+    // ---- traced room messages (their own kinds: untraced ones pay nothing) ----
+    /// `Room` with the stamps of the hops so far (proxy to broker, broker to gateway).
+    TracedRoom {
+        msg: RoomMessage,
+        trace: Vec<crate::trace::Stamp>,
+    },
+    /// `Publish` with the publishing gateway's stamp (gateway to proxy).
+    TracedPublish {
+        msg: RoomMessage,
+        trace: Vec<crate::trace::Stamp>,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -396,6 +408,8 @@ impl Message {
             Message::XiuUsers { .. } => "xiu_users",
             Message::XiuUserList { .. } => "xiu_user_list",
             Message::PiList { .. } => "pi_list",
+            Message::TracedRoom { .. } => "traced_room",
+            Message::TracedPublish { .. } => "traced_publish",
         }
     }
 }

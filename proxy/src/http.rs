@@ -113,6 +113,7 @@ async fn publish_room(
     Path(room): Path<String>,
     req: Request<Body>,
 ) -> Response {
+    let arrived = pixiu_protocol::trace::now_us();
     s.metrics.inc_in("http");
     if let Err(r) = authorize(&s, req.headers()) {
         return r;
@@ -166,6 +167,10 @@ async fn publish_room(
         id,
         room,
         from: body.from.map(|f| f.0).unwrap_or(0),
+        trace: body.trace.then(|| crate::pipeline::Trace {
+            stamps: Vec::new(),
+            in_us: arrived,
+        }),
         body: body.body,
         ts: pixiu_protocol::now_ms(),
     };

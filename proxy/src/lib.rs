@@ -141,13 +141,17 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             .map_or(2, usize::from)
             .clamp(1, 64)
     });
+    let conv = pipeline::Converter {
+        routes: routes.clone(),
+        big_rooms,
+        metrics: metrics.clone(),
+        hop: service.hop(),
+    };
     let pipeline = Pipeline::start(
         n,
         pc.queue_capacity,
-        big_rooms,
-        routes.clone(),
+        conv,
         transport.clone(),
-        metrics.clone(),
         tokio::runtime::Handle::current(),
     );
     let app = http::router(Arc::new(http::HttpState {
@@ -231,6 +235,21 @@ impl Proxy {
                     from: m.from,
                     body: m.body,
                     ts: m.ts,
+                    trace: None,
+                });
+            }
+            (_, Message::TracedPublish { msg: m, trace }, None) => {
+                self.metrics.inc_in("gateway_publish");
+                self.pipeline.submit(Job {
+                    id: m.id,
+                    room: m.key.room,
+                    from: m.from,
+                    body: m.body,
+                    ts: m.ts,
+                    trace: Some(pipeline::Trace {
+                        stamps: trace,
+                        in_us: pixiu_protocol::trace::now_us(),
+                    }),
                 });
             }
             (from, Message::Ping { seq }, None) => {

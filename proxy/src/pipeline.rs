@@ -17,9 +17,10 @@ use bytes::Bytes;
 use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
 use pixiu_protocol::ids::RouteKey;
 use pixiu_protocol::routing::{broker_partition, pick_replica, BigRooms};
+use pixiu_protocol::trace::Stamp;
 use pixiu_protocol::wire::{self, Message, RoomMessage};
 use pixiu_registry::RoleView;
-use pixiu_runtime::{Liveness, RoleMetrics};
+use pixiu_runtime::{Hop, Liveness, RoleMetrics};
 use pixiu_transport::Transport;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -37,6 +38,24 @@ pub(crate) struct Job {
     pub from: u64,
     pub body: String,
     pub ts: u64,
+    /// A traced message (`"trace": true`): the hops so far and when it reached this proxy.
+    pub trace: Option<Trace>,
+}
+
+/// The tracing of a job: earlier hops' stamps and this proxy's arrival time, unix µs.
+pub(crate) struct Trace {
+    pub stamps: Vec<Stamp>,
+    pub in_us: u64,
+}
+
+/// What every convert thread works with.
+#[derive(Clone)]
+pub(crate) struct Converter {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub big_rooms: BigRooms,
+    pub metrics: RoleMetrics,
+    /// This proxy, for the stamps of traced messages.
+    pub hop: Hop,
 }
 
 /// Where room messages go: per broker partition, the running replicas that answer heartbeats,
@@ -117,12 +136,11 @@ impl Pipeline {
     pub(crate) fn start(
         n: usize,
         capacity: usize,
-        big_rooms: BigRooms,
-        routes: Arc<ArcSwap<RouteTable>>,
+        conv: Converter,
         transport: Transport,
-        metrics: RoleMetrics,
         rt: tokio::runtime::Handle,
     ) -> Pipeline {
+        let metrics = conv.metrics.clone();
         let mut send_tx = Vec::with_capacity(3 * n);
         for j in 0..3 * n {
             let (tx, rx) = bounded::<(SocketAddr, Bytes)>(capacity);
@@ -141,11 +159,10 @@ impl Pipeline {
             let (tx, rx) = bounded::<Job>(capacity);
             convert_tx.push(tx);
             let send = send_tx.clone();
-            let routes = routes.clone();
-            let metrics = metrics.clone();
+            let conv = conv.clone();
             std::thread::Builder::new()
                 .name(format!("proxy-convert-{i}"))
-                .spawn(move || convert_loop(rx, send, routes, big_rooms, metrics))
+                .spawn(move || convert_loop(rx, send, conv))
                 .expect("spawning a pipeline thread");
         }
         Pipeline {
@@ -190,13 +207,8 @@ impl Pipeline {
 /// Messages held after a route change: (until, send queue, to, frame), in arrival order.
 type Held = VecDeque<(Instant, usize, SocketAddr, Bytes)>;
 
-fn convert_loop(
-    rx: Receiver<Job>,
-    send: Arc<Vec<Sender<(SocketAddr, Bytes)>>>,
-    routes: Arc<ArcSwap<RouteTable>>,
-    big_rooms: BigRooms,
-    metrics: RoleMetrics,
-) {
+fn convert_loop(rx: Receiver<Job>, send: Arc<Vec<Sender<(SocketAddr, Bytes)>>>, conv: Converter) {
+    let metrics = &conv.metrics;
     let mut held: Held = VecDeque::new();
     loop {
         let next = match held.front() {
@@ -209,7 +221,7 @@ fn convert_loop(
                     Ok(job) => Some(job),
                     Err(crossbeam::channel::RecvTimeoutError::Timeout) => None,
                     Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
-                        release(&mut held, None, &send, &metrics);
+                        release(&mut held, None, &send, metrics);
                         return;
                     }
                 }
@@ -217,9 +229,9 @@ fn convert_loop(
         };
         // one instant for both: what is released now goes before what is converted now
         let now = Instant::now();
-        release(&mut held, Some(now), &send, &metrics);
+        release(&mut held, Some(now), &send, metrics);
         if let Some(job) = next {
-            convert(job, now, &send, &routes, &big_rooms, &metrics, &mut held);
+            convert(job, now, &send, &conv, &mut held);
         }
     }
 }
@@ -249,13 +261,12 @@ fn convert(
     job: Job,
     now: Instant,
     send: &[Sender<(SocketAddr, Bytes)>],
-    routes: &ArcSwap<RouteTable>,
-    big_rooms: &BigRooms,
-    metrics: &RoleMetrics,
+    conv: &Converter,
     held: &mut Held,
 ) {
+    let (metrics, big_rooms) = (&conv.metrics, &conv.big_rooms);
     let q = (job.room % send.len() as u64) as usize;
-    let routes = routes.load();
+    let routes = conv.routes.load();
     let out = &send[q];
     let keys = big_rooms.publish_keys(job.room);
     let last = keys.len().saturating_sub(1);
@@ -271,13 +282,21 @@ fn convert(
         } else {
             body.clone().unwrap_or_default()
         };
-        let bytes = wire::encode(&Message::Room(RoomMessage {
+        let msg = RoomMessage {
             id: job.id,
             key,
             from: job.from,
             body,
             ts: job.ts,
-        }));
+        };
+        let bytes = match &job.trace {
+            None => wire::encode(&Message::Room(msg)),
+            Some(t) => {
+                let mut trace = t.stamps.clone();
+                trace.push(conv.hop.stamp(t.in_us));
+                wire::encode(&Message::TracedRoom { msg, trace })
+            }
+        };
         if let Some(until) = hold {
             held.push_back((until, q, to, bytes));
             continue;
@@ -376,7 +395,13 @@ mod tests {
         let metrics = RoleMetrics::new(&prometheus::Registry::new(), "proxy");
         let send = Arc::new(vec![out_tx]);
         let thread = std::thread::spawn(move || {
-            convert_loop(job_rx, send, routes, BigRooms::default(), metrics)
+            let conv = Converter {
+                routes,
+                big_rooms: BigRooms::default(),
+                metrics,
+                hop: Hop::fixed("proxy", 1, None, "127.0.0.1:5"),
+            };
+            convert_loop(job_rx, send, conv)
         });
         let job = |id: u64, room: u64| Job {
             id,
@@ -384,6 +409,7 @@ mod tests {
             from: 1,
             body: String::new(),
             ts: 0,
+            trace: None,
         };
         let started = Instant::now();
         for (id, room) in [(1, 5), (2, 4), (3, 5)] {

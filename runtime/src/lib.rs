@@ -20,7 +20,7 @@ pub use config::{CommonArgs, CommonConfig};
 pub use inbound::Received;
 pub use liveness::Liveness;
 pub use metrics::RoleMetrics;
-pub use service::{in_own_process, Registering, Service};
+pub use service::{in_own_process, Hop, Registering, Service};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use pixiu_registry::{Registry, ZkConfig};

@@ -131,6 +131,19 @@ impl Service {
         self.registration.id_watch()
     }
 
+    /// This node as a hop of traced messages (`"trace": true`).
+    pub fn hop(&self) -> Hop {
+        Hop {
+            role: self.role.as_str(),
+            node: self.id_watch(),
+            partition: self
+                .role
+                .is_partitioned()
+                .then(|| self.registration.partition()),
+            addr: self.registration.info().addr,
+        }
+    }
+
     /// Watch another role in the registry.
     pub async fn watch(&self, role: Role) -> Result<watch::Receiver<Arc<RoleView>>, RuntimeError> {
         Ok(self.env.registry.watch(role).await?)
@@ -271,4 +284,37 @@ pub fn service_main<S, C, E, RE, Fut>(
         crate::serve_until_signalled(what, drain, |shutdown| run(config, shutdown))
     })();
     crate::exit_with(name, res);
+}
+
+/// A node as a hop of traced messages: what its stamps say about it.
+#[derive(Clone, Debug)]
+pub struct Hop {
+    role: &'static str,
+    node: watch::Receiver<u64>,
+    partition: Option<u32>,
+    addr: String,
+}
+
+impl Hop {
+    /// A hop for tests and tools, not registered anywhere.
+    pub fn fixed(role: &'static str, node: u64, partition: Option<u32>, addr: &str) -> Hop {
+        Hop {
+            role,
+            node: watch::channel(node).1,
+            partition,
+            addr: addr.to_string(),
+        }
+    }
+
+    /// This node's stamp for a message that arrived at `in_us` and leaves now.
+    pub fn stamp(&self, in_us: u64) -> pixiu_protocol::trace::Stamp {
+        pixiu_protocol::trace::Stamp {
+            role: self.role.to_string(),
+            node: *self.node.borrow(),
+            partition: self.partition,
+            addr: self.addr.clone(),
+            in_us,
+            out_us: pixiu_protocol::trace::now_us(),
+        }
+    }
 }

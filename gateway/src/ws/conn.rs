@@ -164,7 +164,12 @@ impl Conn {
             ClientRequest::Ping { cid } => Some(ServerFrame::Pong { cid }),
             ClientRequest::Join { room, cid } => self.join(room, cid).await?,
             ClientRequest::Leave { room, cid } => Some(self.leave(room, cid).await?),
-            ClientRequest::Publish { room, body, cid } => Some(self.publish(room, body, cid)),
+            ClientRequest::Publish {
+                room,
+                body,
+                cid,
+                trace,
+            } => Some(self.publish(room, body, cid, trace)),
             ClientRequest::Send { to, body, sid, cid } => self.send(to, body, sid, cid),
             ClientRequest::Sync { after, .. } => {
                 self.core(Cmd::InboxSync { conn, after }).await?;
@@ -215,15 +220,30 @@ impl Conn {
         })
     }
 
-    fn publish(&mut self, room: u64, body: String, cid: Option<String>) -> ServerFrame {
+    fn publish(
+        &mut self,
+        room: u64,
+        body: String,
+        cid: Option<String>,
+        trace: bool,
+    ) -> ServerFrame {
+        let arrived = trace.then(pixiu_protocol::trace::now_us);
         match self.session.admit_publish(room, &cid, Instant::now()) {
-            Ok(()) => self.to_proxy(room, body, cid),
+            Ok(()) => self.to_proxy(room, body, cid, arrived),
             Err(refusal) => self.refuse(refusal),
         }
     }
 
     /// The room message goes to the sender's proxy; answered once it is queued there.
-    fn to_proxy(&self, room: u64, body: String, cid: Option<String>) -> ServerFrame {
+    /// A traced publish (`arrived`: when it reached this gateway, unix µs) carries this
+    /// gateway's stamp.
+    fn to_proxy(
+        &self,
+        room: u64,
+        body: String,
+        cid: Option<String>,
+        arrived: Option<u64>,
+    ) -> ServerFrame {
         let (state, uid) = (&self.state, self.session.who.uid);
         let running = state.proxies.borrow().running_addrs(0);
         let Some(to) = user_proxy(uid, running.len()).map(|i| running[i]) else {
@@ -231,13 +251,20 @@ impl Conn {
             return session::error(codes::UNAVAILABLE, "no running proxy".into(), cid);
         };
         let id = state.ids.next();
-        let msg = Message::Publish(RoomMessage {
+        let m = RoomMessage {
             id,
             key: RouteKey::room(room),
             from: uid,
             body,
             ts: pixiu_protocol::now_ms(),
-        });
+        };
+        let msg = match arrived {
+            None => Message::Publish(m),
+            Some(arrived) => Message::TracedPublish {
+                msg: m,
+                trace: vec![state.s.hop.stamp(arrived)],
+            },
+        };
         if !state.transport.send(to, wire::encode(&msg)) {
             state.metrics.drop("publish", "send_failed");
             let reason = "the proxy cannot be reached".into();

@@ -13,6 +13,7 @@ fn settings(secret: Option<&[u8]>, insecure_dev_auth: bool) -> WsSettings {
         client_queue: 8,
         publish_rate: 10,
         publish_burst: 10,
+        hop: pixiu_runtime::Hop::fixed("gateway", 1, None, "127.0.0.1:7"),
     }
 }
 

@@ -1,0 +1,82 @@
+//! Per-hop tracing (`"trace": true`) of room messages over real processes: a traced HTTP
+//! publish reaches members with one stamp per hop (proxy, broker, gateway) in order, a traced
+//! client publish with four (the publishing gateway first), and an untraced one with none.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pixiu_protocol::client::ServerFrame;
+use pixiu_protocol::trace::HopJson;
+use pixiu_tests::Cluster;
+use std::time::Duration;
+
+async fn next_room(member: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJson>>) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), member.next_event()).await {
+            Ok(Some(ServerFrame::Room { id, trace, .. })) => return (id.0, trace),
+            Ok(Some(_)) => continue,
+            other => panic!("no room frame: {other:?}"),
+        }
+    }
+}
+
+/// The hops' roles, and that each hop's times are ordered and follow the previous hop's.
+fn check_hops(trace: &[HopJson]) -> Vec<&str> {
+    let mut last_out = 0;
+    for hop in trace {
+        assert!(hop.in_us <= hop.out_us, "{hop:?}");
+        assert!(
+            hop.in_us >= last_out,
+            "a hop before the one it follows: {trace:?}"
+        );
+        assert!(!hop.addr.is_empty(), "{hop:?}");
+        last_out = hop.out_us;
+    }
+    trace.iter().map(|h| h.role.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traced_room_messages_carry_every_hop_untraced_ones_nothing() {
+    let mut c = Cluster::start("trace", 1, 1).await;
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw-a", &[]);
+    c.spawn_gateway("gw-b", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let mut member = c.client("gw-b", 20).await;
+    member.join(5).await.unwrap();
+    let publisher = c.client("gw-a", 10).await;
+    publisher.join(5).await.unwrap(); // a client publishes only to rooms it joined
+    let p = c.publisher("proxy");
+
+    let id = p.publish_room_traced(5, "traced").await.unwrap();
+    let (got, trace) = next_room(&mut member).await;
+    assert_eq!(got, id);
+    let trace = trace.expect("a trace");
+    assert_eq!(check_hops(&trace), ["proxy", "broker", "gateway"]);
+    assert_eq!(
+        trace[1].partition,
+        Some(0),
+        "the broker names its partition"
+    );
+    assert_eq!(trace[0].partition, None);
+
+    let id = p.publish_room(5, "plain", 1, None).await.unwrap();
+    assert_eq!(
+        next_room(&mut member).await,
+        (id, None),
+        "untraced: no trace"
+    );
+
+    let id = publisher.publish_traced(5, "from a client").await.unwrap();
+    let (got, trace) = next_room(&mut member).await;
+    assert_eq!(got, id);
+    let trace = trace.expect("a trace");
+    assert_eq!(
+        check_hops(&trace),
+        ["gateway", "proxy", "broker", "gateway"]
+    );
+    assert_ne!(
+        trace[0].addr, trace[3].addr,
+        "the publisher's gateway, then the member's"
+    );
+}
