@@ -269,6 +269,12 @@ async fn fetch(
                 for r in results {
                     match r {
                         ReadResult::Found(m) => items.push(m),
+                        ReadResult::Expired { id, .. } => {
+                            // retention deleted it; Pi's own retention drops the id soon
+                            io.metrics.drop("inbox_read", "expired");
+                            tracing::debug!(uid, id, "skipping an expired inbox message");
+                            skipped_upto = skipped_upto.max(Some(id));
+                        }
                         ReadResult::Corrupt { id, reason } | ReadResult::Missing { id, reason } => {
                             // never delivered as garbage; reported and skipped
                             io.metrics.drop("inbox_read", "unreadable");

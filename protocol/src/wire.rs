@@ -274,6 +274,8 @@ pub enum Message {
     XiuHistoryPage {
         items: Vec<ReadResult>,
         next: Option<(u64, u64)>,
+        /// Messages appended before this time (unix ms) have expired here (0: none has).
+        expired_before: u64,
     },
     /// To every running replica of the broker partition serving `uid`: push these stored
     /// messages again, with their ids, to every online device of `uid` that this replica
@@ -307,6 +309,14 @@ pub enum Message {
         uid: u64,
         after: u64,
         max: u32,
+    },
+
+    /// Xiu leader to a follower (or a new leader at takeover) whose position is at or below
+    /// its retention floor: every record up to `floor` (the last appended at `ts`) expired;
+    /// move up to it, then pull after it.
+    XiuExpired {
+        floor: u64,
+        ts: u64,
     },
 
     // ---- traced room messages (their own kinds: untraced ones pay nothing) ----
@@ -347,8 +357,19 @@ pub struct InboxItem {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReadResult {
     Found(InboxItem),
-    Missing { id: u64, reason: String },
-    Corrupt { id: u64, reason: String },
+    Missing {
+        id: u64,
+        reason: String,
+    },
+    Corrupt {
+        id: u64,
+        reason: String,
+    },
+    /// Deleted by retention (every id of its partition up to `floor` is).
+    Expired {
+        id: u64,
+        floor: u64,
+    },
 }
 
 /// One connected device of a user, as a gateway names it.
@@ -408,6 +429,7 @@ impl Message {
             Message::XiuUsers { .. } => "xiu_users",
             Message::XiuUserList { .. } => "xiu_user_list",
             Message::PiList { .. } => "pi_list",
+            Message::XiuExpired { .. } => "xiu_expired",
             Message::TracedRoom { .. } => "traced_room",
             Message::TracedPublish { .. } => "traced_publish",
         }

@@ -350,6 +350,11 @@ async fn replay(
         export.messages.len(),
         export.partitions
     );
+    for (partition, before) in &export.expired {
+        eprintln!(
+            "pixiu-ctl: xiu partition {partition}: messages appended before {before} (unix ms) have expired (retention)"
+        );
+    }
     if let Some(r) = &pushed {
         eprintln!(
             "pixiu-ctl: redelivered {} messages to {} online devices of user {uid}",

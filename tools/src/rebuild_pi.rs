@@ -89,10 +89,12 @@ pub async fn plan(
     for (xiu, leader) in xiu_leaders(registry).await? {
         for uid in receivers(transport, (xiu, leader), partition, partitions).await? {
             let ids = out.users.entry(uid).or_default();
-            for item in history(transport, (xiu, leader), uid, all).await? {
+            for item in history(transport, (xiu, leader), uid, all).await?.0 {
                 match item {
                     ReadResult::Found(m) => ids.push(m.id),
                     ReadResult::Corrupt { .. } | ReadResult::Missing { .. } => out.unreadable += 1,
+                    // retention: gone from Xiu, so not listed again
+                    ReadResult::Expired { .. } => {}
                 }
             }
         }

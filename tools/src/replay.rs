@@ -67,6 +67,8 @@ pub struct Export {
     pub messages: Vec<InboxItem>,
     /// Ids whose record could not be read, with the reason.
     pub unreadable: Vec<(u64, String)>,
+    /// Partitions whose messages before a time (unix ms) inside the window have expired.
+    pub expired: Vec<(u32, u64)>,
     pub partitions: u32,
 }
 
@@ -111,14 +113,16 @@ pub async fn xiu_leaders(registry: &Registry) -> Result<Vec<(u32, SocketAddr)>, 
         .collect()
 }
 
-/// Every stored message of `uid` in `w` on one Xiu partition's leader, page by page.
+/// Every stored message of `uid` in `w` on one Xiu partition's leader, page by page; and the
+/// time before which that partition's messages have expired (0: none has).
 pub async fn history(
     transport: &Transport,
     (partition, leader): (u32, SocketAddr),
     uid: u64,
     w: Window,
-) -> Result<Vec<ReadResult>, ReplayError> {
+) -> Result<(Vec<ReadResult>, u64), ReplayError> {
     let mut out = Vec::new();
+    let mut expired = 0;
     let mut after = None;
     loop {
         let req = Message::XiuHistory {
@@ -129,7 +133,14 @@ pub async fn history(
             max: PAGE,
         };
         let (items, next) = match ask(transport, leader, &req, Duration::from_secs(10)).await {
-            Ok(Message::XiuHistoryPage { items, next }) => (items, next),
+            Ok(Message::XiuHistoryPage {
+                items,
+                next,
+                expired_before,
+            }) => {
+                expired = expired.max(expired_before);
+                (items, next)
+            }
             Ok(other) => {
                 let source = AskError::unexpected(leader, &other, "xiu_history_page");
                 return Err(ReplayError::Ask { partition, source });
@@ -139,7 +150,7 @@ pub async fn history(
         out.extend(items);
         match next {
             Some(n) => after = Some(n),
-            None => return Ok(out),
+            None => return Ok((out, expired)),
         }
     }
 }
@@ -155,12 +166,18 @@ pub async fn export(
     let mut found = Vec::new();
     for leader in xiu_leaders(registry).await? {
         out.partitions += 1;
-        for item in history(transport, leader, uid, w).await? {
+        let (items, expired_before) = history(transport, leader, uid, w).await?;
+        if expired_before > w.since {
+            out.expired.push((leader.0, expired_before));
+        }
+        for item in items {
             match item {
                 ReadResult::Found(m) => found.push(m),
                 ReadResult::Corrupt { id, reason } | ReadResult::Missing { id, reason } => {
                     out.unreadable.push((id, reason))
                 }
+                // expired between the index scan and the read: as if it had been before
+                ReadResult::Expired { .. } => {}
             }
         }
     }

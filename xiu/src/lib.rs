@@ -26,9 +26,11 @@
 //! per partition, shared by all kinds), so a range scan yields them in assignment order.
 
 mod history;
+mod retention;
 pub mod service;
 
 pub use history::History;
+pub use retention::Floor;
 
 use lru::LruCache;
 use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
@@ -70,6 +72,8 @@ pub enum XiuError {
     CounterExhausted,
     #[error("replication gap: expected counter {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
+    #[error("message {id} expired (retention): every message up to {floor} is deleted")]
+    Expired { id: MsgId, floor: u64 },
 }
 
 const META_LAST: &[u8] = b"!last";
@@ -165,6 +169,8 @@ pub struct XiuStore {
     last: MsgId,
     /// Written into every record [`XiuStore::store`] creates.
     epoch: u64,
+    /// Every counter up to here expired (see `retention`).
+    floor: retention::Floor,
 }
 
 impl XiuStore {
@@ -205,6 +211,10 @@ impl XiuStore {
                 "xiu indexed its records by user and time"
             );
         }
+        let floor = match db.get(retention::META_FLOOR)? {
+            Some(v) => retention::Floor::decode(&v)?,
+            None => retention::Floor::default(),
+        };
         let cache = NonZeroUsize::new(options.cache_entries).map(LruCache::new);
         tracing::info!(partition, last = %last, "xiu store opened");
         Ok(XiuStore {
@@ -213,6 +223,7 @@ impl XiuStore {
             cache,
             last,
             epoch: 0,
+            floor,
         })
     }
 
@@ -309,6 +320,12 @@ impl XiuStore {
             return Ok(m.clone());
         }
         let Some(raw) = self.db.get(msg_key(id.counter()))? else {
+            if id.counter() <= self.floor.counter {
+                return Err(XiuError::Expired {
+                    id,
+                    floor: self.floor.counter,
+                });
+            }
             return Err(XiuError::NotFound(id));
         };
         let msg = match check_record(id.counter(), id, &raw) {

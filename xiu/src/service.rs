@@ -69,6 +69,10 @@ pub struct XiuConfig {
     pub store_timeout_ms: u64,
     /// Records per replication batch.
     pub pull_batch: u32,
+    /// Records appended longer ago than this are deleted (on every replica), like Pi's.
+    pub retention_ms: u64,
+    /// How often retention runs.
+    pub maintenance_interval_ms: u64,
 }
 
 impl Default for XiuConfig {
@@ -81,6 +85,8 @@ impl Default for XiuConfig {
             cache_entries: 100_000,
             store_timeout_ms: 3000,
             pull_batch: 512,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            maintenance_interval_ms: 60_000,
         }
     }
 }
@@ -228,6 +234,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     tokio::spawn(writer(node.clone(), write_rx));
     tokio::spawn(indexer(node.clone(), shutdown.clone()));
     tokio::spawn(handoff::handoff(node.clone(), shutdown.clone()));
+    tokio::spawn(write::retention(node.clone(), shutdown.clone()));
     let serving = node.serving.subscribe();
 
     let (state_tx, state_rx) = watch::channel(NodeState::Init);
@@ -277,6 +284,7 @@ fn read_result(
                 reason: e.to_string(),
             }
         }
+        Err(XiuError::Expired { floor, .. }) => ReadResult::Expired { id: id.0, floor },
         Err(e) => ReadResult::Missing {
             id: id.0,
             reason: e.to_string(),
@@ -309,7 +317,13 @@ async fn handle(node: &Node, msg: Message) -> Message {
             }
             let after = after.map(|(ts, id)| (ts, MsgId(id)));
             let max = max.clamp(1, 1000) as usize;
-            match node.store().history(uid, since, until, after, max) {
+            // one lock for both reads (a guard held in a `match` scrutinee lives through
+            // its arms, so no arm may lock again)
+            let (found, floor) = {
+                let mut s = node.store();
+                (s.history(uid, since, until, after, max), s.floor())
+            };
+            match found {
                 Ok(found) => {
                     let next = (found.len() == max)
                         .then(|| found.last().map(|h| (h.ts, h.id.0)))
@@ -318,7 +332,12 @@ async fn handle(node: &Node, msg: Message) -> Message {
                         .into_iter()
                         .map(|h| read_result(node, uid, h.id, h.read))
                         .collect();
-                    Message::XiuHistoryPage { items, next }
+                    let expired_before = if floor.counter > 0 { floor.ts + 1 } else { 0 };
+                    Message::XiuHistoryPage {
+                        items,
+                        next,
+                        expired_before,
+                    }
                 }
                 Err(e) => unavailable(format!("reading the history of {uid}: {e}")),
             }

@@ -181,6 +181,23 @@ pub(super) async fn pull_once(
             tracing::warn!(%from, after, dropped = n, ?why, "copy disagreed with a more recent one; dropped the tail");
             Ok(false)
         }
+        Message::XiuExpired { floor, ts } => {
+            // the peer expired past this copy's end: nothing here up to its floor is kept
+            // anywhere else, and nothing there is unexpired; move up to it and pull on
+            with_store(node, move |node, s| {
+                s.expire_through(floor, ts)?;
+                if *node.indexed.borrow() < floor {
+                    s.set_indexed(floor)?;
+                    node.indexed.send_replace(floor);
+                }
+                Ok(())
+            })
+            .await?;
+            node.head.set(node.store().last_id().counter());
+            node.metrics.inc_out("moved_to_floor");
+            tracing::info!(%from, floor, "moved up to the peer's retention floor");
+            Ok(false)
+        }
         other => Err(AskError::unexpected(from, &other, "xiu_entries").into()),
     }
 }
@@ -193,9 +210,18 @@ pub(super) async fn serve_pull(
     max: u32,
     wait_ms: u32,
 ) -> Message {
-    let (last, mine) = {
+    let (last, mine, floor) = {
         let s = node.store();
         let last = s.last_id().counter();
+        let floor = s.floor();
+        // retention: a position this copy expired cannot be compared; at the floor the two
+        // copies agree (both hold nothing up to it), below it the puller moves up to it
+        if after < floor.counter {
+            return Message::XiuExpired {
+                floor: floor.counter,
+                ts: floor.ts,
+            };
+        }
         let mine = if after == 0 || after > last {
             None
         } else {
@@ -204,9 +230,10 @@ pub(super) async fn serve_pull(
                 Err(e) => return unavailable(format!("reading my record {after}: {e}")),
             }
         };
-        (last, mine)
+        (last, mine, floor.counter)
     };
-    if after > last || (after > 0 && mine != Some(check)) {
+    let at_floor = after > 0 && after == floor;
+    if after > last || (after > 0 && !at_floor && mine != Some(check)) {
         let last_epoch = match node.store().recency() {
             Ok((epoch, _)) => epoch,
             Err(e) => return unavailable(format!("reading my last record: {e}")),

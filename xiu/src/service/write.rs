@@ -248,3 +248,35 @@ fn moved_answer(node: &Node, moved: WriteError) -> Message {
         reason: format!("{moved}, not {}", node.cfg.partition),
     }
 }
+
+/// Retention, on every replica: every `maintenance_interval_ms`, delete the records appended
+/// longer than `retention_ms` ago, never past the indexed watermark (see `crate::retention`).
+pub(super) async fn retention(node: Arc<Node>, shutdown: Shutdown) {
+    let every = Duration::from_millis(node.cfg.maintenance_interval_ms.max(10));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
+        // bounded: at most 100 rounds of 10,000 records a tick
+        for _ in 0..100 {
+            let indexed = *node.indexed.borrow();
+            let expired =
+                with_store(&node, move |_, s| s.expire_before(cutoff, indexed, 10_000)).await;
+            match expired {
+                Ok(0) => break,
+                Ok(n) => {
+                    node.metrics.add_out("retention_expired", n as u64);
+                    let floor = node.store().floor().counter;
+                    tracing::info!(expired = n, floor, "xiu records past retention deleted");
+                }
+                Err(e) => {
+                    tracing::error!("retention: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
