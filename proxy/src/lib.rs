@@ -227,30 +227,14 @@ impl Proxy {
         };
         match received.into_parts() {
             (from, Message::Pong { seq }, None) => self.live.pong(from, seq, Instant::now()),
-            (_, Message::Publish(m), None) => {
-                self.metrics.inc_in("gateway_publish");
-                self.pipeline.submit(Job {
-                    id: m.id,
-                    room: m.key.room,
-                    from: m.from,
-                    body: m.body,
-                    ts: m.ts,
-                    trace: None,
-                });
-            }
-            (_, Message::TracedPublish { msg: m, trace }, None) => {
-                self.metrics.inc_in("gateway_publish");
-                self.pipeline.submit(Job {
-                    id: m.id,
-                    room: m.key.room,
-                    from: m.from,
-                    body: m.body,
-                    ts: m.ts,
-                    trace: Some(pipeline::Trace {
-                        stamps: trace,
-                        in_us: pixiu_protocol::trace::now_us(),
-                    }),
-                });
+            (_, Message::Publish(m), None) => self.relayed(m, None),
+            (_, Message::TracedPublish { msg, trace }, None) => {
+                let in_us = pixiu_protocol::trace::now_us();
+                let trace = pipeline::Trace {
+                    stamps: trace,
+                    in_us,
+                };
+                self.relayed(msg, Some(trace))
             }
             (from, Message::Ping { seq }, None) => {
                 self.transport
@@ -260,6 +244,19 @@ impl Proxy {
                 inbound::unexpected(&self.metrics, "proxy", from, &other, reply);
             }
         }
+    }
+
+    /// A client's publish, relayed by its gateway, into the pipeline.
+    fn relayed(&self, m: pixiu_protocol::wire::RoomMessage, trace: Option<pipeline::Trace>) {
+        self.metrics.inc_in("gateway_publish");
+        self.pipeline.submit(Job {
+            id: m.id,
+            room: m.key.room,
+            from: m.from,
+            body: m.body,
+            ts: m.ts,
+            trace,
+        });
     }
 
     /// Ping every broker replica; rebuild the routes when liveness changed them.

@@ -254,6 +254,65 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     Ok(())
 }
 
+/// `XiuHistory`: a page of `uid`'s messages in `[since, until)` (for `pixiu-ctl replay`).
+fn history(
+    node: &Node,
+    uid: u64,
+    (since, until): (u64, u64),
+    after: Option<(u64, u64)>,
+    max: u32,
+) -> Message {
+    node.metrics.inc_in("history");
+    if !node.leading.load(Ordering::SeqCst) {
+        return unavailable("not the leader of this xiu partition");
+    }
+    let after = after.map(|(ts, id)| (ts, MsgId(id)));
+    let max = max.clamp(1, 1000) as usize;
+    let (found, floor) = {
+        let mut s = node.store();
+        (s.history(uid, since, until, after, max), s.floor())
+    };
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => return unavailable(format!("reading the history of {uid}: {e}")),
+    };
+    let next = (found.len() == max)
+        .then(|| found.last().map(|h| (h.ts, h.id.0)))
+        .flatten();
+    let items = found
+        .into_iter()
+        .map(|h| read_result(node, uid, h.id, h.read))
+        .collect();
+    let expired_before = if floor.counter > 0 { floor.ts + 1 } else { 0 };
+    Message::XiuHistoryPage {
+        items,
+        next,
+        expired_before,
+    }
+}
+
+/// `XiuUsers`: the receivers stored here that belong to one Pi partition (for
+/// `pixiu-ctl replay --rebuild-pi`).
+fn users(
+    node: &Node,
+    (pi_partition, pi_partitions): (u32, u32),
+    after: Option<u64>,
+    max: u32,
+) -> Message {
+    node.metrics.inc_in("users");
+    if !node.leading.load(Ordering::SeqCst) {
+        return unavailable("not the leader of this xiu partition");
+    }
+    let wanted = |uid| user_partition(uid, pi_partitions) == pi_partition;
+    let listed = node
+        .store()
+        .users(wanted, after, max.clamp(1, 10_000) as usize);
+    match listed {
+        Ok((uids, next)) => Message::XiuUserList { uids, next },
+        Err(e) => unavailable(format!("listing receivers: {e}")),
+    }
+}
+
 /// What a read of message `id` for `uid` gives out: never another user's message, never a
 /// corrupt record as data.
 fn read_result(
@@ -310,57 +369,13 @@ async fn handle(node: &Node, msg: Message) -> Message {
             until,
             after,
             max,
-        } => {
-            node.metrics.inc_in("history");
-            if !node.leading.load(Ordering::SeqCst) {
-                return unavailable("not the leader of this xiu partition");
-            }
-            let after = after.map(|(ts, id)| (ts, MsgId(id)));
-            let max = max.clamp(1, 1000) as usize;
-            // one lock for both reads (a guard held in a `match` scrutinee lives through
-            // its arms, so no arm may lock again)
-            let (found, floor) = {
-                let mut s = node.store();
-                (s.history(uid, since, until, after, max), s.floor())
-            };
-            match found {
-                Ok(found) => {
-                    let next = (found.len() == max)
-                        .then(|| found.last().map(|h| (h.ts, h.id.0)))
-                        .flatten();
-                    let items = found
-                        .into_iter()
-                        .map(|h| read_result(node, uid, h.id, h.read))
-                        .collect();
-                    let expired_before = if floor.counter > 0 { floor.ts + 1 } else { 0 };
-                    Message::XiuHistoryPage {
-                        items,
-                        next,
-                        expired_before,
-                    }
-                }
-                Err(e) => unavailable(format!("reading the history of {uid}: {e}")),
-            }
-        }
+        } => history(node, uid, (since, until), after, max),
         Message::XiuUsers {
             pi_partition,
             pi_partitions,
             after,
             max,
-        } => {
-            node.metrics.inc_in("users");
-            if !node.leading.load(Ordering::SeqCst) {
-                return unavailable("not the leader of this xiu partition");
-            }
-            let wanted = |uid| user_partition(uid, pi_partitions) == pi_partition;
-            match node
-                .store()
-                .users(wanted, after, max.clamp(1, 10_000) as usize)
-            {
-                Ok((uids, next)) => Message::XiuUserList { uids, next },
-                Err(e) => unavailable(format!("listing receivers: {e}")),
-            }
-        }
+        } => users(node, (pi_partition, pi_partitions), after, max),
         Message::XiuRead { uid, ids } => {
             node.metrics.inc_in("read");
             if !node.leading.load(Ordering::SeqCst) {
