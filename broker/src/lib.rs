@@ -13,6 +13,9 @@
 //! Doubling: a replica of a partition beyond `partition_num` serves its parent's share until
 //! the count grows; then every broker, after a grace for messages routed by the old count,
 //! keeps only its rooms and users and reports `serving` (ARCHITECTURE (m)).
+//!
+//! Operators: a traced room message (`"trace": true`) gets this broker's stamp; `Redeliver`
+//! (`pixiu-ctl replay --redeliver`) pushes stored messages again to a user's online devices.
 
 pub mod delivery;
 mod inbox;

@@ -3,8 +3,9 @@
 //! the last one leaves (Gateway Messages with increasing `GatewayMsgID`s, seed 7.2 and 7.3),
 //! de-duplicates room messages from brokers by id and fans them out to the local members, and
 //! answers a room message for a room it no longer has members in with negative feedback so the
-//! brokers stop sending it. Client `publish` goes to a proxy. On the same port, `GET /` serves
-//! the demo page (`demo.rs`, off with `--demo false`).
+//! brokers stop sending it. Client `publish` goes to a proxy. A traced room message
+//! (`"trace": true`) gets this gateway's stamp, and its frame shows every hop. On the same
+//! port, `GET /` serves the demo page (`demo.rs`, off with `--demo false`).
 
 mod core;
 mod demo;

@@ -5,8 +5,10 @@
 //! Replicas that stop answering heartbeats are skipped within a bounded time, even while
 //! ZooKeeper still lists them (the seed's "fake death"). Receive, convert and send run as the
 //! seed's pipeline (seed 4.4): the receivers (HTTP handlers and the QUIC inbound task) feed
-//! N convert queues, which feed 3N send queues, over lock-free queues, with the queue picked by
-//! room so one room's messages keep their order.
+//! N convert queues (N: the machine's cores unless set), which feed 3N send queues, over
+//! lock-free queues, with the queue picked by room so one room's messages keep their order;
+//! after a route change (a broker doubling) a room whose replica changed is held 50 ms so its
+//! order holds across the switch. A publish with `"trace": true` gets this proxy's stamp.
 
 mod http;
 mod pipeline;

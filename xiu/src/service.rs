@@ -1,4 +1,6 @@
-//! The `pixiu-xiu` service: one replica of one Xiu partition.
+//! The `pixiu-xiu` service: one replica of one Xiu partition. A doubling's handoff is in
+//! `handoff.rs`, retention in `write.rs` (`retention`, on every replica) and
+//! `crate::retention`, the replay requests (`XiuHistory`, `XiuUsers`) below.
 //!
 //! - **Leader**: the member of the partition folder with the smallest sequence number (seed
 //!   8.2.3). Only the leader stores and reads. A store is answered `XiuStored` once the
