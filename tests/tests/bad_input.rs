@@ -667,6 +667,24 @@ async fn publishing_too_fast_is_rate_limited_per_connection() {
     let mut other = c.client("gw", 2).await;
     spammer.join(3).await.unwrap();
     other.join(3).await.unwrap();
+    // healthy is not yet seen: wait until the gateway knows a running proxy (a publish of
+    // a third connection, to a room of its own, goes through)
+    let warm = c.client("gw", 4).await;
+    warm.join(9).await.unwrap();
+    assert_eventually(
+        "the gateway sees the proxy",
+        Duration::from_secs(10),
+        || {
+            let warm = &warm;
+            async move {
+                warm.publish(9, "warm")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
     // burst of 10 (twice the rate), then refused
     let mut accepted = 0;
     let mut limited = 0;
