@@ -5,6 +5,7 @@
 
 use crate::{LogEntry, LogId, Op, PiError, PiIndex, SnapshotChunk};
 use pixiu_protocol::inbox::MsgId;
+use pixiu_storage::WriteBatch;
 use std::collections::{BTreeMap, BTreeSet};
 
 impl PiIndex {
@@ -49,6 +50,8 @@ impl PiIndex {
                 Op::ForgetDevice { uid, device } if owns(uid) => {
                     self.forget_device(uid, device)?.is_some()
                 }
+                // the parent dropping users it no longer owns: never the child's to re-do
+                Op::Moved { .. } => false,
                 _ => false,
             };
             changes += usize::from(changed);
@@ -56,28 +59,29 @@ impl PiIndex {
         Ok(changes)
     }
 
-    /// Drops every user that `keep` refuses: all its ids and devices, as logged changes
-    /// (followers drop them too). Returns how many users were dropped.
+    /// Drops every user that `keep` refuses: all its ids and devices, one logged
+    /// [`Op::Moved`] each (followers drop them too; a child copying this log skips them).
+    /// Returns how many users were dropped.
     pub fn drop_users(&mut self, keep: impl Fn(u64) -> bool) -> Result<usize, PiError> {
         let snap = self.snapshot()?;
-        let mut users: BTreeSet<u64> = BTreeSet::new();
-        let mut devices: Vec<(u64, u64)> = Vec::new();
-        for (uid, _, _) in &snap.entries {
-            if !keep(*uid) {
-                users.insert(*uid);
-            }
-        }
-        for (uid, device, _) in snap.cursors() {
-            if !keep(*uid) {
-                users.insert(*uid);
-                devices.push((*uid, *device));
-            }
-        }
-        for (uid, device) in devices {
-            self.forget_device(uid, device)?;
-        }
+        let users: BTreeSet<u64> = snap
+            .entries
+            .iter()
+            .map(|(uid, _, _)| *uid)
+            .chain(snap.cursors().iter().map(|(uid, _, _)| *uid))
+            .filter(|uid| !keep(*uid))
+            .collect();
         for uid in &users {
-            self.expire(*uid, MsgId(u64::MAX))?;
+            let mut batch = WriteBatch::default();
+            let id = self.next_log_id();
+            self.stage(
+                &mut batch,
+                LogEntry {
+                    id,
+                    op: Op::Moved { uid: *uid },
+                },
+            )?;
+            self.commit(batch, id, true)?;
         }
         Ok(users.len())
     }

@@ -41,6 +41,7 @@
 //! - [`Op::Cursor`] `{ uid, device, id }`: the device's cursor becomes the larger of its cursor
 //!   and `id` (the device is created when unknown), then every id of `uid` up to the smallest
 //!   cursor of `uid`'s devices is dropped;
+//! - [`Op::Moved`] `{ uid }`: the user moved to another partition; its ids and devices go;
 //! - [`Op::ForgetDevice`] `{ uid, device }`: the device's cursor is removed, then, if devices
 //!   remain, every id of `uid` up to the smallest of their cursors is dropped.
 //!
@@ -148,6 +149,9 @@ pub enum Op {
     /// `device` of `uid` was forgotten: its cursor was removed, then every id of `uid` up to
     /// the smallest cursor of the remaining devices (if any) was dropped.
     ForgetDevice { uid: u64, device: u64 },
+    /// `uid` moved to another partition (a doubling): every id and device of it was dropped.
+    /// A new partition copying its parent's log never re-does this one.
+    Moved { uid: u64 },
 }
 
 /// One entry of the operation log: a change and its position.
@@ -312,6 +316,12 @@ impl PiIndex {
                 batch.put(cursor_key(uid, device), cursor.to_be_bytes());
                 if let Some(min) = self.min_cursor_with(uid, device, Some(cursor))? {
                     self.stage_expire(batch, uid, min)?;
+                }
+            }
+            Op::Moved { uid } => {
+                self.stage_expire(batch, uid, MsgId(u64::MAX))?;
+                for (device, _) in self.load_devices(uid)? {
+                    batch.delete(cursor_key(uid, device));
                 }
             }
             Op::ForgetDevice { uid, device } => {

@@ -958,9 +958,26 @@ fn a_child_adopts_its_users_and_the_parent_drops_them() {
     assert_eq!(follower.read(3, START, 10).unwrap(), vec![p(2), p(5)]);
 
     // the parent drops the odd users, ids and devices, and keeps the even ones
+    let before_drop = parent.last_log_id();
     assert_eq!(parent.drop_users(|uid| !odd(uid)).unwrap(), 2);
     assert_eq!(parent.read(3, START, 10).unwrap(), vec![]);
     assert_eq!(parent.cursor(3, 77).unwrap(), None);
     assert_eq!(parent.read(4, START, 10).unwrap(), vec![p(2), p(5)]);
     assert_eq!(parent.drop_users(|uid| !odd(uid)).unwrap(), 0);
+    // the parent's followers replay the drop; a child copying that log never does
+    let drops = parent.log_after(before_drop, 100).unwrap();
+    assert!(drops.iter().all(|e| matches!(e.op, Op::Moved { .. })));
+    assert_eq!(child.adopt_log(&drops, None, odd).unwrap(), 0);
+    assert_eq!(child.read(3, START, 10).unwrap(), vec![p(2), p(5)]);
+    let pf = tempfile::tempdir().unwrap();
+    let mut parent_follower = PiIndex::open(pf.path(), opts()).unwrap();
+    parent_follower
+        .apply_log(&parent.log_after(LogId(0), 1000).unwrap())
+        .unwrap();
+    assert_eq!(parent_follower.read(3, START, 10).unwrap(), vec![]);
+    assert_eq!(parent_follower.cursor(3, 77).unwrap(), None);
+    assert_eq!(
+        parent_follower.read(4, START, 10).unwrap(),
+        vec![p(2), p(5)]
+    );
 }
