@@ -372,3 +372,31 @@ pub async fn drain_events(
     }
     out
 }
+
+/// The sum of the metric `query` (name with labels) over the nodes whose admin addresses are
+/// `admins`; a node that does not answer counts 0 (it may be down on purpose).
+pub async fn metric_sum(admins: &[String], query: &str) -> f64 {
+    let mut sum = 0.0;
+    for admin in admins {
+        sum += metric(admin, query).await.unwrap_or(0.0);
+    }
+    sum
+}
+
+/// Waits until [`metric_sum`] of `query` over `admins` reaches `want`; panics with `what` and
+/// the last sum after `timeout`.
+pub async fn wait_metric_sum(
+    what: &str,
+    admins: &[String],
+    query: &str,
+    want: f64,
+    timeout: Duration,
+) {
+    assert_eventually(what, timeout, || async move {
+        let sum = metric_sum(admins, query).await;
+        (sum >= want)
+            .then_some(())
+            .ok_or(format!("{sum} of {want}"))
+    })
+    .await;
+}

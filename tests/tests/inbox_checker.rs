@@ -147,17 +147,15 @@ async fn inject(c: &Arc<tokio::sync::Mutex<Cluster>>, fault: Fault) {
 async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_parent: bool) {
     let mut g = c.lock().await;
     let n = g.status()["partition_num"][role].as_u64().unwrap() as u32;
-    let mut dropped_before = 0.0;
     let dropped = r#"pixiu_messages_out_total{role="pi",stage="users_dropped"}"#;
-    for (_, node) in g
-        .nodes
-        .iter()
-        .filter(|(name, _)| role == "pi" && name.starts_with("pi"))
-    {
-        dropped_before += pixiu_tests::metric(&node.admin, dropped)
-            .await
-            .unwrap_or(0.0);
-    }
+    let pi_admins = |g: &Cluster| -> Vec<String> {
+        g.nodes
+            .iter()
+            .filter(|(name, _)| name.starts_with("pi"))
+            .map(|(_, node)| node.admin.clone())
+            .collect()
+    };
+    let dropped_before = pixiu_tests::metric_sum(&pi_admins(&g), dropped).await;
     let mut names = Vec::new();
     for p in n..2 * n {
         for r in 0..2 {
@@ -204,23 +202,8 @@ async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_p
             .filter(|(q, _)| *q == p)
             .map(|(_, name)| g.admin(name))
             .collect();
-        pixiu_tests::assert_eventually(
-            &format!("{role} partition {p} {stage} messages"),
-            Duration::from_secs(30),
-            || {
-                let (admins, query) = (admins.clone(), query.clone());
-                async move {
-                    let mut sum = 0.0;
-                    for admin in &admins {
-                        sum += pixiu_tests::metric(admin, &query)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    (sum > 0.0).then_some(()).ok_or(format!("{sum}"))
-                }
-            },
-        )
-        .await;
+        let what = format!("{role} partition {p} {stage} messages");
+        pixiu_tests::wait_metric_sum(&what, &admins, &query, 1.0, Duration::from_secs(30)).await;
     }
     if role == "pi" && !kill_parent {
         // the parents drop the users they no longer own once the doubling is recorded done
@@ -229,29 +212,10 @@ async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_p
         let moved = (FIRST_UID..FIRST_UID + RECEIVERS)
             .filter(|uid| uid % u64::from(2 * n) >= u64::from(n))
             .count() as f64;
-        let admins: Vec<String> = g
-            .nodes
-            .iter()
-            .filter(|(name, _)| name.starts_with("pi"))
-            .map(|(_, node)| node.admin.clone())
-            .collect();
-        pixiu_tests::assert_eventually(
-            &format!("pi parents drop their moved users ({n} -> {})", 2 * n),
-            Duration::from_secs(30),
-            || {
-                let admins = admins.clone();
-                async move {
-                    let mut sum = 0.0;
-                    for admin in &admins {
-                        sum += pixiu_tests::metric(admin, dropped).await.unwrap_or(0.0);
-                    }
-                    (sum - dropped_before >= moved).then_some(()).ok_or(format!(
-                        "{sum} dropped, {dropped_before} before, {moved} moved"
-                    ))
-                }
-            },
-        )
-        .await;
+        let what = format!("pi parents drop their moved users ({n} -> {})", 2 * n);
+        let want = dropped_before + moved;
+        let admins = pi_admins(&g);
+        pixiu_tests::wait_metric_sum(&what, &admins, dropped, want, Duration::from_secs(30)).await;
     }
 }
 

@@ -588,15 +588,7 @@ async fn a_store_the_parent_took_before_the_flip_reaches_the_device_before_the_c
 
 /// Wait until the counter `query` of `node` is above 0.
 async fn wait_counter(c: &Cluster, node: &str, query: &str) {
-    let admin = c.admin(node);
-    assert_eventually(&format!("{node}: {query}"), Duration::from_secs(10), || {
-        let (admin, query) = (admin.clone(), query.to_string());
-        async move {
-            let got = pixiu_tests::metric(&admin, &query)
-                .await
-                .map_err(|e| e.to_string())?;
-            (got > 0.0).then_some(()).ok_or(format!("{got}"))
-        }
-    })
-    .await;
+    let what = format!("{node}: {query}");
+    pixiu_tests::wait_metric_sum(&what, &[c.admin(node)], query, 1.0, Duration::from_secs(10))
+        .await;
 }

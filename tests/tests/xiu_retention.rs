@@ -4,29 +4,14 @@
 //! `pixiu-ctl replay` says the window reaches into expired messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use pixiu_tests::{assert_eventually, Cluster};
+use pixiu_tests::Cluster;
 use std::time::Duration;
 
 /// Wait until the counter `query` summed over `nodes` reaches `want`.
 async fn wait_metric(c: &Cluster, nodes: &[&str], query: &str, want: f64) {
     let admins: Vec<String> = nodes.iter().map(|n| c.admin(n)).collect();
-    assert_eventually(
-        &format!("{nodes:?}: {query} >= {want}"),
-        Duration::from_secs(30),
-        || {
-            let (admins, query) = (admins.clone(), query.to_string());
-            async move {
-                let mut sum = 0.0;
-                for a in &admins {
-                    sum += pixiu_tests::metric(a, &query)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                (sum >= want).then_some(()).ok_or(format!("{sum}"))
-            }
-        },
-    )
-    .await;
+    let what = format!("{nodes:?}: {query} >= {want}");
+    pixiu_tests::wait_metric_sum(&what, &admins, query, want, Duration::from_secs(30)).await;
 }
 
 fn metric_of(name: &str) -> String {
