@@ -520,11 +520,28 @@ impl Publisher {
         from: u64,
         sid: Option<u64>,
     ) -> Result<u64, ClientError> {
+        self.send_user_with(uid, body, from, sid, false).await
+    }
+
+    /// [`Publisher::send_user`] with `"trace": true`: the delivered `inbox` frames carry every
+    /// hop.
+    pub async fn send_user_traced(&self, uid: u64, body: &str) -> Result<u64, ClientError> {
+        self.send_user_with(uid, body, 0, None, true).await
+    }
+
+    async fn send_user_with(
+        &self,
+        uid: u64,
+        body: &str,
+        from: u64,
+        sid: Option<u64>,
+        trace: bool,
+    ) -> Result<u64, ClientError> {
         let msg = PublishBody {
             body: body.to_string(),
             from: Some(Id(from)),
             sid: sid.map(Id),
-            trace: false,
+            trace,
         };
         let req = self
             .http

@@ -161,6 +161,7 @@ pub(crate) fn frame(m: InboxItem) -> Utf8Bytes {
         from: Id(m.from),
         body: m.body,
         ts: m.ts,
+        trace: None,
     };
     Utf8Bytes::from(frame.to_json())
 }

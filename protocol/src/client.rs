@@ -241,6 +241,9 @@ pub enum ServerFrame {
         from: Id,
         body: String,
         ts: u64,
+        /// The hops of a message sent with `"trace": true` (absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<Vec<crate::trace::HopJson>>,
     },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,13 +27,19 @@ pub enum Received {
     },
 }
 
-/// Decode `inbound`; `None` when it was not a message (counted, logged, a request refused).
+/// Decode `inbound`; `None` when it was not a message (counted, logged, a request refused),
+/// or was a ping asked as a request (answered `Pong` here).
 pub fn decode(inbound: Inbound, metrics: &RoleMetrics) -> Option<Received> {
     let (from, bytes, reply) = match inbound {
         Inbound::Message { from, bytes } => (from, bytes, None),
         Inbound::Request { from, bytes, reply } => (from, bytes, Some(reply)),
     };
     match (wire::decode(&bytes), reply) {
+        // a ping asked as a request (`pixiu-ctl probe`) is answered here, by every role alike
+        (Ok(Message::Ping { seq }), Some(reply)) => {
+            reply.send(wire::encode(&Message::Pong { seq }));
+            None
+        }
         (Ok(msg), None) => Some(Received::Message { from, msg, bytes }),
         (Ok(msg), Some(reply)) => Some(Received::Request { from, msg, reply }),
         (Err(e), reply) => {

@@ -1,9 +1,11 @@
 //! Operator tools behind `pixiu-ctl`: create a cluster's layout and development certificates,
 //! show its nodes (partitions registered for a doubling marked as not counted), issue tokens,
-//! double a role's partitions ([`scale_out`]), export or redeliver a user's stored messages
+//! double a role's partitions ([`scale_out`]), probe every path and name the failing hop
+//! ([`probe`]), export or redeliver a user's stored messages
 //! ([`replay`]), rebuild a lost Pi partition from Xiu ([`rebuild_pi`]), and run one of every
 //! role in one process (standalone mode).
 
+pub mod probe;
 pub mod rebuild_pi;
 pub mod replay;
 pub mod scale_out;

@@ -1,4 +1,4 @@
-//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `scale-out`, `replay`,
+//! `pixiu-ctl`: the operator tool. `init`, `status`, `token`, `scale-out`, `probe`, `replay`,
 //! `standalone`.
 
 use anyhow::Context;
@@ -117,6 +117,44 @@ enum Cmd {
         #[arg(long, requires = "rebuild_pi")]
         execute: bool,
     },
+    /// The synthetic latency probe: pseudo-users on every gateway, traced room and personal
+    /// messages through every proxy, broker, router, Xiu and Pi partition; per path the latency
+    /// and each hop's share, and the node to blame for every path that failed.
+    Probe {
+        #[command(flatten)]
+        zk: ZkArgs,
+        /// Pause between rounds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Run this many rounds, then exit 0 if every path worked, 1 if any failed.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// A message not delivered within this many ms of its round's start failed.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+        timeout_ms: u64,
+        /// A node that does not answer the probe's ping within this many ms is unresponsive
+        /// (default: a fifth of --timeout-ms, at most 1000).
+        #[arg(long)]
+        ping_timeout_ms: Option<u64>,
+        /// Run until stopped, serving Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, conflicts_with = "count")]
+        serve: Option<SocketAddr>,
+        /// With --serve: consecutive failed rounds before a path counts as failed.
+        #[arg(long, default_value_t = pixiu_tools::probe::serve::DEFAULT_FAIL_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+        fail_after: u32,
+        /// The first pseudo-user (and pseudo-room) id.
+        #[arg(long, default_value_t = pixiu_tools::probe::DEFAULT_UID_BASE)]
+        uid_base: u64,
+        /// The cluster's auth secret (the probe signs its pseudo-users' tokens).
+        #[arg(long, env = "PIXIU_AUTH_SECRET_FILE")]
+        auth_secret_file: PathBuf,
+        /// The cluster's TLS folder (ca.pem, node.pem, node.key): nodes are pinged over QUIC.
+        #[arg(long, env = "PIXIU_TLS_DIR")]
+        tls_dir: PathBuf,
+        /// One JSON object on stdout instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
     Standalone {
@@ -217,6 +255,36 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => anyhow::bail!("replay needs --uid, or --rebuild-pi with --partition"),
             },
+            Cmd::Probe {
+                zk,
+                interval_ms,
+                count,
+                timeout_ms,
+                ping_timeout_ms,
+                serve,
+                fail_after,
+                uid_base,
+                auth_secret_file,
+                tls_dir,
+                json,
+            } => {
+                let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
+                let timeout = Duration::from_millis(timeout_ms);
+                let cfg = pixiu_tools::probe::round::ProbeConfig {
+                    uid_base,
+                    timeout,
+                    ping_timeout: ping_timeout_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or_else(|| (timeout / 5).min(Duration::from_secs(1))),
+                    secret,
+                };
+                let interval = Duration::from_millis(interval_ms);
+                let how = match serve {
+                    Some(addr) => ProbeRun::Serve { addr, fail_after },
+                    None => ProbeRun::Count(count.unwrap_or(1)),
+                };
+                probe(&zk, &tls_dir, cfg, interval, how, json).await
+            }
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -372,6 +440,101 @@ async fn replay(
         std::process::exit(1);
     }
     Ok(())
+}
+
+enum ProbeRun {
+    Count(u64),
+    Serve { addr: SocketAddr, fail_after: u32 },
+}
+
+/// `pixiu-ctl probe`: `--count N` rounds, each printed (or one JSON object at the end), exit 1
+/// if any path failed; or `--serve ADDR` until SIGINT/SIGTERM with metrics on ADDR.
+async fn probe(
+    zk: &ZkArgs,
+    tls_dir: &std::path::Path,
+    cfg: pixiu_tools::probe::round::ProbeConfig,
+    interval: Duration,
+    how: ProbeRun,
+    json: bool,
+) -> anyhow::Result<()> {
+    use pixiu_tools::probe::{round::Prober, serve::ProbeMetrics, Report};
+    let transport = tool_transport(tls_dir).await?;
+    let registry = connect(zk).await?;
+    let mut prober = Prober::new(registry.clone(), transport.clone(), cfg);
+    let shutdown = Shutdown::new();
+    let res: anyhow::Result<bool> = async {
+        match how {
+            ProbeRun::Count(n) => {
+                let mut reports: Vec<Report> = Vec::new();
+                for i in 0..n {
+                    let r = prober.round().await?;
+                    if !json {
+                        print!("{}", r.render());
+                    }
+                    reports.push(r);
+                    if i + 1 < n {
+                        tokio::time::sleep(interval).await;
+                    }
+                }
+                let healthy = reports.iter().all(|r| r.failed().next().is_none());
+                if json {
+                    let faults: Vec<_> = reports.iter().flat_map(Report::faults).collect();
+                    let out = serde_json::json!({
+                        "healthy": healthy,
+                        "rounds": reports,
+                        "faults": faults,
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&out).context("rendering JSON")?
+                    );
+                }
+                Ok(healthy)
+            }
+            ProbeRun::Serve { addr, fail_after } => {
+                let mut metrics = ProbeMetrics::new(fail_after);
+                let health = pixiu_runtime::Health::default();
+                let bound = pixiu_runtime::admin::serve(
+                    addr,
+                    vec![health.clone()],
+                    metrics.registry.clone(),
+                    shutdown.clone(),
+                )
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+                eprintln!("pixiu-ctl: probe metrics on http://{bound}/metrics");
+                pixiu_runtime::shutdown_on_signals(shutdown.clone());
+                while !shutdown.is_cancelled() {
+                    let r = prober.round().await?;
+                    let failed = metrics.observe(&r);
+                    health.set_ready(true);
+                    if json {
+                        println!("{}", serde_json::to_string(&r).context("rendering JSON")?);
+                    } else if !failed.is_empty() {
+                        print!("{}", r.render());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(interval) => {}
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+    .await;
+    shutdown.cancel();
+    prober.close().await;
+    registry.close().await;
+    transport.close().await;
+    match res {
+        Ok(true) => Ok(()),
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("pixiu-ctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// The QUIC transport of a tool that talks to the nodes (mutual TLS with the cluster's CA).
