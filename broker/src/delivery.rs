@@ -463,6 +463,7 @@ mod tests {
             from: 1,
             body: format!("m{id}"),
             ts: 0,
+            trace: None,
         }
     }
 

@@ -55,6 +55,8 @@ struct Done {
 struct Io {
     transport: Transport,
     metrics: RoleMetrics,
+    /// This broker as a hop of traced personal messages.
+    hop: pixiu_runtime::Hop,
     pis: watch::Receiver<Arc<RoleView>>,
     xius: watch::Receiver<Arc<RoleView>>,
 }
@@ -68,11 +70,13 @@ pub(crate) fn spawn(
     pis: watch::Receiver<Arc<RoleView>>,
     xius: watch::Receiver<Arc<RoleView>>,
     shutdown: Shutdown,
+    hop: pixiu_runtime::Hop,
 ) -> mpsc::Sender<Event> {
     let (tx, rx) = mpsc::channel(65_536);
     let io = Io {
         transport,
         metrics,
+        hop,
         pis,
         xius,
     };
@@ -236,6 +240,7 @@ async fn fetch(
     after: Option<u64>,
     max: usize,
 ) -> Result<Fetched, InboxError> {
+    let started = pixiu_protocol::trace::now_us();
     let read = Message::PiRead {
         uid,
         device: device_key(device),
@@ -268,7 +273,13 @@ async fn fetch(
             Message::XiuMessages { items: results } => {
                 for r in results {
                     match r {
-                        ReadResult::Found(m) => items.push(m),
+                        ReadResult::Found(mut m) => {
+                            // a traced message: this broker's hop, from the fetch to now
+                            if let Some(t) = m.trace.as_mut() {
+                                t.push(io.hop.stamp(started));
+                            }
+                            items.push(m)
+                        }
                         ReadResult::Expired { id, .. } => {
                             // retention deleted it; Pi's own retention drops the id soon
                             io.metrics.drop("inbox_read", "expired");

@@ -161,6 +161,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         service.watch(Role::Pi).await?,
         service.watch(Role::Xiu).await?,
         service.shutdown.clone(),
+        service.hop(),
     );
     let mut b = Broker {
         partition: bc.partition,

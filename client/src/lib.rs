@@ -564,6 +564,7 @@ impl Publisher {
             body: body.to_string(),
             from: Some(Id(from)),
             sid: sid.map(Id),
+            trace: false,
         };
         let req = self.http.post(self.url("/v1/users/messages"));
         let reply: IdsReply = self.call(req.json(&msg), 201).await?;

@@ -11,6 +11,7 @@
 //! first answer was lost and that is retried across the flip may then be stored twice.
 
 use pixiu_protocol::routing::{group_users, user_partition, user_replica};
+use pixiu_protocol::trace::Stamp;
 use pixiu_protocol::wire::{self, Message, StoreRequest};
 use pixiu_registry::RoleView;
 use pixiu_runtime::{ask, AskError};
@@ -73,7 +74,6 @@ impl Courier {
     /// Stores one message for every receiver in `to` and notifies their brokers. Answers
     /// each receiver's id once every copy is acknowledged (stored, replicated to `min_insync`
     /// followers, indexed in Pi).
-    #[tracing::instrument(level = "debug", skip_all, fields(sid, from, receivers = to.len()))]
     pub async fn send(
         &self,
         sid: u64,
@@ -81,6 +81,21 @@ impl Courier {
         to: &[u64],
         body: String,
         ts: u64,
+    ) -> Result<BTreeMap<u64, u64>, CourierError> {
+        self.send_traced(sid, from, to, body, ts, None).await
+    }
+
+    /// [`Courier::send`] of a traced message (`"trace": true`): `trace` holds the stamps so far
+    /// (the sender's node's), and every store goes as `XiuStoreTraced`.
+    #[tracing::instrument(level = "debug", skip_all, fields(sid, from, receivers = to.len()))]
+    pub async fn send_traced(
+        &self,
+        sid: u64,
+        from: u64,
+        to: &[u64],
+        body: String,
+        ts: u64,
+        trace: Option<Vec<Stamp>>,
     ) -> Result<BTreeMap<u64, u64>, CourierError> {
         if to.is_empty() {
             return Err(CourierError::BadRequest("no receivers".into()));
@@ -113,7 +128,14 @@ impl Courier {
                     body: body.clone(),
                     ts,
                 };
-                async move { self.store(p, req, deadline).await }
+                let msg = match &trace {
+                    None => Message::XiuStore(req),
+                    Some(t) => Message::XiuStoreTraced {
+                        req,
+                        trace: t.clone(),
+                    },
+                };
+                async move { self.store(p, msg, deadline).await }
             });
             let mut moved_to = num;
             for r in futures::future::join_all(stores).await {
@@ -160,14 +182,18 @@ impl Courier {
         }
     }
 
+    /// `msg` is an `XiuStore` or `XiuStoreTraced`.
     async fn store(
         &self,
         partition: u32,
-        req: StoreRequest,
+        msg: Message,
         deadline: tokio::time::Instant,
     ) -> Result<Stored, CourierError> {
         let used = self.xius.borrow().partition_num;
-        let msg = Message::XiuStore(req.clone());
+        let to = match &msg {
+            Message::XiuStore(req) | Message::XiuStoreTraced { req, .. } => req.to.clone(),
+            _ => Vec::new(),
+        };
         let mut last_error = String::from("no attempt");
         // what the store itself said beats a transport timeout of a later attempt
         let mut store_said: Option<String> = None;
@@ -189,10 +215,10 @@ impl Courier {
                 }
             };
             match answer {
-                Ok(Message::XiuStored { id, .. }) => return Ok(Stored::Ids(req.to, id)),
+                Ok(Message::XiuStored { id, .. }) => return Ok(Stored::Ids(to, id)),
                 // a doubling this view has not caught up with: regroup under the new count
                 Err(AskError::Moved { partition_num, .. }) if partition_num > used => {
-                    return Ok(Stored::Moved(req.to, partition_num))
+                    return Ok(Stored::Moved(to, partition_num))
                 }
                 Err(AskError::Moved { reason, .. }) => {
                     return Err(CourierError::BadRequest(reason))

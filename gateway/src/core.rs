@@ -307,7 +307,14 @@ impl Core {
         }
     }
 
-    fn on_inbox_push(&mut self, dev: DeviceRef, items: Vec<InboxItem>) {
+    fn on_inbox_push(&mut self, dev: DeviceRef, mut items: Vec<InboxItem>) {
+        if items.iter().any(|m| m.trace.is_some()) {
+            // traced messages: this gateway's hop, from the push's arrival to the frame
+            let arrived = pixiu_protocol::trace::now_us();
+            for t in items.iter_mut().filter_map(|m| m.trace.as_mut()) {
+                t.push(self.hop.stamp(arrived));
+            }
+        }
         let tx = match self.inbox.target(&dev) {
             Ok(tx) => tx,
             Err(reason) => {

@@ -161,7 +161,9 @@ pub(crate) fn frame(m: InboxItem) -> Utf8Bytes {
         from: Id(m.from),
         body: m.body,
         ts: m.ts,
-        trace: None,
+        trace: m
+            .trace
+            .map(|t| t.iter().map(pixiu_protocol::trace::HopJson::from).collect()),
     };
     Utf8Bytes::from(frame.to_json())
 }

@@ -107,6 +107,8 @@ struct Node {
     registry: Registry,
     /// The snapshot being sent to followers (taken on the first chunk request).
     snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// This node as a hop of traced messages (`PiAppendTraced`).
+    hop: pixiu_runtime::Hop,
 }
 
 const PULL_WAIT: Duration = Duration::from_millis(1000);
@@ -208,6 +210,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         serving: watch::channel(None).0,
         registry: service.env.registry.clone(),
         snapshot: Mutex::new(None),
+        hop: service.hop(),
     });
     let serving = node.serving.subscribe();
     let shutdown = service.shutdown.clone();
@@ -571,6 +574,15 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
     }
     match msg {
         Message::PiAppend { items, ts } => append(&node, items, ts).await,
+        Message::PiAppendTraced { items, ts } => {
+            let arrived = pixiu_protocol::trace::now_us();
+            match append(&node, items, ts).await {
+                Message::Done => Message::PiAppendedTraced {
+                    stamp: node.hop.stamp(arrived),
+                },
+                refused => refused,
+            }
+        }
         Message::PiRead {
             uid,
             device,

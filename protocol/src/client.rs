@@ -65,6 +65,8 @@ pub enum ClientRequest {
         body: String,
         sid: Option<u64>,
         cid: Option<String>,
+        /// `"trace": true`: the delivered `inbox` frames carry every hop's stamp.
+        trace: bool,
     },
     Ack {
         id: u64,
@@ -184,6 +186,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientRequest, FrameError> {
             to: field::<Id>(&obj, "to", &cid)?.0,
             body: body_field(&obj, &cid)?,
             sid: opt_id("sid")?,
+            trace: obj.get("trace").and_then(Value::as_bool).unwrap_or(false),
             cid,
         },
         "ack" => ClientRequest::Ack {
@@ -285,6 +288,9 @@ pub struct MulticastBody {
     pub from: Option<Id>,
     #[serde(default)]
     pub sid: Option<Id>,
+    /// Collect every hop's stamp into the delivered frames.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trace: bool,
 }
 
 /// `{"id":".."}`

@@ -330,6 +330,24 @@ pub enum Message {
         msg: RoomMessage,
         trace: Vec<crate::trace::Stamp>,
     },
+
+    // ---- traced personal messages ----
+    /// `XiuStore` with the stamps so far (the proxy's, or the sending client's gateway's).
+    /// The Xiu leader keeps the message's stamps in memory (its own, then Pi's) and hands them
+    /// out with the message to the broker's `XiuRead`.
+    XiuStoreTraced {
+        req: StoreRequest,
+        trace: Vec<crate::trace::Stamp>,
+    },
+    /// `PiAppend` of a batch holding a traced id: answered `PiAppendedTraced` with the Pi
+    /// leader's stamp instead of `Done`.
+    PiAppendTraced {
+        items: Vec<(u64, u64)>,
+        ts: u64,
+    },
+    PiAppendedTraced {
+        stamp: crate::trace::Stamp,
+    },
 }
 
 /// A request to store one personal (or multicast) message.
@@ -351,6 +369,9 @@ pub struct InboxItem {
     pub from: u64,
     pub body: String,
     pub ts: u64,
+    /// The hops of a message sent with `"trace": true` (Xiu adds them when it reads it out;
+    /// the broker and the gateway add theirs); `None` otherwise.
+    pub trace: Option<Vec<crate::trace::Stamp>>,
 }
 
 /// One id of a `XiuRead`: the message, or why it cannot be given.
@@ -432,6 +453,9 @@ impl Message {
             Message::XiuExpired { .. } => "xiu_expired",
             Message::TracedRoom { .. } => "traced_room",
             Message::TracedPublish { .. } => "traced_publish",
+            Message::XiuStoreTraced { .. } => "xiu_store_traced",
+            Message::PiAppendTraced { .. } => "pi_append_traced",
+            Message::PiAppendedTraced { .. } => "pi_appended_traced",
         }
     }
 }
@@ -477,6 +501,14 @@ mod tests {
             instance: 9,
             addr: "127.0.0.1:4000".parse().unwrap(),
         };
+        let stamp = crate::trace::Stamp {
+            role: "pi".into(),
+            node: 3,
+            partition: Some(1),
+            addr: "127.0.0.1:9".into(),
+            in_us: 5,
+            out_us: 6,
+        };
         vec![
             Message::Ping { seq: 1 },
             Message::Subscribe {
@@ -520,6 +552,7 @@ mod tests {
                         from: 1,
                         body: "b".into(),
                         ts: 2,
+                        trace: None,
                     }),
                     ReadResult::Corrupt {
                         id: 7,
@@ -569,9 +602,17 @@ mod tests {
                     from: 1,
                     body: "again".into(),
                     ts: 4,
+                    trace: Some(vec![stamp.clone()]),
                 }],
             },
             Message::Redelivered { devices: 2 },
+            Message::PiAppendTraced {
+                items: vec![(1, 2)],
+                ts: 3,
+            },
+            Message::PiAppendedTraced {
+                stamp: stamp.clone(),
+            },
             Message::XiuUsers {
                 pi_partition: 1,
                 pi_partitions: 2,

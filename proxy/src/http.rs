@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 pub(crate) struct HttpState {
+    /// This proxy as a hop of traced personal messages.
+    pub hop: pixiu_runtime::Hop,
     pub secret: Option<Vec<u8>>,
     pub insecure_dev_auth: bool,
     pub pipeline: Pipeline,
@@ -200,24 +202,23 @@ fn too_large(s: &HttpState, len: usize) -> Response {
     )
 }
 
-/// Store, index, notify; the receivers' ids once acknowledged.
+/// Store, index, notify; the receivers' ids once acknowledged. A traced message (`traced`:
+/// when the request arrived, unix µs) carries this proxy's stamp to Xiu.
 async fn deliver(
     s: &HttpState,
     to: &[u64],
     body: String,
-    from: Option<Id>,
-    sid: Option<Id>,
+    (from, sid): (Option<Id>, Option<Id>),
+    traced: Option<u64>,
 ) -> Result<BTreeMap<u64, u64>, Response> {
     if body.len() > MAX_BODY {
         return Err(too_large(s, body.len()));
     }
     let sid = sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
     let from = from.map(|Id(f)| f).unwrap_or(0);
-    match s
-        .courier
-        .send(sid, from, to, body, pixiu_protocol::now_ms())
-        .await
-    {
+    let trace = traced.map(|arrived| vec![s.hop.stamp(arrived)]);
+    let ts = pixiu_protocol::now_ms();
+    match s.courier.send_traced(sid, from, to, body, ts, trace).await {
         Ok(ids) => {
             s.metrics.add_out("inbox_stored", ids.len() as u64);
             Ok(ids)
@@ -243,6 +244,7 @@ async fn send_user(
     Path(uid): Path<String>,
     req: Request<Body>,
 ) -> Response {
+    let arrived = pixiu_protocol::trace::now_us();
     s.metrics.inc_in("http");
     if let Err(r) = authorize(&s, req.headers()) {
         return r;
@@ -259,7 +261,8 @@ async fn send_user(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match deliver(&s, &[uid], body.body, body.from, body.sid).await {
+    let traced = body.trace.then_some(arrived);
+    match deliver(&s, &[uid], body.body, (body.from, body.sid), traced).await {
         Ok(ids) => match ids.get(&uid) {
             Some(id) => (StatusCode::CREATED, Json(IdReply { id: Id(*id) })).into_response(),
             None => error(
@@ -278,6 +281,7 @@ struct IdsReply {
 }
 
 async fn send_multicast(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Response {
+    let arrived = pixiu_protocol::trace::now_us();
     s.metrics.inc_in("http");
     if let Err(r) = authorize(&s, req.headers()) {
         return r;
@@ -287,7 +291,8 @@ async fn send_multicast(State(s): State<Arc<HttpState>>, req: Request<Body>) -> 
         Err(r) => return r,
     };
     let to: Vec<u64> = body.to.iter().map(|Id(u)| *u).collect();
-    match deliver(&s, &to, body.body, body.from, body.sid).await {
+    let traced = body.trace.then_some(arrived);
+    match deliver(&s, &to, body.body, (body.from, body.sid), traced).await {
         Ok(ids) => (
             StatusCode::CREATED,
             Json(IdsReply {

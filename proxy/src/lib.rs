@@ -157,6 +157,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         tokio::runtime::Handle::current(),
     );
     let app = http::router(Arc::new(http::HttpState {
+        hop: service.hop(),
         secret: pc.auth_secret.clone().map(String::into_bytes),
         insecure_dev_auth: pc.insecure_dev_auth,
         pipeline: pipeline.clone(),

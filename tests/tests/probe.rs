@@ -149,8 +149,8 @@ async fn the_probe_covers_every_node_and_names_each_frozen_one() {
         .collect();
     for (role, partition, id) in &all {
         let name = match partition {
-            Some(p) => format!("reach {role} {p}/{id}"),
-            None => format!("reach {role} {id}"),
+            Some(p) => format!("{role} {p}/{id}"),
+            None => format!("{role} {id}"),
         };
         assert!(reached.contains(&name), "{name} not probed: {reached:?}");
     }
@@ -162,15 +162,39 @@ async fn the_probe_covers_every_node_and_names_each_frozen_one() {
         2,
         "one proxy x 2 receivers (Xiu and Pi partitions 0, 1)"
     );
-    for o in outcomes.iter().filter(|o| o["kind"] == "room") {
-        let hops: Vec<&str> = o["hops"]
+    let hops = |o: &Value| -> Vec<String> {
+        o["hops"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|h| h["hop"].as_str().unwrap())
-            .collect();
-        assert_eq!(hops, ["proxy", "broker", "gateway", "client"], "{o}");
+            .map(|h| h["hop"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for o in outcomes.iter().filter(|o| o["kind"] == "room") {
+        assert_eq!(hops(o), ["proxy", "broker", "gateway", "client"], "{o}");
     }
+    for o in outcomes.iter().filter(|o| o["kind"] == "inbox") {
+        let want = ["proxy", "xiu", "pi", "broker", "gateway", "client"];
+        assert_eq!(hops(o), want, "{o}");
+    }
+
+    // the readable table: every path, then the verdict
+    let secret = c.secret_file.to_str().unwrap().to_string();
+    let tls = c.tls_dir.to_str().unwrap().to_string();
+    let out = c.ctl(&[
+        "probe",
+        "--count",
+        "1",
+        "--auth-secret-file",
+        &secret,
+        "--tls-dir",
+        &tls,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("healthy: every path worked"), "{text}");
+    assert!(text.contains("inbox  proxy 0 -> xiu 1 -> pi 1"), "{text}");
+    println!("{text}");
 
     // freeze each in turn: the probe names it, and nothing else, within 10 s
     let victims = ["broker0b", "router1", "gw-b", "xiu1a", "pi1a"];
@@ -284,7 +308,7 @@ async fn probe_serve_exposes_metrics_and_confirms_a_failure_after_consecutive_ro
         ),
         (
             "pixiu_probe_path_failed",
-            ["kind=\"join\"", "path=\"join gateway"],
+            ["kind=\"join\"", "path=\"gateway"],
         ),
     ] {
         assert!(

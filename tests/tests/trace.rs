@@ -80,3 +80,68 @@ async fn traced_room_messages_carry_every_hop_untraced_ones_nothing() {
         "the publisher's gateway, then the member's"
     );
 }
+
+async fn next_inbox(device: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJson>>) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), device.next_event()).await {
+            Ok(Some(ServerFrame::Inbox { id, trace, .. })) => return (id.0, trace),
+            Ok(Some(_)) => continue,
+            other => panic!("no inbox frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traced_personal_messages_carry_xiu_and_pi_untraced_ones_nothing() {
+    let mut c = Cluster::start_layout("trace-inbox", 1, 1, 2, 2).await;
+    for p in 0..2 {
+        c.spawn_store(&format!("xiu{p}"), "xiu", p, &["--min-insync", "0"]);
+        c.spawn_store(&format!("pi{p}"), "pi", p, &["--min-insync", "0"]);
+    }
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw-a", &[]);
+    c.spawn_gateway("gw-b", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let mut receiver = c.client("gw-b", 21).await;
+    let p = c.publisher("proxy");
+
+    // over HTTP: proxy, xiu, pi, broker, gateway, each naming its partition where it has one
+    let id = p.send_user_traced(21, "traced").await.unwrap();
+    let (got, trace) = next_inbox(&mut receiver).await;
+    assert_eq!(got, id);
+    let trace = trace.expect("a trace");
+    assert_eq!(
+        check_hops(&trace),
+        ["proxy", "xiu", "pi", "broker", "gateway"]
+    );
+    let partitions: Vec<Option<u32>> = trace.iter().map(|h| h.partition).collect();
+    assert_eq!(partitions, [None, Some(1), Some(1), Some(0), None]);
+    receiver.ack(id).await.unwrap();
+
+    let id = p.send_user(21, "plain", 1, None).await.unwrap();
+    assert_eq!(
+        next_inbox(&mut receiver).await,
+        (id, None),
+        "untraced: no trace"
+    );
+    receiver.ack(id).await.unwrap();
+
+    // a client's send: the sender's gateway first
+    let sender = c.client("gw-a", 10).await;
+    sender
+        .send_raw(r#"{"op":"send","to":"21","body":"from a client","trace":true,"cid":"s1"}"#)
+        .await
+        .unwrap();
+    let (_, trace) = next_inbox(&mut receiver).await;
+    let trace = trace.expect("a trace");
+    assert_eq!(
+        check_hops(&trace),
+        ["gateway", "xiu", "pi", "broker", "gateway"]
+    );
+    assert_ne!(
+        trace[0].addr, trace[4].addr,
+        "the sender's gateway, then the receiver's"
+    );
+}

@@ -290,6 +290,7 @@ mod tests {
             from: 1,
             body: format!("m{id}"),
             ts,
+            trace: None,
         };
         let merged = merge(vec![m(5, 20), m(1 << 56 | 2, 10), m(3, 20), m(5, 20)]);
         let ids: Vec<u64> = merged.iter().map(|m| m.id).collect();

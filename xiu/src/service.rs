@@ -29,6 +29,7 @@
 
 mod handoff;
 mod replica;
+mod traces;
 mod write;
 
 use crate::{Durability, XiuError, XiuOptions, XiuStore};
@@ -147,8 +148,15 @@ struct Node {
     /// The count this replica serves (published as `NodeInfo::serving`).
     serving: watch::Sender<Option<u32>>,
     registry: Registry,
-    writes: mpsc::Sender<(StoreRequest, StoreReply)>,
+    writes: mpsc::Sender<(StoreRequest, Option<Traced>, StoreReply)>,
+    /// Stamps of traced messages (in memory, leader only).
+    traces: traces::Traces,
+    /// This node as a hop of traced messages.
+    hop: pixiu_runtime::Hop,
 }
+
+/// A traced store: the stamps so far and when it arrived here (unix µs).
+type Traced = (Vec<pixiu_protocol::trace::Stamp>, u64);
 
 const PULL_WAIT: Duration = Duration::from_millis(1000);
 
@@ -231,6 +239,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         serving: watch::channel(None).0,
         registry: service.env.registry.clone(),
         writes,
+        traces: traces::Traces::new(),
+        hop: service.hop(),
     });
     let shutdown = service.shutdown.clone();
     tokio::spawn(writer(node.clone(), write_rx));
@@ -337,6 +347,7 @@ fn read_result(
             from: m.from,
             body: m.body,
             ts: m.ts,
+            trace: node.traces.of(m.id.0),
         }),
         Err(e @ XiuError::Corrupt { .. }) => {
             node.metrics.drop("read", "corrupt");
@@ -363,7 +374,11 @@ async fn handle(node: &Node, msg: Message) -> Message {
     match msg {
         Message::XiuStore(req) => {
             node.metrics.inc_in("store");
-            store(node, req).await
+            store(node, req, None).await
+        }
+        Message::XiuStoreTraced { req, trace } => {
+            node.metrics.inc_in("store");
+            store(node, req, Some((trace, pixiu_protocol::trace::now_us()))).await
         }
         Message::XiuHistory {
             uid,

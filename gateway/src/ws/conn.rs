@@ -170,7 +170,16 @@ impl Conn {
                 cid,
                 trace,
             } => Some(self.publish(room, body, cid, trace)),
-            ClientRequest::Send { to, body, sid, cid } => self.send(to, body, sid, cid),
+            ClientRequest::Send {
+                to,
+                body,
+                sid,
+                cid,
+                trace,
+            } => {
+                let arrived = trace.then(pixiu_protocol::trace::now_us);
+                self.send(to, body, sid, cid, arrived)
+            }
             ClientRequest::Sync { after, .. } => {
                 self.core(Cmd::InboxSync { conn, after }).await?;
                 None
@@ -275,13 +284,15 @@ impl Conn {
         ServerFrame::Published { room, id, cid }
     }
 
-    /// Refused now, or answered by the courier later (an [`Event::Sent`]).
+    /// Refused now, or answered by the courier later (an [`Event::Sent`]). A traced send
+    /// (`arrived`: when it reached this gateway, unix µs) carries this gateway's stamp.
     fn send(
         &mut self,
         to: u64,
         body: String,
         sid: Option<u64>,
         cid: Option<String>,
+        arrived: Option<u64>,
     ) -> Option<ServerFrame> {
         if let Err(refusal) = self.session.admit_send(&cid, Instant::now()) {
             return Some(self.refuse(refusal));
@@ -290,8 +301,9 @@ impl Conn {
         let (courier, from) = (self.state.courier.clone(), self.session.who.uid);
         let events = self.events.clone();
         self.state.metrics.inc_in("send");
+        let trace = arrived.map(|at| vec![self.state.s.hop.stamp(at)]);
         tokio::spawn(async move {
-            let result = courier_send(&courier, sid, from, to, body).await;
+            let result = courier_send(&courier, sid, from, to, body, trace).await;
             let _ = events.send(Event::Sent { cid, result }).await;
         });
         None
@@ -342,9 +354,11 @@ async fn courier_send(
     from: u64,
     to: u64,
     body: String,
+    trace: Option<Vec<pixiu_protocol::trace::Stamp>>,
 ) -> Result<u64, CourierError> {
+    let ts = pixiu_protocol::now_ms();
     let ids = courier
-        .send(sid, from, &[to], body, pixiu_protocol::now_ms())
+        .send_traced(sid, from, &[to], body, ts, trace)
         .await?;
     ids.get(&to)
         .copied()

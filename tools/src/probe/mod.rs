@@ -192,7 +192,7 @@ impl Topology {
         for n in self.nodes() {
             paths.push(Path {
                 kind: Kind::Reach,
-                name: format!("reach {}", n.short()),
+                name: n.short(),
                 route: vec![n],
                 target: Target::Node,
             });
@@ -220,7 +220,7 @@ impl Topology {
                 route.extend(self.replicas(Role::Broker, bp).iter().cloned());
                 paths.push(Path {
                     kind: Kind::Join,
-                    name: format!("join gateway {} -> router {rp} -> broker {bp}", gw.id),
+                    name: format!("gateway {} -> router {rp} -> broker {bp}", gw.id),
                     route,
                     target: Target::Join {
                         uid: member.uid,
@@ -235,7 +235,7 @@ impl Topology {
                     paths.push(Path {
                         kind: Kind::Room,
                         name: format!(
-                            "room proxy {} -> {} -> gateway {}",
+                            "proxy {} -> {} -> gateway {}",
                             proxy.id,
                             broker.map_or_else(|| format!("broker {bp}/none"), NodeRef::short),
                             gw.id
@@ -269,7 +269,7 @@ impl Topology {
                 paths.push(Path {
                     kind: Kind::Inbox,
                     name: format!(
-                        "inbox proxy {} -> xiu {xp} -> pi {pp} -> {} -> gateway {}",
+                        "proxy {} -> xiu {xp} -> pi {pp} -> {} -> gateway {}",
                         proxy.id,
                         broker.map_or_else(|| format!("broker {bp}/none"), NodeRef::short),
                         gw.id
@@ -401,7 +401,8 @@ pub enum Target {
 #[derive(Clone, Debug)]
 pub struct Path {
     pub kind: Kind,
-    /// Stable across rounds (names nodes and partitions, not rooms): a metrics label.
+    /// Stable across rounds (names nodes and partitions, not rooms): a metrics label, shown
+    /// after the kind.
     pub name: String,
     pub route: Vec<NodeRef>,
     pub target: Target,
@@ -498,7 +499,9 @@ impl Report {
         let mut by: BTreeMap<&NodeRef, Vec<String>> = BTreeMap::new();
         for o in self.failed() {
             if let Some(n) = &o.blame {
-                by.entry(n).or_default().push(o.path.clone());
+                by.entry(n)
+                    .or_default()
+                    .push(format!("{} {}", o.kind.as_str(), o.path));
             }
         }
         by.into_iter()

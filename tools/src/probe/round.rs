@@ -68,7 +68,7 @@ pub fn parse_body(body: &str) -> Option<(u64, u64, u64, u64)> {
 type Failure = (bool, String);
 
 /// Per (uid, room) of a round's joins: `joined`, or why not.
-type Joins = BTreeMap<(u64, u64), Result<(), Failure>>;
+type Joins = BTreeMap<(u64, u64), Result<f64, Failure>>;
 
 /// What the round's publishes and deliveries came to, per target.
 #[derive(Default)]
@@ -275,8 +275,9 @@ impl Prober {
             }
             for &room in rooms {
                 asks.push(async move {
+                    let t = Instant::now();
                     let res = match timeout_at(deadline, conn.client.join(room)).await {
-                        Ok(Ok(())) => Ok(()),
+                        Ok(Ok(())) => Ok(t.elapsed().as_secs_f64() * 1000.0),
                         Ok(Err(ClientError::Refused { code, reason })) => {
                             Err((true, format!("join refused: {code}: {reason}")))
                         }
@@ -306,7 +307,7 @@ impl Prober {
         for p in paths {
             match &p.target {
                 Target::Room { proxy, room, uid } => {
-                    if matches!(joins.get(&(*uid, *room)), Some(Ok(()))) {
+                    if matches!(joins.get(&(*uid, *room)), Some(Ok(_))) {
                         expected.insert(p.target.clone());
                         sends.insert((Kind::Room, *proxy, *room));
                     }
@@ -495,7 +496,7 @@ fn judge(p: &Path, v: &Evidence<'_>) -> Outcome {
         }
         Target::Join { uid, room } => match (gateway_of(uid), joins.get(&(*uid, *room))) {
             (Err(e), _) => failed(e, BTreeSet::new()),
-            (Ok(()), Some(Ok(()))) => ok(0.0, Vec::new()),
+            (Ok(()), Some(Ok(ms))) => ok(*ms, Vec::new()),
             (Ok(()), Some(Err((answered, reason)))) => {
                 // a gateway that answered with a refusal did its part
                 let ids = answered

@@ -5,7 +5,10 @@
 use super::*;
 
 /// Group commit: write every queued store, fsync once, answer them all.
-pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest, StoreReply)>) {
+pub(super) async fn writer(
+    node: Arc<Node>,
+    mut rx: mpsc::Receiver<(StoreRequest, Option<Traced>, StoreReply)>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 256 {
@@ -21,7 +24,7 @@ pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest
             let num = n2.xius.borrow().partition_num;
             let mut out = Vec::with_capacity(batch.len());
             let mut fresh = false;
-            for (req, reply) in batch {
+            for (req, traced, reply) in batch {
                 let r = match moved(&req.to, n2.cfg.partition, num) {
                     Some(moved) => Err(moved),
                     None => s
@@ -29,6 +32,10 @@ pub(super) async fn writer(node: Arc<Node>, mut rx: mpsc::Receiver<(StoreRequest
                         .map_err(WriteError::from),
                 };
                 fresh |= matches!(r, Ok((_, true)));
+                if let (Ok((id, true)), Some((stamps, arrived))) = (&r, traced) {
+                    // before the head moves: the indexer never sees the id without its trace
+                    n2.traces.stored(id.0, stamps, arrived);
+                }
                 out.push((r, reply));
             }
             if fresh && n2.cfg.fsync {
@@ -151,6 +158,8 @@ enum IndexError {
 }
 
 /// Sends each Pi partition its share of `items`; all must succeed.
+/// A group holding a traced id goes as `PiAppendTraced`, and the Pi leader's stamp is kept
+/// for those ids.
 async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexError> {
     if items.is_empty() {
         return Ok(());
@@ -164,11 +173,22 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexErr
     let calls = groups.into_iter().map(|(partition, items)| {
         let leader = pis.leader_addr(partition);
         let transport = node.transport.clone();
+        let traced = node
+            .traces
+            .leaving(items.iter().map(|(_, id)| *id), &node.hop);
         async move {
             let leader = leader.ok_or(IndexError::NoLeader(partition))?;
-            let append = Message::PiAppend { items, ts };
+            let append = if traced.is_empty() {
+                Message::PiAppend { items, ts }
+            } else {
+                Message::PiAppendTraced { items, ts }
+            };
             match ask(&transport, leader, &append, Duration::from_secs(3)).await {
                 Ok(Message::Done) => Ok(()),
+                Ok(Message::PiAppendedTraced { stamp }) => {
+                    node.traces.indexed(&traced, &stamp);
+                    Ok(())
+                }
                 Ok(other) => Err(AskError::unexpected(leader, &other, "done")),
                 Err(e) => Err(e),
             }
@@ -182,7 +202,7 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexErr
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(sid = req.sid, receivers = req.to.len()))]
-pub(super) async fn store(node: &Node, req: StoreRequest) -> Message {
+pub(super) async fn store(node: &Node, req: StoreRequest, traced: Option<Traced>) -> Message {
     if !node.leading.load(Ordering::SeqCst) {
         return unavailable("not the leader of this xiu partition");
     }
@@ -201,7 +221,7 @@ pub(super) async fn store(node: &Node, req: StoreRequest) -> Message {
         };
     }
     let (tx, rx) = oneshot::channel();
-    if node.writes.send((req, tx)).await.is_err() {
+    if node.writes.send((req, traced, tx)).await.is_err() {
         return unavailable("store writer stopped");
     }
     let (id, fresh) = match rx.await {
