@@ -198,6 +198,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "pixiu-pi@0.service",
         "pixiu-gateway.service",
         "pixiu-proxy.service",
+        "pixiu-probe.service",
     ] {
         assert!(
             units.iter().any(|u| u == want),
@@ -250,7 +251,8 @@ fn systemd_checks_reject_a_broken_unit() {
 }
 
 /// The sample values of the variables the units take from their environment files.
-const UNIT_ENV: [(&str, &str); 4] = [
+const UNIT_ENV: [(&str, &str); 5] = [
+    ("PIXIU_ZK", "192.0.2.1:2181"),
     ("PIXIU_LISTEN", "192.0.2.11:7200"),
     ("PIXIU_ADMIN", "192.0.2.11:9200"),
     ("PIXIU_CLIENT_URL", "ws://192.0.2.11:8700/v1/ws"),
@@ -358,6 +360,10 @@ fn systemd_command_lines_pass_check_config() {
             "no unit runs pixiu-{role}: {seen:?}"
         );
     }
+    assert!(
+        seen.contains(&format!("{INSTALL_DIR}pixiu-ctl")),
+        "no unit runs the probe: {seen:?}"
+    );
 
     // a misspelled flag in a unit must be refused
     let text = std::fs::read_to_string(deploy.join("systemd/pixiu-xiu@.service")).unwrap();
@@ -630,19 +636,23 @@ fn containers(docs: &[Value], dir: &Path) -> Vec<Container> {
 /// the Prometheus annotations on that port, resources, and a `--listen` on the pod's IP.
 fn conventions(c: &Container) -> Vec<String> {
     let mut bad = Vec::new();
+    // the probe serves its /metrics and /healthz on --serve and has no node-to-node port
+    let probe = c.role == "probe";
+    let admin_flag = if probe { "--serve=" } else { "--admin=" };
     let admin = c
         .args
         .iter()
-        .find_map(|a| a.strip_prefix("--admin="))
+        .find_map(|a| a.strip_prefix(admin_flag))
         .and_then(|a| a.rsplit(':').next())
         .map(str::to_string);
     let Some(admin) = admin else {
-        return vec!["no --admin=ADDR:PORT".into()];
+        return vec![format!("no {admin_flag}ADDR:PORT")];
     };
-    if !c
-        .args
-        .iter()
-        .any(|a| a.starts_with(&format!("--listen={POD_IP}:")))
+    if !probe
+        && !c
+            .args
+            .iter()
+            .any(|a| a.starts_with(&format!("--listen={POD_IP}:")))
     {
         bad.push("--listen is not the pod's IP ($(POD_IP) from status.podIP)".into());
     }
@@ -691,7 +701,7 @@ fn kubernetes_command_lines_pass_check_config() {
     let mut partitions: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
     let mut layout: BTreeMap<String, u32> = BTreeMap::new();
     for c in &all {
-        if c.program.ends_with("/pixiu-ctl") {
+        if c.program.ends_with("/pixiu-ctl") && c.args.first().map(String::as_str) == Some("init") {
             // the init Job: its partition counts must match the workloads (checked below)
             for a in &c.args {
                 if let Some((role, n)) = a
@@ -718,7 +728,7 @@ fn kubernetes_command_lines_pass_check_config() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     let roles: BTreeSet<&str> = all.iter().map(|c| c.role.as_str()).collect();
-    for role in ROLES {
+    for role in ROLES.iter().chain(&["probe"]) {
         assert!(roles.contains(role), "no workload runs {role}: {roles:?}");
     }
     let want: BTreeMap<String, BTreeSet<u32>> = layout

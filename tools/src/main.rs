@@ -154,6 +154,10 @@ enum Cmd {
         /// One JSON object on stdout instead of the tables.
         #[arg(long)]
         json: bool,
+        /// Check the flags, print "configuration ok" and exit (like a service's
+        /// --check-config: no file is read, ZooKeeper is not contacted).
+        #[arg(long)]
+        check_config: bool,
     },
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
@@ -267,7 +271,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 auth_secret_file,
                 tls_dir,
                 json,
+                check_config,
             } => {
+                if check_config {
+                    // like the services' --check-config: the flags, no file read, nothing
+                    // contacted
+                    println!("pixiu-ctl: configuration ok");
+                    return Ok(());
+                }
                 let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
                 let timeout = Duration::from_millis(timeout_ms);
                 let cfg = pixiu_tools::probe::round::ProbeConfig {
