@@ -221,6 +221,18 @@ impl Cluster {
         );
     }
 
+    /// One of every role, each store single (`--min-insync 0`), named `xiu`, `pi`, `router`,
+    /// `broker`, `gw` and `proxy`, all waited for.
+    pub async fn spawn_one_of_each(&mut self) {
+        self.spawn_store("xiu", "xiu", 0, &["--min-insync", "0"]);
+        self.spawn_store("pi", "pi", 0, &["--min-insync", "0"]);
+        self.spawn_router("router", 0);
+        self.spawn_broker("broker", 0);
+        self.spawn_gateway("gw", &[]);
+        self.spawn_proxy("proxy", &[]);
+        self.wait_all_healthy().await;
+    }
+
     pub fn node(&mut self, name: &str) -> &mut Node {
         self.nodes
             .get_mut(name)

@@ -253,13 +253,7 @@ fn store_exists(dir: &pixiu_tests::TestDir) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_deregisters() {
     let mut c = Cluster::start("sigterm", 1, 1).await;
-    c.spawn_store("xiu", "xiu", 0, &["--min-insync", "0"]);
-    c.spawn_store("pi", "pi", 0, &["--min-insync", "0"]);
-    c.spawn_router("router", 0);
-    c.spawn_broker("broker", 0);
-    c.spawn_gateway("gw", &[]);
-    c.spawn_proxy("proxy", &[]);
-    c.wait_all_healthy().await;
+    c.spawn_one_of_each().await;
     let count = |c: &Cluster, role: &str| {
         c.status()["nodes"]
             .as_array()

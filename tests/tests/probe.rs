@@ -232,47 +232,34 @@ async fn the_probe_covers_every_node_and_names_each_frozen_one() {
 async fn probe_serve_exposes_metrics_and_confirms_a_failure_after_consecutive_rounds() {
     let mut c = Cluster::start("probe-serve", 1, 1).await;
     c.zk_session_timeout_ms = 30_000;
-    c.spawn_store("xiu", "xiu", 0, &["--min-insync", "0"]);
-    c.spawn_store("pi", "pi", 0, &["--min-insync", "0"]);
-    c.spawn_router("router", 0);
-    c.spawn_broker("broker", 0);
-    c.spawn_gateway("gw", &[]);
-    c.spawn_proxy("proxy", &[]);
-    c.wait_all_healthy().await;
+    c.spawn_one_of_each().await;
     let port = pixiu_testkit::free_tcp_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(pixiu_testkit::bin_path("pixiu-ctl"))
-        .args([
-            "probe",
-            "--serve",
-            &addr,
-            "--interval-ms",
-            "300",
-            "--timeout-ms",
-            "2000",
-            "--fail-after",
-            "2",
-            "--auth-secret-file",
-            c.secret_file.to_str().unwrap(),
-            "--tls-dir",
-            c.tls_dir.to_str().unwrap(),
-            "--zk",
-            &c.zk.connect_string(),
-            "--cluster",
-            "test",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(&mut child);
+    let args: Vec<String> = [
+        "probe",
+        "--serve",
+        &addr,
+        "--interval-ms",
+        "300",
+        "--timeout-ms",
+        "2000",
+        "--fail-after",
+        "2",
+        "--auth-secret-file",
+        c.secret_file.to_str().unwrap(),
+        "--tls-dir",
+        c.tls_dir.to_str().unwrap(),
+        "--zk",
+        &c.zk.connect_string(),
+        "--cluster",
+        "test",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // killed when dropped; its log is kept with the cluster's
+    let bin = pixiu_testkit::bin_path("pixiu-ctl");
+    let _probe = pixiu_testkit::Proc::spawn("probe", &bin, &args, &[], c.dir.path()).unwrap();
     // rounds go by, every path works, and the latency histograms have each hop
     let a = addr.clone();
     pixiu_tests::assert_eventually("healthy rounds", Duration::from_secs(30), || {

@@ -8,14 +8,26 @@ use pixiu_protocol::trace::HopJson;
 use pixiu_tests::Cluster;
 use std::time::Duration;
 
-async fn next_room(member: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJson>>) {
+/// The next frame `pick` takes (others are skipped), within 10 s.
+async fn next<T>(client: &mut pixiu_client::Client, pick: impl Fn(ServerFrame) -> Option<T>) -> T {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), member.next_event()).await {
-            Ok(Some(ServerFrame::Room { id, trace, .. })) => return (id.0, trace),
-            Ok(Some(_)) => continue,
-            other => panic!("no room frame: {other:?}"),
+        match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
+            Ok(Some(frame)) => {
+                if let Some(t) = pick(frame) {
+                    return t;
+                }
+            }
+            other => panic!("no frame of the kind awaited: {other:?}"),
         }
     }
+}
+
+async fn next_room(member: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJson>>) {
+    next(member, |f| match f {
+        ServerFrame::Room { id, trace, .. } => Some((id.0, trace)),
+        _ => None,
+    })
+    .await
 }
 
 /// The hops' roles, and that each hop's times are ordered and follow the previous hop's.
@@ -82,13 +94,11 @@ async fn traced_room_messages_carry_every_hop_untraced_ones_nothing() {
 }
 
 async fn next_inbox(device: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJson>>) {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), device.next_event()).await {
-            Ok(Some(ServerFrame::Inbox { id, trace, .. })) => return (id.0, trace),
-            Ok(Some(_)) => continue,
-            other => panic!("no inbox frame: {other:?}"),
-        }
-    }
+    next(device, |f| match f {
+        ServerFrame::Inbox { id, trace, .. } => Some((id.0, trace)),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -73,10 +73,24 @@ pub(super) async fn connection(state: Arc<WsState>, who: Identity, socket: WebSo
     c.close(writer).await;
 }
 
-/// The writer task: the queue's frames in order, then a close.
+/// Frames written to a socket before one flush, when more are queued.
+const WRITE_BATCH: usize = 64;
+
+/// The writer task: the queue's frames in order, then a close. When a member is behind (more
+/// frames queued), up to [`WRITE_BATCH`] go into the socket's buffer before one flush: one
+/// write syscall for many frames instead of one each.
 async fn write(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<Utf8Bytes>) {
-    while let Some(text) = rx.recv().await {
-        if sink.send(WsMessage::Text(text)).await.is_err() {
+    'conn: while let Some(text) = rx.recv().await {
+        if sink.feed(WsMessage::Text(text)).await.is_err() {
+            break;
+        }
+        for _ in 1..WRITE_BATCH {
+            let Ok(text) = rx.try_recv() else { break };
+            if sink.feed(WsMessage::Text(text)).await.is_err() {
+                break 'conn;
+            }
+        }
+        if sink.flush().await.is_err() {
             break;
         }
     }
