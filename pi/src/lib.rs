@@ -58,8 +58,10 @@
 //! even one at `MsgId(0)`, which registers it and holds expiry back until it acknowledges;
 //! [`PiIndex::forget_device`] removes a device that is gone, which may let expiry proceed. A
 //! user without known devices loses ids only by [`PiIndex::expire`] and retention. Expiry
-//! runs when a cursor changes: an id appended at or below the smallest cursor afterwards stays
-//! until the user's next cursor change (or another expiry).
+//! runs when a cursor changes, over the ids above the smallest cursor before the change (those
+//! up to it went with that change), so its cost does not grow with what the user acknowledged
+//! before: an id appended at or below the smallest cursor afterwards (none is, while ids only
+//! grow) stays until an explicit expiry, a forgotten device, the user moving, or retention.
 //!
 //! # Retention
 //!
@@ -309,17 +311,20 @@ impl PiIndex {
         match entry.op {
             Op::Append { uid, id, ts } => batch.put(index_key(uid, id), ts.to_be_bytes()),
             Op::Expire { uid, upto } => {
-                self.stage_expire(batch, uid, upto)?;
+                self.stage_expire(batch, uid, None, upto)?;
             }
             Op::Cursor { uid, device, id } => {
-                let cursor = self.load_cursor(uid, device)?.map_or(id, |old| old.max(id));
+                let old = self.load_cursor(uid, device)?;
+                let cursor = old.map_or(id, |old| old.max(id));
+                // the ids up to the smallest cursor before this change went with that change
+                let before = self.min_cursor_with(uid, device, old)?;
                 batch.put(cursor_key(uid, device), cursor.to_be_bytes());
                 if let Some(min) = self.min_cursor_with(uid, device, Some(cursor))? {
-                    self.stage_expire(batch, uid, min)?;
+                    self.stage_expire(batch, uid, before, min)?;
                 }
             }
             Op::Moved { uid } => {
-                self.stage_expire(batch, uid, MsgId(u64::MAX))?;
+                self.stage_expire(batch, uid, None, MsgId(u64::MAX))?;
                 for (device, _) in self.load_devices(uid)? {
                     batch.delete(cursor_key(uid, device));
                 }
@@ -327,7 +332,7 @@ impl PiIndex {
             Op::ForgetDevice { uid, device } => {
                 batch.delete(cursor_key(uid, device));
                 if let Some(min) = self.min_cursor_with(uid, device, None)? {
-                    self.stage_expire(batch, uid, min)?;
+                    self.stage_expire(batch, uid, None, min)?;
                 }
             }
         }
@@ -335,15 +340,16 @@ impl PiIndex {
         Ok(())
     }
 
-    /// Puts the deletion of every id of `uid` up to `upto` (inclusive) into `batch`; returns
-    /// how many there are.
+    /// Puts the deletion of every id of `uid` above `after` (all when `None`) up to `upto`
+    /// (inclusive) into `batch`; returns how many there are.
     fn stage_expire(
         &self,
         batch: &mut WriteBatch,
         uid: u64,
+        after: Option<MsgId>,
         upto: MsgId,
     ) -> Result<usize, PiError> {
-        let keys = self.keys_upto(uid, upto)?;
+        let keys = self.keys_between(uid, after, upto)?;
         for k in &keys {
             batch.delete(k);
         }
@@ -416,10 +422,24 @@ impl PiIndex {
         Ok(out)
     }
 
-    /// The ids of `uid` up to `upto` (inclusive), as index keys.
-    fn keys_upto(&self, uid: u64, upto: MsgId) -> Result<Vec<[u8; 17]>, PiError> {
+    /// The ids of `uid` above `after` (from the first when `None`) up to `upto` (inclusive), as
+    /// index keys. The scan starts at `after`: deleted ids leave tombstones that a scan from the
+    /// list's start walks over until a compaction removes them, so a scan per acknowledgement
+    /// from the start would cost more with every id acknowledged before.
+    fn keys_between(
+        &self,
+        uid: u64,
+        after: Option<MsgId>,
+        upto: MsgId,
+    ) -> Result<Vec<[u8; 17]>, PiError> {
         let mut keys = Vec::new();
-        for item in self.db.scan_prefix(&user_prefix(INDEX_PREFIX, uid)) {
+        let prefix = user_prefix(INDEX_PREFIX, uid);
+        let start = match after {
+            Some(MsgId(u64::MAX)) => return Ok(keys),
+            Some(a) => index_key(uid, MsgId(a.0 + 1)).to_vec(),
+            None => prefix.to_vec(),
+        };
+        for item in self.db.scan_from(&start, &prefix) {
             let (k, _) = item?;
             match id_of_index_key(uid, &k) {
                 Some(id) if id <= upto => keys.push(index_key(uid, id)),
@@ -434,7 +454,7 @@ impl PiIndex {
     pub fn expire(&mut self, uid: u64, upto: MsgId) -> Result<Option<LogId>, PiError> {
         self.check_usable()?;
         let mut batch = WriteBatch::default();
-        if self.stage_expire(&mut batch, uid, upto)? == 0 {
+        if self.stage_expire(&mut batch, uid, None, upto)? == 0 {
             return Ok(None);
         }
         let id = self.next_log_id();

@@ -981,3 +981,28 @@ fn a_child_adopts_its_users_and_the_parent_drops_them() {
         vec![p(2), p(5)]
     );
 }
+
+#[test]
+fn a_cursor_change_drops_the_ids_between_the_old_and_new_smallest_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pi = PiIndex::open(dir.path(), opts()).unwrap();
+    for c in 1..=10 {
+        pi.append(1, p(c), TS).unwrap();
+    }
+    // two devices: the ids go once both acknowledged them
+    pi.set_cursor(1, 200, p(0)).unwrap();
+    pi.set_cursor(1, 100, p(4)).unwrap();
+    assert_eq!(pi.read(1, p(0), 100).unwrap().len(), 10);
+    pi.set_cursor(1, 200, p(6)).unwrap();
+    let left: Vec<MsgId> = pi.read(1, p(0), 100).unwrap();
+    assert_eq!(left, (5..=10).map(p).collect::<Vec<_>>());
+    pi.set_cursor(1, 100, p(9)).unwrap();
+    assert_eq!(pi.read(1, p(0), 100).unwrap(), vec![p(7), p(8), p(9), p(10)]);
+    // an id appended below the smallest cursor afterwards (ids only grow, so only by hand)
+    // stays past the next cursor change, until an explicit expiry
+    pi.append(1, p(3), TS).unwrap();
+    pi.set_cursor(1, 200, p(8)).unwrap();
+    assert_eq!(pi.read(1, p(0), 100).unwrap(), vec![p(3), p(9), p(10)]);
+    pi.expire(1, p(8)).unwrap();
+    assert_eq!(pi.read(1, p(0), 100).unwrap(), vec![p(9), p(10)]);
+}

@@ -155,10 +155,10 @@ impl Db {
         start: &[u8],
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<Entry, StorageError>> + 'a {
-        let it = self.db.iterator(rocksdb::IteratorMode::From(
-            start,
-            rocksdb::Direction::Forward,
-        ));
+        let it = self.db.iterator_opt(
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+            bounded(prefix),
+        );
         within(it, prefix.to_vec())
     }
 
@@ -190,12 +190,33 @@ impl<'a> Snapshot<'a> {
         &self,
         prefix: &[u8],
     ) -> impl Iterator<Item = Result<Entry, StorageError>> + 'a {
-        let it = self.snap.iterator(rocksdb::IteratorMode::From(
-            prefix,
-            rocksdb::Direction::Forward,
-        ));
+        let it = self.snap.iterator_opt(
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            bounded(prefix),
+        );
         within(it, prefix.to_vec())
     }
+}
+
+/// Read options whose iteration ends where keys stop starting with `prefix`. Without the
+/// bound, finding that a prefix has no further live key means walking every deleted key that
+/// follows it (tombstones stay until a compaction), e.g. the acknowledged ids of the next user
+/// in Pi, on every scan of a user's list to its end.
+fn bounded(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    if let Some(end) = prefix_end(prefix) {
+        opts.set_iterate_upper_bound(end);
+    }
+    opts
+}
+
+/// The smallest key above every key starting with `prefix` (`None`: no such key, the prefix is
+/// empty or all `0xff`).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|b| *b != 0xff)?;
+    let mut end = prefix[..=last].to_vec();
+    end[last] += 1;
+    Some(end)
 }
 
 /// The iterator's entries up to the first key that does not start with `prefix`.
@@ -225,6 +246,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_at_its_successor() {
+        assert_eq!(prefix_end(b"i\x00\x01"), Some(b"i\x00\x02".to_vec()));
+        assert_eq!(prefix_end(b"i\x00\xff"), Some(b"i\x01".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+    }
 
     fn open(dir: &Path, durability: Durability) -> Db {
         Db::open(

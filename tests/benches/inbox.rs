@@ -5,12 +5,14 @@
 //! receivers are online (one device each, acking every message). Reports, for `min_insync` 0
 //! and 1 (fsync on):
 //! - throughput: messages stored and acknowledged (HTTP 201) per second with 32 concurrent
-//!   publishers;
+//!   publishers (or each count of `PIXIU_BENCH_PUBLISHERS`, e.g. `32,256,1024`), and the
+//!   send-to-201 latency;
 //! - latency: at a steady rate, send-to-delivery time p50/p99 (the publish instant is in the
 //!   body; the receiving device records when the `inbox` frame arrives).
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
-//! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10).
+//! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
+//! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_MIN_INSYNC (`0,1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
@@ -26,6 +28,17 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `PIXIU_BENCH_PUBLISHERS`: concurrent publishers of the throughput phase, a comma-separated
+/// sweep (default 32).
+fn publisher_sweep() -> Vec<u64> {
+    std::env::var("PIXIU_BENCH_PUBLISHERS")
+        .unwrap_or_else(|_| "32".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -74,32 +87,39 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // throughput: 32 publishers as fast as they can
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for p in 0..32u64 {
-        let publisher = c.publisher("proxy0");
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0u64;
-            for i in 0..messages / 32 {
-                let uid = 1 + (p * 7 + i) % RECEIVERS;
-                if publisher.send_user(uid, "b", 1, None).await.is_ok() {
-                    ok += 1;
+    // throughput: N publishers as fast as they can, for each N of the sweep
+    for publishers in publisher_sweep() {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..publishers {
+            let publisher = c.publisher("proxy0");
+            tasks.push(tokio::spawn(async move {
+                let mut acks = Vec::new();
+                for i in 0..(messages / publishers).max(1) {
+                    let uid = 1 + (p * 7 + i) % RECEIVERS;
+                    let sent = Instant::now();
+                    if publisher.send_user(uid, "b", 1, None).await.is_ok() {
+                        acks.push(sent.elapsed());
+                    }
                 }
-            }
-            ok
-        }));
+                acks
+            }));
+        }
+        let mut acks = Vec::new();
+        for t in tasks {
+            acks.extend(t.await.unwrap());
+        }
+        let took = t0.elapsed();
+        acks.sort();
+        println!(
+            "min_insync={min_insync}: {} messages stored and acknowledged in {:.2} s = {:.0} msg/s ({publishers} concurrent publishers); send-to-201 p50 {:.1} ms, p99 {:.1} ms",
+            acks.len(),
+            took.as_secs_f64(),
+            acks.len() as f64 / took.as_secs_f64(),
+            percentile(&acks, 0.5).as_secs_f64() * 1000.0,
+            percentile(&acks, 0.99).as_secs_f64() * 1000.0,
+        );
     }
-    let mut ok = 0;
-    for t in tasks {
-        ok += t.await.unwrap();
-    }
-    let took = t0.elapsed();
-    println!(
-        "min_insync={min_insync}: {ok} messages stored and acknowledged in {:.2} s = {:.0} msg/s (32 concurrent publishers)",
-        took.as_secs_f64(),
-        ok as f64 / took.as_secs_f64()
-    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // latency at a steady rate
@@ -144,6 +164,8 @@ async fn main() {
     let messages = env_or("PIXIU_BENCH_MESSAGES", 5000);
     let rate = env_or("PIXIU_BENCH_RATE", 500);
     let secs = env_or("PIXIU_BENCH_STEADY_SECS", 10);
-    bench("0", messages, rate, secs).await;
-    bench("1", messages, rate, secs).await;
+    let insync = std::env::var("PIXIU_BENCH_MIN_INSYNC").unwrap_or_else(|_| "0,1".into());
+    for min_insync in insync.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        bench(min_insync, messages, rate, secs).await;
+    }
 }
