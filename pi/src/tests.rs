@@ -997,7 +997,10 @@ fn a_cursor_change_drops_the_ids_between_the_old_and_new_smallest_cursor() {
     let left: Vec<MsgId> = pi.read(1, p(0), 100).unwrap();
     assert_eq!(left, (5..=10).map(p).collect::<Vec<_>>());
     pi.set_cursor(1, 100, p(9)).unwrap();
-    assert_eq!(pi.read(1, p(0), 100).unwrap(), vec![p(7), p(8), p(9), p(10)]);
+    assert_eq!(
+        pi.read(1, p(0), 100).unwrap(),
+        vec![p(7), p(8), p(9), p(10)]
+    );
     // an id appended below the smallest cursor afterwards (ids only grow, so only by hand)
     // stays past the next cursor change, until an explicit expiry
     pi.append(1, p(3), TS).unwrap();
