@@ -516,7 +516,19 @@ async fn probe(
                 eprintln!("pixiu-ctl: probe metrics on http://{bound}/metrics");
                 pixiu_runtime::shutdown_on_signals(shutdown.clone());
                 while !shutdown.is_cancelled() {
-                    let r = prober.round().await?;
+                    // a round that cannot read the registry is said and tried again: a
+                    // ZooKeeper hiccup must not stop the monitor
+                    let r = match prober.round().await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("pixiu-ctl: probe round: {e}");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = tokio::time::sleep(interval) => {}
+                            }
+                            continue;
+                        }
+                    };
                     let failed = metrics.observe(&r);
                     health.set_ready(true);
                     if json {
