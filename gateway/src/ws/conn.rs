@@ -48,7 +48,7 @@ struct Conn {
     /// the outgoing queue, drained by the writer task
     tx: ConnTx,
     /// where spawned work (joins, sends) reports back
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Box<Event>>,
     /// closed for idling when no frame comes before this
     deadline: tokio::time::Instant,
 }
@@ -58,7 +58,8 @@ pub(super) async fn connection(state: Arc<WsState>, who: Identity, socket: WebSo
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(state.s.client_queue);
     let writer = tokio::spawn(write(sink, rx));
-    let (events_tx, mut events) = mpsc::channel(64);
+    // boxed: a channel allocates its first block of 32 slots at once, for every connection
+    let (events_tx, mut events) = mpsc::channel::<Box<Event>>(64);
     let mut c = Conn::new(state, who, tx, events_tx);
     let mut flow = c.online().await;
     // rustfmt leaves macro bodies alone: keep every arm one short call
@@ -66,7 +67,7 @@ pub(super) async fn connection(state: Arc<WsState>, who: Identity, socket: WebSo
         flow = tokio::select! {
             _ = c.state.shutdown.cancelled() => Err(Stop),
             _ = tokio::time::sleep_until(c.deadline) => Err(c.idle_timeout()),
-            Some(ev) = events.recv() => c.on_event(ev).await,
+            Some(ev) = events.recv() => c.on_event(*ev).await,
             frame = stream.next() => c.on_frame(frame).await,
         };
     }
@@ -98,7 +99,12 @@ async fn write(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver
 }
 
 impl Conn {
-    fn new(state: Arc<WsState>, who: Identity, tx: ConnTx, events: mpsc::Sender<Event>) -> Conn {
+    fn new(
+        state: Arc<WsState>,
+        who: Identity,
+        tx: ConnTx,
+        events: mpsc::Sender<Box<Event>>,
+    ) -> Conn {
         let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections.inc();
         state.metrics.inc_in("connect");
@@ -228,7 +234,9 @@ impl Conn {
         let events = self.events.clone();
         tokio::spawn(async move {
             let result = answer.await.unwrap_or(Err(JoinError::ShuttingDown));
-            let _ = events.send(Event::Joined { room, cid, result }).await;
+            let _ = events
+                .send(Box::new(Event::Joined { room, cid, result }))
+                .await;
         });
         Ok(None)
     }
@@ -318,7 +326,7 @@ impl Conn {
         let trace = arrived.map(|at| vec![self.state.s.hop.stamp(at)]);
         tokio::spawn(async move {
             let result = courier_send(&courier, sid, from, to, body, trace).await;
-            let _ = events.send(Event::Sent { cid, result }).await;
+            let _ = events.send(Box::new(Event::Sent { cid, result })).await;
         });
         None
     }
