@@ -314,14 +314,20 @@ impl PiIndex {
                 self.stage_expire(batch, uid, None, upto)?;
             }
             Op::Cursor { uid, device, id } => {
-                let old = self.load_cursor(uid, device)?;
+                // one read of the user's devices: this one's cursor, and the smallest before
+                // and after the change
+                let devices = self.load_devices(uid)?;
+                let old = devices.iter().find(|(d, _)| *d == device).map(|(_, c)| *c);
                 let cursor = old.map_or(id, |old| old.max(id));
+                let others = devices
+                    .iter()
+                    .filter(|(d, _)| *d != device)
+                    .map(|(_, c)| *c);
                 // the ids up to the smallest cursor before this change went with that change
-                let before = self.min_cursor_with(uid, device, old)?;
+                let before = others.clone().chain(old).min();
+                let min = others.chain(Some(cursor)).min().unwrap_or(cursor);
                 batch.put(cursor_key(uid, device), cursor.to_be_bytes());
-                if let Some(min) = self.min_cursor_with(uid, device, Some(cursor))? {
-                    self.stage_expire(batch, uid, before, min)?;
-                }
+                self.stage_expire(batch, uid, before, min)?;
             }
             Op::Moved { uid } => {
                 self.stage_expire(batch, uid, None, MsgId(u64::MAX))?;
