@@ -120,45 +120,7 @@ enum Cmd {
     /// The synthetic latency probe: pseudo-users on every gateway, traced room and personal
     /// messages through every proxy, broker, router, Xiu and Pi partition; per path the latency
     /// and each hop's share, and the node to blame for every path that failed.
-    Probe {
-        #[command(flatten)]
-        zk: ZkArgs,
-        /// Pause between rounds.
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-        /// Run this many rounds, then exit 0 if every path worked, 1 if any failed.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        /// A message not delivered within this many ms of its round's start failed.
-        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
-        timeout_ms: u64,
-        /// A node that does not answer the probe's ping within this many ms is unresponsive
-        /// (default: a fifth of --timeout-ms, at most 1000).
-        #[arg(long)]
-        ping_timeout_ms: Option<u64>,
-        /// Run until stopped, serving Prometheus metrics at http://ADDR/metrics.
-        #[arg(long, conflicts_with = "count")]
-        serve: Option<SocketAddr>,
-        /// With --serve: consecutive failed rounds before a path counts as failed.
-        #[arg(long, default_value_t = pixiu_tools::probe::serve::DEFAULT_FAIL_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
-        fail_after: u32,
-        /// The first pseudo-user (and pseudo-room) id.
-        #[arg(long, default_value_t = pixiu_tools::probe::DEFAULT_UID_BASE)]
-        uid_base: u64,
-        /// The cluster's auth secret (the probe signs its pseudo-users' tokens).
-        #[arg(long, env = "PIXIU_AUTH_SECRET_FILE")]
-        auth_secret_file: PathBuf,
-        /// The cluster's TLS folder (ca.pem, node.pem, node.key): nodes are pinged over QUIC.
-        #[arg(long, env = "PIXIU_TLS_DIR")]
-        tls_dir: PathBuf,
-        /// One JSON object on stdout instead of the tables.
-        #[arg(long)]
-        json: bool,
-        /// Check the flags, print "configuration ok" and exit (like a service's
-        /// --check-config: no file is read, ZooKeeper is not contacted).
-        #[arg(long)]
-        check_config: bool,
-    },
+    Probe(ProbeArgs),
     /// One of every role (proxy, broker, router, gateway, xiu, pi) in one process, no
     /// ZooKeeper; inbox messages and the auth secret are kept in --data-dir across restarts.
     Standalone {
@@ -179,6 +141,48 @@ enum Cmd {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         demo: bool,
     },
+}
+
+/// `pixiu-ctl probe`'s flags.
+#[derive(clap::Args, Debug)]
+struct ProbeArgs {
+    #[command(flatten)]
+    zk: ZkArgs,
+    /// Pause between rounds.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Run this many rounds, then exit 0 if every path worked, 1 if any failed.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// A message not delivered within this many ms of its round's start failed.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    timeout_ms: u64,
+    /// A node that does not answer the probe's ping within this many ms is unresponsive
+    /// (default: a fifth of --timeout-ms, at most 1000).
+    #[arg(long)]
+    ping_timeout_ms: Option<u64>,
+    /// Run until stopped, serving Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, conflicts_with = "count")]
+    serve: Option<SocketAddr>,
+    /// With --serve: consecutive failed rounds before a path counts as failed.
+    #[arg(long, default_value_t = pixiu_tools::probe::serve::DEFAULT_FAIL_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+    fail_after: u32,
+    /// The first pseudo-user (and pseudo-room) id.
+    #[arg(long, default_value_t = pixiu_tools::probe::DEFAULT_UID_BASE)]
+    uid_base: u64,
+    /// The cluster's auth secret (the probe signs its pseudo-users' tokens).
+    #[arg(long, env = "PIXIU_AUTH_SECRET_FILE")]
+    auth_secret_file: PathBuf,
+    /// The cluster's TLS folder (ca.pem, node.pem, node.key): nodes are pinged over QUIC.
+    #[arg(long, env = "PIXIU_TLS_DIR")]
+    tls_dir: PathBuf,
+    /// One JSON object on stdout instead of the tables.
+    #[arg(long)]
+    json: bool,
+    /// Check the flags, print "configuration ok" and exit (like a service's
+    /// --check-config: no file is read, ZooKeeper is not contacted).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() {
@@ -259,43 +263,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => anyhow::bail!("replay needs --uid, or --rebuild-pi with --partition"),
             },
-            Cmd::Probe {
-                zk,
-                interval_ms,
-                count,
-                timeout_ms,
-                ping_timeout_ms,
-                serve,
-                fail_after,
-                uid_base,
-                auth_secret_file,
-                tls_dir,
-                json,
-                check_config,
-            } => {
-                if check_config {
-                    // like the services' --check-config: the flags, no file read, nothing
-                    // contacted
-                    println!("pixiu-ctl: configuration ok");
-                    return Ok(());
-                }
-                let secret = pixiu_runtime::read_secret_file(&auth_secret_file)?;
-                let timeout = Duration::from_millis(timeout_ms);
-                let cfg = pixiu_tools::probe::round::ProbeConfig {
-                    uid_base,
-                    timeout,
-                    ping_timeout: ping_timeout_ms
-                        .map(Duration::from_millis)
-                        .unwrap_or_else(|| (timeout / 5).min(Duration::from_secs(1))),
-                    secret,
-                };
-                let interval = Duration::from_millis(interval_ms);
-                let how = match serve {
-                    Some(addr) => ProbeRun::Serve { addr, fail_after },
-                    None => ProbeRun::Count(count.unwrap_or(1)),
-                };
-                probe(&zk, &tls_dir, cfg, interval, how, json).await
-            }
+            Cmd::Probe(args) => probe_cmd(args).await,
             Cmd::Standalone {
                 client_listen,
                 http,
@@ -451,6 +419,34 @@ async fn replay(
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `pixiu-ctl probe`: `--check-config` (reads no file, like the services'), or the rounds.
+async fn probe_cmd(a: ProbeArgs) -> anyhow::Result<()> {
+    if a.check_config {
+        println!("pixiu-ctl: configuration ok");
+        return Ok(());
+    }
+    let secret = pixiu_runtime::read_secret_file(&a.auth_secret_file)?;
+    let timeout = Duration::from_millis(a.timeout_ms);
+    let cfg = pixiu_tools::probe::round::ProbeConfig {
+        uid_base: a.uid_base,
+        timeout,
+        ping_timeout: a
+            .ping_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| (timeout / 5).min(Duration::from_secs(1))),
+        secret,
+    };
+    let interval = Duration::from_millis(a.interval_ms);
+    let how = match a.serve {
+        Some(addr) => ProbeRun::Serve {
+            addr,
+            fail_after: a.fail_after,
+        },
+        None => ProbeRun::Count(a.count.unwrap_or(1)),
+    };
+    probe(&a.zk, &a.tls_dir, cfg, interval, how, a.json).await
 }
 
 enum ProbeRun {

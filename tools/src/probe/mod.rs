@@ -197,92 +197,98 @@ impl Topology {
                 target: Target::Node,
             });
         }
-        let (rn, _) = self.role(Role::Router);
-        let (bn, _) = self.role(Role::Broker);
         for member in users.iter().filter(|u| u.member) {
-            let Some(gw) = self.gateway(member.gateway) else {
-                continue;
-            };
-            for &room in rooms {
-                let mut route = vec![gw.clone()];
-                // every replica of the router partition: updates pass between them and reach
-                // the brokers through whichever one a broker subscribed to
-                let rp = broker_partition(room, rn);
-                let picked = self.pick(Role::Router, room);
-                route.extend(picked.cloned());
-                route.extend(
-                    self.replicas(Role::Router, rp)
-                        .iter()
-                        .filter(|r| Some(*r) != picked)
-                        .cloned(),
-                );
-                let bp = broker_partition(room, bn);
-                route.extend(self.replicas(Role::Broker, bp).iter().cloned());
-                paths.push(Path {
-                    kind: Kind::Join,
-                    name: format!("gateway {} -> router {rp} -> broker {bp}", gw.id),
-                    route,
-                    target: Target::Join {
-                        uid: member.uid,
-                        room,
-                    },
-                });
-                for (proxy, _) in &self.proxies {
-                    let broker = self.pick(Role::Broker, room);
-                    let mut route = vec![proxy.clone()];
-                    route.extend(broker.cloned());
-                    route.push(gw.clone());
-                    paths.push(Path {
-                        kind: Kind::Room,
-                        name: format!(
-                            "proxy {} -> {} -> gateway {}",
-                            proxy.id,
-                            broker.map_or_else(|| format!("broker {bp}/none"), NodeRef::short),
-                            gw.id
-                        ),
-                        route,
-                        target: Target::Room {
-                            proxy: proxy.id,
-                            room,
-                            uid: member.uid,
-                        },
-                    });
-                }
+            if let Some(gw) = self.gateway(member.gateway) {
+                self.member_paths(member.uid, gw, rooms, &mut paths);
             }
         }
         for receiver in users.iter().filter(|u| u.receiver) {
-            let Some(gw) = self.gateway(receiver.gateway) else {
-                continue;
-            };
-            let uid = receiver.uid;
-            let xp = user_partition(uid, self.count(Role::Xiu));
-            let pp = user_partition(uid, self.count(Role::Pi));
-            let bp = user_partition(uid, bn);
-            let brokers = self.replicas(Role::Broker, bp);
-            let broker = pick_replica(uid, bn, brokers.len()).and_then(|i| brokers.get(i));
+            if let Some(gw) = self.gateway(receiver.gateway) {
+                self.inbox_paths(receiver.uid, gw, &mut paths);
+            }
+        }
+        paths
+    }
+
+    /// The joins of room member `uid` on gateway `gw`, and the room messages from every proxy
+    /// to it.
+    fn member_paths(&self, uid: u64, gw: &NodeRef, rooms: &[u64], paths: &mut Vec<Path>) {
+        let (rn, _) = self.role(Role::Router);
+        let (bn, _) = self.role(Role::Broker);
+        for &room in rooms {
+            let mut route = vec![gw.clone()];
+            // every replica of the router partition: updates pass between them and reach
+            // the brokers through whichever one a broker subscribed to
+            let rp = broker_partition(room, rn);
+            let picked = self.pick(Role::Router, room);
+            route.extend(picked.cloned());
+            route.extend(
+                self.replicas(Role::Router, rp)
+                    .iter()
+                    .filter(|r| Some(*r) != picked)
+                    .cloned(),
+            );
+            let bp = broker_partition(room, bn);
+            route.extend(self.replicas(Role::Broker, bp).iter().cloned());
+            paths.push(Path {
+                kind: Kind::Join,
+                name: format!("gateway {} -> router {rp} -> broker {bp}", gw.id),
+                route,
+                target: Target::Join { uid, room },
+            });
             for (proxy, _) in &self.proxies {
+                let broker = self.pick(Role::Broker, room);
                 let mut route = vec![proxy.clone()];
-                route.extend(self.replicas(Role::Xiu, xp).iter().cloned());
-                route.extend(self.replicas(Role::Pi, pp).iter().cloned());
                 route.extend(broker.cloned());
                 route.push(gw.clone());
                 paths.push(Path {
-                    kind: Kind::Inbox,
+                    kind: Kind::Room,
                     name: format!(
-                        "proxy {} -> xiu {xp} -> pi {pp} -> {} -> gateway {}",
+                        "proxy {} -> {} -> gateway {}",
                         proxy.id,
                         broker.map_or_else(|| format!("broker {bp}/none"), NodeRef::short),
                         gw.id
                     ),
                     route,
-                    target: Target::Inbox {
+                    target: Target::Room {
                         proxy: proxy.id,
+                        room,
                         uid,
                     },
                 });
             }
         }
-        paths
+    }
+
+    /// A personal message from every proxy to receiver `uid` on gateway `gw`.
+    fn inbox_paths(&self, uid: u64, gw: &NodeRef, paths: &mut Vec<Path>) {
+        let (bn, _) = self.role(Role::Broker);
+        let xp = user_partition(uid, self.count(Role::Xiu));
+        let pp = user_partition(uid, self.count(Role::Pi));
+        let bp = user_partition(uid, bn);
+        let brokers = self.replicas(Role::Broker, bp);
+        let broker = pick_replica(uid, bn, brokers.len()).and_then(|i| brokers.get(i));
+        for (proxy, _) in &self.proxies {
+            let mut route = vec![proxy.clone()];
+            route.extend(self.replicas(Role::Xiu, xp).iter().cloned());
+            route.extend(self.replicas(Role::Pi, pp).iter().cloned());
+            route.extend(broker.cloned());
+            route.push(gw.clone());
+            paths.push(Path {
+                kind: Kind::Inbox,
+                name: format!(
+                    "proxy {} -> xiu {xp} -> pi {pp} -> {} -> gateway {}",
+                    proxy.id,
+                    broker.map_or_else(|| format!("broker {bp}/none"), NodeRef::short),
+                    gw.id
+                ),
+                route,
+                target: Target::Inbox {
+                    proxy: proxy.id,
+                    uid,
+                },
+            });
+        }
     }
 
     fn gateway(&self, id: u64) -> Option<&NodeRef> {

@@ -446,18 +446,9 @@ struct Evidence<'a> {
     timeout: Duration,
 }
 
-/// A path's verdict from what the round saw.
-fn judge(p: &Path, v: &Evidence<'_>) -> Outcome {
-    let Evidence {
-        pings,
-        unresponsive,
-        connected,
-        joins,
-        seen,
-        timeout,
-        ..
-    } = *v;
-    let ok = |ms: f64, hops| Outcome {
+/// A path that worked: its latency and hop shares.
+fn passed(p: &Path, ms: f64, hops: Vec<super::Share>) -> Outcome {
+    Outcome {
         kind: p.kind,
         path: p.name.clone(),
         ok: true,
@@ -465,38 +456,49 @@ fn judge(p: &Path, v: &Evidence<'_>) -> Outcome {
         hops,
         reason: None,
         blame: None,
-    };
-    let failed = |reason: String, seen_ids: BTreeSet<NodeKey>| Outcome {
+    }
+}
+
+/// A path that failed: why, and the node its route blames given what was `seen`.
+fn failed(p: &Path, v: &Evidence<'_>, reason: String, seen: BTreeSet<NodeKey>) -> Outcome {
+    Outcome {
         kind: p.kind,
         path: p.name.clone(),
         ok: false,
         ms: None,
         hops: Vec::new(),
         reason: Some(reason),
-        blame: blame(&p.route, &seen_ids, unresponsive).cloned(),
-    };
-    let gateway_of = |uid: &u64| -> Result<(), String> {
-        connected
-            .get(uid)
-            .cloned()
-            .unwrap_or_else(|| Err("not connected".into()))
-    };
+        blame: blame(&p.route, &seen, v.unresponsive).cloned(),
+    }
+}
+
+/// Whether pseudo-user `uid` is connected to its gateway, and if not why.
+fn connection(v: &Evidence<'_>, uid: u64) -> Result<(), String> {
+    v.connected
+        .get(&uid)
+        .cloned()
+        .unwrap_or_else(|| Err("not connected".into()))
+}
+
+/// A path's verdict from what the round saw.
+fn judge(p: &Path, v: &Evidence<'_>) -> Outcome {
+    let none = BTreeSet::new;
     match &p.target {
-        Target::Missing => failed(
-            format!("{}: nothing can be probed through it", p.name),
-            BTreeSet::new(),
-        ),
+        Target::Missing => {
+            let reason = format!("{}: nothing can be probed through it", p.name);
+            failed(p, v, reason, none())
+        }
         Target::Node => {
             let node = p.route.first().map(NodeRef::key);
-            match node.and_then(|k| pings.get(&k)) {
-                Some(Ok(ms)) => ok(*ms, Vec::new()),
-                Some(Err(e)) => failed(e.clone(), BTreeSet::new()),
-                None => failed("not pinged".into(), BTreeSet::new()),
+            match node.and_then(|k| v.pings.get(&k)) {
+                Some(Ok(ms)) => passed(p, *ms, Vec::new()),
+                Some(Err(e)) => failed(p, v, e.clone(), none()),
+                None => failed(p, v, "not pinged".into(), none()),
             }
         }
-        Target::Join { uid, room } => match (gateway_of(uid), joins.get(&(*uid, *room))) {
-            (Err(e), _) => failed(e, BTreeSet::new()),
-            (Ok(()), Some(Ok(ms))) => ok(*ms, Vec::new()),
+        Target::Join { uid, room } => match (connection(v, *uid), v.joins.get(&(*uid, *room))) {
+            (Err(e), _) => failed(p, v, e, none()),
+            (Ok(()), Some(Ok(ms))) => passed(p, *ms, Vec::new()),
             (Ok(()), Some(Err((answered, reason)))) => {
                 // a gateway that answered with a refusal did its part
                 let ids = answered
@@ -504,58 +506,55 @@ fn judge(p: &Path, v: &Evidence<'_>) -> Outcome {
                     .flatten()
                     .into_iter()
                     .collect();
-                failed(reason.clone(), ids)
+                failed(p, v, reason.clone(), ids)
             }
-            (Ok(()), None) => failed("no join was tried".into(), BTreeSet::new()),
+            (Ok(()), None) => failed(p, v, "no join was tried".into(), none()),
         },
-        Target::Room { uid, .. } | Target::Inbox { uid, .. } => {
-            if let Some((sent, received, trace)) = seen.delivered.get(&p.target) {
-                return ok(
-                    received.saturating_sub(*sent) as f64 / 1000.0,
-                    shares(*sent, *received, trace),
-                );
-            }
-            if let Target::Room { room, .. } = &p.target {
-                if let Some(Err((_, reason))) = joins.get(&(*uid, *room)) {
-                    // not tried: blamed like its member's join
-                    let join = Target::Join {
-                        uid: *uid,
-                        room: *room,
-                    };
-                    let Some(join) = v.paths.iter().find(|j| j.target == join) else {
-                        return failed(
-                            format!("its member's join failed ({reason})"),
-                            BTreeSet::new(),
-                        );
-                    };
-                    let mut out = judge(join, v);
-                    out.kind = p.kind;
-                    out.path = p.name.clone();
-                    out.reason = Some(format!("not sent: the member's join failed ({reason})"));
-                    return out;
-                }
-            }
-            let mut ids = relayed_by(seen, &p.target);
-            let reason = match (seen.published.get(&p.target), gateway_of(uid)) {
-                (None, _) => format!("the proxy did not answer within {timeout:?}"),
-                (Some(Err((answered, reason))), _) => {
-                    if *answered {
-                        ids.extend(p.route.first().map(NodeRef::key));
-                    }
-                    reason.clone()
-                }
-                (Some(Ok(())), Err(e)) => {
-                    ids.extend(accepted_by(p));
-                    format!("accepted, but the receiver is not connected: {e}")
-                }
-                (Some(Ok(())), Ok(())) => {
-                    ids.extend(accepted_by(p));
-                    format!("accepted, not delivered within {timeout:?}")
-                }
+        Target::Room { uid, .. } | Target::Inbox { uid, .. } => judge_message(p, *uid, v),
+    }
+}
+
+/// The verdict of a room or personal message path to pseudo-user `uid`.
+fn judge_message(p: &Path, uid: u64, v: &Evidence<'_>) -> Outcome {
+    if let Some((sent, received, trace)) = v.seen.delivered.get(&p.target) {
+        let ms = received.saturating_sub(*sent) as f64 / 1000.0;
+        return passed(p, ms, shares(*sent, *received, trace));
+    }
+    if let Target::Room { room, .. } = &p.target {
+        if let Some(Err((_, reason))) = v.joins.get(&(uid, *room)) {
+            // not tried: blamed like its member's join
+            let join = Target::Join { uid, room: *room };
+            let Some(join) = v.paths.iter().find(|j| j.target == join) else {
+                let reason = format!("its member's join failed ({reason})");
+                return failed(p, v, reason, BTreeSet::new());
             };
-            failed(reason, ids)
+            let mut out = judge(join, v);
+            out.kind = p.kind;
+            out.path = p.name.clone();
+            out.reason = Some(format!("not sent: the member's join failed ({reason})"));
+            return out;
         }
     }
+    let timeout = v.timeout;
+    let mut ids = relayed_by(v.seen, &p.target);
+    let reason = match (v.seen.published.get(&p.target), connection(v, uid)) {
+        (None, _) => format!("the proxy did not answer within {timeout:?}"),
+        (Some(Err((answered, reason))), _) => {
+            if *answered {
+                ids.extend(p.route.first().map(NodeRef::key));
+            }
+            reason.clone()
+        }
+        (Some(Ok(())), Err(e)) => {
+            ids.extend(accepted_by(p));
+            format!("accepted, but the receiver is not connected: {e}")
+        }
+        (Some(Ok(())), Ok(())) => {
+            ids.extend(accepted_by(p));
+            format!("accepted, not delivered within {timeout:?}")
+        }
+    };
+    failed(p, v, reason, ids)
 }
 
 /// The nodes an accepted publish proves worked: the proxy; for a personal message (201 means
