@@ -542,6 +542,29 @@ async fn a_store_the_parent_took_before_the_flip_reaches_the_device_before_the_c
         async move { (n == 2).then_some(()).ok_or(format!("{n}")) }
     })
     .await;
+    // and the parent's leader sees it (it then answers `Moved` for uid 1): otherwise a store
+    // sent at once may still be taken by the parent, which is correct but not this test's case
+    let admin = c.admin("xiu-0a");
+    assert_eventually(
+        "xiu-0a serves 2 partitions",
+        Duration::from_secs(10),
+        || {
+            let status = c.status();
+            let admin = admin.clone();
+            async move {
+                let serving = status["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|n| n["admin"].as_str() == Some(admin.as_str()))
+                    .and_then(|n| n["serving"].as_u64());
+                (serving == Some(2))
+                    .then_some(())
+                    .ok_or(format!("serving {serving:?}"))
+            }
+        },
+    )
+    .await;
     // the child stores m2; it must not be indexed before m1
     let p = c.publisher("proxy");
     let m2 = tokio::spawn(async move { p.send_user(uid, "m2", 9, Some(2)).await });
