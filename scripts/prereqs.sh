@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # What PiXiu needs from the system, checked by exactly what uses it, and installed when missing.
 #
-#   scripts/prereqs.sh [--check] [--root DIR] build|test
+#   scripts/prereqs.sh [--check] [--root DIR] build|test|bench
 #
 #   build  what `cargo build` needs: a C++ compiler and clang for RocksDB, and libclang.so
 #          where the clang-sys crate (used by bindgen) looks for it.
 #   test   build, plus what the tests start: java and ZooKeeper (the real registry), chromium
 #          (the demo page test), systemd-analyze (unit files), kubernetes-validate (manifests).
+#   bench  test, plus the peer the benchmarks measure against (nats-server) and perf.
 #
 #   --check     report only: print the missing packages, one a line, and exit 1 if any.
 #   --root DIR  look under DIR instead of / (the script's own test uses a fake root).
@@ -22,12 +23,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --check) check_only=1 ;;
     --root) root="${2:?--root needs a directory}"; shift ;;
-    build|test) want="$1" ;;
-    *) echo "prereqs.sh: unknown argument '$1' (usage: prereqs.sh [--check] [--root DIR] build|test)" >&2; exit 2 ;;
+    build|test|bench) want="$1" ;;
+    *) echo "prereqs.sh: unknown argument '$1' (usage: prereqs.sh [--check] [--root DIR] build|test|bench)" >&2; exit 2 ;;
   esac
   shift
 done
-[ -n "$want" ] || { echo "prereqs.sh: say what for: build or test" >&2; exit 2; }
+[ -n "$want" ] || { echo "prereqs.sh: say what for: build, test or bench" >&2; exit 2; }
 
 # An executable, on PATH for the real root, under the usual bin folders for a fake one.
 have_cmd() {
@@ -35,7 +36,7 @@ have_cmd() {
     command -v "$1" >/dev/null 2>&1
   else
     local d
-    for d in /usr/bin /usr/local/bin /bin; do
+    for d in /usr/bin /usr/local/bin /bin /usr/sbin; do
       [ -x "$root$d/$1" ] && return 0
     done
     return 1
@@ -76,7 +77,7 @@ pip=()
 have_cmd c++ || apt+=(g++)
 have_cmd clang || apt+=(clang)
 have_libclang || apt+=(libclang-dev)
-if [ "$want" = test ]; then
+if [ "$want" = test ] || [ "$want" = bench ]; then
   have_cmd java || apt+=(default-jre-headless)
   [ -f "$root/usr/share/java/zookeeper.jar" ] || apt+=(zookeeper)
   have_cmd chromium || apt+=(chromium)
@@ -87,6 +88,11 @@ if [ "$want" = test ]; then
     apt+=(python3 python3-pip)
   fi
   have_py_module kubernetes_validate || pip+=(kubernetes-validate)
+fi
+if [ "$want" = bench ]; then
+  # Debian puts it in /usr/sbin, which a non-root PATH may lack
+  have_cmd nats-server || [ -x "$root/usr/sbin/nats-server" ] || apt+=(nats-server)
+  have_cmd perf || apt+=(linux-perf)
 fi
 
 if [ $check_only -eq 1 ]; then

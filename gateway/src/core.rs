@@ -4,6 +4,15 @@
 //! fan-out path takes no lock. This file is the IO shell: it feeds commands, datagrams, clock
 //! ticks and registry changes to those modules and performs what they decide (transport
 //! sends, frames to connections, join answers, metrics), and pings the routers.
+//!
+//! Room fan-out is batched: the core takes every datagram already waiting (up to
+//! [`INBOUND_BATCH`]), encodes each room message's frame once, and hands each member of a room
+//! one shared [`Frames`] batch of that room's messages: one queue entry, one wake-up and one
+//! socket write per member per batch instead of per message. Fan-outs are paced: one starts
+//! at once when the last one was at least `fanout_interval` ago, else when that much time has
+//! passed, with everything that came meanwhile. Under light load a message goes out as soon as
+//! it comes; under heavy load it waits at most `fanout_interval` and the number of writes per
+//! member per second is bounded, whatever the message rate.
 
 use crate::inbox::{self, Inbox, ToBroker};
 use crate::rooms::{
@@ -25,7 +34,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub(crate) use crate::rooms::ConnId;
-pub(crate) type ConnTx = mpsc::Sender<Utf8Bytes>;
+/// Frames for one connection, in order: a batch of room messages shared by every member of
+/// the room (cloning it clones a pointer), or one reply.
+pub(crate) type Frames = Arc<[Utf8Bytes]>;
+/// A connection's bounded outgoing queue of [`Frames`].
+pub(crate) type ConnTx = mpsc::Sender<Frames>;
+
+/// Datagrams taken from the inbound queue in one go; their room messages go out as batches.
+const INBOUND_BATCH: usize = 64;
+/// Room messages staged before a fan-out starts without waiting for its time.
+const MAX_STAGED: usize = 4096;
+/// A batch for one connection holds frames of at most this many bytes in all (a larger frame
+/// goes alone), so a full queue of batches holds no more than a queue of single large frames.
+const BATCH_BYTES: usize = 64 * 1024;
 pub(crate) type JoinReply = oneshot::Sender<Result<(), JoinError>>;
 
 pub(crate) enum Cmd {
@@ -74,6 +95,9 @@ pub(crate) struct CoreSettings {
     pub inbox_heartbeat: Duration,
     /// This gateway, for the stamps of traced messages.
     pub hop: pixiu_runtime::Hop,
+    /// At most one fan-out of room messages per this long (zero: each round of datagrams at
+    /// once).
+    pub fanout_interval: Duration,
 }
 
 pub(crate) struct Core {
@@ -95,6 +119,10 @@ pub(crate) struct Core {
     next_join: JoinId,
     /// what `rooms` decided and is not done yet
     actions: Vec<Action>,
+    /// room messages not yet fanned out, (room, frame), in arrival order
+    staged: Vec<(u64, Utf8Bytes)>,
+    fanout_interval: Duration,
+    last_fan_out: tokio::time::Instant,
 }
 
 impl Core {
@@ -133,6 +161,9 @@ impl Core {
             joins: HashMap::new(),
             next_join: 0,
             actions: Vec::new(),
+            staged: Vec::new(),
+            fanout_interval: s.fanout_interval,
+            last_fan_out: tokio::time::Instant::now(),
         }
     }
 
@@ -151,7 +182,16 @@ impl Core {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
-                Some(msg) = inbound.recv() => self.on_inbound(msg),
+                Some(msg) = inbound.recv() => {
+                    self.on_inbound(msg);
+                    for _ in 1..INBOUND_BATCH {
+                        let Ok(msg) = inbound.try_recv() else { break };
+                        self.on_inbound(msg);
+                    }
+                    self.fan_out_when_due();
+                }
+                _ = tokio::time::sleep_until(self.last_fan_out + self.fanout_interval),
+                    if !self.staged.is_empty() => self.fan_out(),
                 _ = heartbeat.tick() => self.heartbeat(),
                 _ = refresh.tick() => {
                     self.rooms.refresh(Instant::now(), &self.cluster, &mut self.actions);
@@ -177,6 +217,7 @@ impl Core {
             }
             self.perform();
         }
+        self.fan_out();
         // best effort: tell the routers this gateway's rooms are gone
         self.rooms
             .shutdown(Instant::now(), &self.cluster, &mut self.actions);
@@ -322,18 +363,13 @@ impl Core {
                 return;
             }
         };
-        let mut out = 0;
-        for m in items {
-            match tx.try_send(inbox::frame(m)) {
-                Ok(()) => out += 1,
-                Err(_) => {
-                    // redelivered by the broker when not acknowledged
-                    self.metrics.drop("inbox", "slow_client");
-                    break;
-                }
-            }
+        let n = items.len() as u64;
+        let frames: Frames = items.into_iter().map(inbox::frame).collect();
+        match tx.try_send(frames) {
+            Ok(()) => self.metrics.add_out("inbox", n),
+            // redelivered by the broker when not acknowledged
+            Err(_) => self.metrics.drop("inbox", "slow_client"),
         }
-        self.metrics.add_out("inbox", out);
     }
 
     fn heartbeat(&mut self) {
@@ -382,8 +418,9 @@ impl Core {
         }
     }
 
-    /// A room message to its local members: one frame, encoded once; a traced one carries
-    /// the hops so far and this gateway's (it arrived at `.1`, unix µs).
+    /// A room message for its local members: its frame, encoded once, is staged for
+    /// [`Core::fan_out`]; a traced one carries the hops so far and this gateway's (it arrived
+    /// at `.1`, unix µs).
     fn deliver(&mut self, m: RoomMessage, trace: Option<(Vec<Stamp>, u64)>) {
         self.metrics.inc_in("room");
         let (c, out) = (&self.cluster, &mut self.actions);
@@ -404,17 +441,115 @@ impl Core {
             ts: m.ts,
             trace,
         };
-        let text = Utf8Bytes::from(frame.to_json());
-        let mut out = 0;
-        for tx in self.rooms.members(m.key.room) {
-            match tx.try_send(text.clone()) {
-                Ok(()) => out += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.metrics.drop("deliver", "slow_client")
-                }
+        self.staged
+            .push((m.key.room, Utf8Bytes::from(frame.to_json())));
+    }
+
+    /// Fan out now if the last fan-out was `fanout_interval` ago (or too much is staged);
+    /// otherwise the timer in [`Core::run`] does it when that time comes.
+    fn fan_out_when_due(&mut self) {
+        let due = self.last_fan_out + self.fanout_interval;
+        if self.staged.len() >= MAX_STAGED || tokio::time::Instant::now() >= due {
+            self.fan_out();
+        }
+    }
+
+    /// Hand the staged room messages to the members: per room one batch, in arrival order,
+    /// shared by all its members. A member whose queue is full loses the batch (counted per
+    /// message as a slow-client drop); the others are not held up.
+    fn fan_out(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        self.last_fan_out = tokio::time::Instant::now();
+        let mut staged = std::mem::take(&mut self.staged);
+        // stable: each room's messages keep their order
+        staged.sort_by_key(|(room, _)| *room);
+        for run in staged.chunk_by(|a, b| a.0 == b.0) {
+            let room = run[0].0;
+            for batch in batches(run) {
+                self.to_members(room, batch);
+            }
+        }
+        staged.clear();
+        // keep the allocation for the next round
+        self.staged = staged;
+    }
+
+    /// One batch of `room`'s frames to each of its members.
+    fn to_members(&self, room: u64, frames: Frames) {
+        let n = frames.len() as u64;
+        let (mut out, mut slow) = (0, 0);
+        for tx in self.rooms.members(room) {
+            match tx.try_send(frames.clone()) {
+                Ok(()) => out += n,
+                Err(mpsc::error::TrySendError::Full(_)) => slow += n,
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         self.metrics.add_out("deliver", out);
+        if slow > 0 {
+            self.metrics.drop_n("deliver", "slow_client", slow);
+        }
+    }
+}
+
+/// One room's staged frames cut into batches of at most [`INBOUND_BATCH`] frames and
+/// [`BATCH_BYTES`] bytes (a frame larger than that is a batch of its own).
+fn batches(run: &[(u64, Utf8Bytes)]) -> impl Iterator<Item = Frames> + '_ {
+    let mut rest = run;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let take = rest
+            .iter()
+            .take(INBOUND_BATCH)
+            .take_while(|(_, text)| {
+                bytes += text.len();
+                bytes <= BATCH_BYTES
+            })
+            .count()
+            .max(1);
+        let (batch, tail) = rest.split_at(take);
+        rest = tail;
+        Some(batch.iter().map(|(_, text)| text.clone()).collect())
+    })
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn staged(sizes: &[usize]) -> Vec<(u64, Utf8Bytes)> {
+        sizes
+            .iter()
+            .map(|n| (1, Utf8Bytes::from("x".repeat(*n))))
+            .collect()
+    }
+
+    fn lens(run: &[(u64, Utf8Bytes)]) -> Vec<Vec<usize>> {
+        batches(run)
+            .map(|b| b.iter().map(|t| t.len()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn small_frames_go_64_to_a_batch_in_order() {
+        let run = staged(&[10; 130]);
+        let out: Vec<Frames> = batches(&run).collect();
+        assert_eq!(out.iter().map(|b| b.len()).collect::<Vec<_>>(), [64, 64, 2]);
+        let flat: Vec<&Utf8Bytes> = out.iter().flat_map(|b| b.iter()).collect();
+        assert!(flat.iter().zip(&run).all(|(a, (_, b))| *a == b));
+    }
+
+    #[test]
+    fn a_batch_stops_at_64_kib_and_a_big_frame_goes_alone() {
+        assert_eq!(
+            lens(&staged(&[40_000, 30_000, 20_000, 100_000, 5])),
+            [vec![40_000], vec![30_000, 20_000], vec![100_000], vec![5]]
+        );
+        assert_eq!(lens(&staged(&[])), Vec::<Vec<usize>>::new());
     }
 }

@@ -48,8 +48,13 @@ pub struct GatewayConfig {
     pub heartbeat_timeout_ms: u64,
     /// Room message ids remembered for de-duplication.
     pub dedup_capacity: usize,
-    /// Frames queued per client before messages to it are dropped.
+    /// Entries (one reply, or one batch of room messages) queued per client before room
+    /// messages to it are dropped.
     pub client_queue: usize,
+    /// At most one fan-out of room messages per this long: a message that comes sooner after
+    /// the last fan-out waits for the next one, with the others that came meanwhile (0: every
+    /// round of datagrams at once).
+    pub fanout_interval_ms: u64,
     /// `publish` frames a connection may send per second (0: unlimited); beyond it the client
     /// gets `rate_limited`.
     pub publish_rate: u32,
@@ -79,6 +84,7 @@ impl Default for GatewayConfig {
             heartbeat_timeout_ms: 1500,
             dedup_capacity: 65_536,
             client_queue: 1024,
+            fanout_interval_ms: 10,
             publish_rate: 100,
             publish_burst: 200,
             inbox_heartbeat_ms: 10_000,
@@ -96,6 +102,9 @@ pub struct Config {
 
 pixiu_runtime::service_error! {}
 
+/// The longest `fanout_interval_ms` accepted.
+const MAX_FANOUT_INTERVAL_MS: u64 = 100;
+
 /// What the gateway refuses in its own settings before it starts (`--check-config` too).
 pub fn check(config: &Config) -> Result<(), Error> {
     let g = &config.gateway;
@@ -107,6 +116,12 @@ pub fn check(config: &Config) -> Result<(), Error> {
     )
     .map_err(Error::Config)?;
     BigRooms::parse(&g.big_rooms).map_err(Error::Config)?;
+    if g.fanout_interval_ms > MAX_FANOUT_INTERVAL_MS {
+        return Err(Error::Config(format!(
+            "fanout_interval_ms = {} is above its greatest value, {MAX_FANOUT_INTERVAL_MS} (it is added to room message latency)",
+            g.fanout_interval_ms
+        )));
+    }
     pixiu_runtime::config::at_least(&[
         ("inbox_timeout_ms", g.inbox_timeout_ms, 100),
         ("refresh_interval_ms", g.refresh_interval_ms, 100),
@@ -179,6 +194,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
             node_addr,
             inbox_heartbeat: Duration::from_millis(g.inbox_heartbeat_ms),
             hop: service.hop(),
+            fanout_interval: Duration::from_millis(g.fanout_interval_ms),
         },
         transport.clone(),
         metrics.clone(),

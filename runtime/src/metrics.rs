@@ -104,6 +104,9 @@ impl RoleMetrics {
     pub fn drop(&self, stage: &str, reason: &str) {
         self.dropped.with_label_values(&[stage, reason]).inc();
     }
+    pub fn drop_n(&self, stage: &str, reason: &str, n: u64) {
+        self.dropped.with_label_values(&[stage, reason]).inc_by(n);
+    }
     pub fn set_queue(&self, queue: &str, depth: i64) {
         self.queue_depth.with_label_values(&[queue]).set(depth);
     }

@@ -1,18 +1,22 @@
 //! Benchmark (not a test): personal inboxes on a replicated cluster.
 //!
 //! Starts ZooKeeper and real processes from the release build: 2 Xiu and 2 Pi replicas of
-//! one partition each, a router, a broker, a gateway and a proxy, all on this machine. 200
-//! receivers are online (one device each, acking every message). Reports, for `min_insync` 0
-//! and 1 (fsync on):
+//! one partition each, a router, a broker, a gateway and a proxy, all on this machine. Reports,
+//! for `min_insync` 0 and 1 (fsync on):
 //! - throughput: messages stored and acknowledged (HTTP 201) per second with 32 concurrent
 //!   publishers (or each count of `PIXIU_BENCH_PUBLISHERS`, e.g. `32,256,1024`), and the
-//!   send-to-201 latency;
-//! - latency: at a steady rate, send-to-delivery time p50/p99 (the publish instant is in the
-//!   body; the receiving device records when the `inbox` frame arrives).
+//!   send-to-201 latency, to 200 users who are offline (their messages are kept);
+//! - offered load: `PIXIU_BENCH_OFFERED` msg/s (10,000) for 5 s to those offline users, each
+//!   send on its own (open loop, not waiting for the one before): how many were acknowledged
+//!   per second and the send-to-201 latency;
+//! - latency: 200 receivers online (one device each, acking every message); at a steady rate,
+//!   send-to-delivery time p50/p99 (the publish instant is in the body; the receiving device
+//!   records when the `inbox` frame arrives).
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
-//! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_MIN_INSYNC (`0,1`).
+//! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
+//! 0 skips that step).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
@@ -22,6 +26,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 const RECEIVERS: u64 = 200;
+/// The users of the throughput steps, never online: uids `OFFLINE..OFFLINE + RECEIVERS`.
+const OFFLINE: u64 = 1_000_000;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -48,7 +54,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
+async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u64) {
     let mut c = Cluster::start(&format!("bench-inbox-{min_insync}"), 1, 1).await;
     for i in 0..2 {
         c.spawn_store(&format!("xiu{i}"), "xiu", 0, &["--min-insync", min_insync]);
@@ -61,6 +67,43 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
     c.spawn_gateway("gw0", &g);
     c.spawn_proxy("proxy0", &[]);
     c.wait_all_healthy().await;
+
+    // throughput: N publishers as fast as they can, for each N of the sweep
+    for publishers in publisher_sweep() {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..publishers {
+            let publisher = c.publisher("proxy0");
+            tasks.push(tokio::spawn(async move {
+                let mut acks = Vec::new();
+                for i in 0..(messages / publishers).max(1) {
+                    let uid = OFFLINE + (p * 7 + i) % RECEIVERS;
+                    let sent = Instant::now();
+                    if publisher.send_user(uid, "b", 1, None).await.is_ok() {
+                        acks.push(sent.elapsed());
+                    }
+                }
+                acks
+            }));
+        }
+        let mut acks = Vec::new();
+        for t in tasks {
+            acks.extend(t.await.unwrap());
+        }
+        let took = t0.elapsed();
+        acks.sort();
+        println!(
+            "min_insync={min_insync}: {} messages stored and acknowledged in {:.2} s = {:.0} msg/s ({publishers} concurrent publishers); send-to-201 p50 {:.1} ms, p99 {:.1} ms",
+            acks.len(),
+            took.as_secs_f64(),
+            acks.len() as f64 / took.as_secs_f64(),
+            percentile(&acks, 0.5).as_secs_f64() * 1000.0,
+            percentile(&acks, 0.99).as_secs_f64() * 1000.0,
+        );
+    }
+    if offered > 0 {
+        offered_load(&c, min_insync, offered, 5).await;
+    }
 
     let start = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -84,41 +127,6 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
                 }
             }
         }));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    // throughput: N publishers as fast as they can, for each N of the sweep
-    for publishers in publisher_sweep() {
-        let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for p in 0..publishers {
-            let publisher = c.publisher("proxy0");
-            tasks.push(tokio::spawn(async move {
-                let mut acks = Vec::new();
-                for i in 0..(messages / publishers).max(1) {
-                    let uid = 1 + (p * 7 + i) % RECEIVERS;
-                    let sent = Instant::now();
-                    if publisher.send_user(uid, "b", 1, None).await.is_ok() {
-                        acks.push(sent.elapsed());
-                    }
-                }
-                acks
-            }));
-        }
-        let mut acks = Vec::new();
-        for t in tasks {
-            acks.extend(t.await.unwrap());
-        }
-        let took = t0.elapsed();
-        acks.sort();
-        println!(
-            "min_insync={min_insync}: {} messages stored and acknowledged in {:.2} s = {:.0} msg/s ({publishers} concurrent publishers); send-to-201 p50 {:.1} ms, p99 {:.1} ms",
-            acks.len(),
-            took.as_secs_f64(),
-            acks.len() as f64 / took.as_secs_f64(),
-            percentile(&acks, 0.5).as_secs_f64() * 1000.0,
-            percentile(&acks, 0.99).as_secs_f64() * 1000.0,
-        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -159,13 +167,54 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64) {
     }
 }
 
+/// `rate` sends a second for `secs` seconds to the offline users, each on its own task: how
+/// many were acknowledged a second, and how long each took to its 201.
+async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
+    let publisher = Arc::new(c.publisher("proxy0"));
+    let total = rate * secs;
+    let t0 = tokio::time::Instant::now();
+    let mut sends = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(t0 + Duration::from_nanos(i * 1_000_000_000 / rate)).await;
+        let publisher = publisher.clone();
+        sends.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let ok = publisher
+                .send_user(OFFLINE + i % RECEIVERS, "o", 1, None)
+                .await
+                .is_ok();
+            ok.then(|| sent.elapsed())
+        }));
+    }
+    let offered_for = t0.elapsed();
+    let mut acks = Vec::new();
+    for s in sends {
+        if let Some(took) = s.await.unwrap() {
+            acks.push(took);
+        }
+    }
+    let all_done = t0.elapsed();
+    acks.sort();
+    println!(
+        "min_insync={min_insync}: offered {rate} msg/s for {secs} s (sent in {:.2} s): {} of {total} acknowledged, all answered after {:.2} s = {:.0} msg/s; send-to-201 p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        offered_for.as_secs_f64(),
+        acks.len(),
+        all_done.as_secs_f64(),
+        acks.len() as f64 / all_done.as_secs_f64(),
+        percentile(&acks, 0.5).as_secs_f64() * 1000.0,
+        percentile(&acks, 0.99).as_secs_f64() * 1000.0,
+        acks.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let messages = env_or("PIXIU_BENCH_MESSAGES", 5000);
     let rate = env_or("PIXIU_BENCH_RATE", 500);
     let secs = env_or("PIXIU_BENCH_STEADY_SECS", 10);
+    let offered = env_or("PIXIU_BENCH_OFFERED", 10_000);
     let insync = std::env::var("PIXIU_BENCH_MIN_INSYNC").unwrap_or_else(|_| "0,1".into());
     for min_insync in insync.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        bench(min_insync, messages, rate, secs).await;
+        bench(min_insync, messages, rate, secs, offered).await;
     }
 }

@@ -4,6 +4,8 @@
 //! Readiness is polled on `/healthz`; children are killed when the cluster is dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod raw_ws;
+
 use pixiu_client::{Auth, Client, Publisher};
 pub use pixiu_testkit::{assert_eventually, metric, wait_healthy, Proc, TestDir, ZkServer};
 use pixiu_testkit::{bin_path, free_tcp_port};

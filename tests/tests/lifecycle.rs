@@ -201,6 +201,10 @@ fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
         "gateway-queue.toml",
         "insecure_dev_auth = true\nclient_queue = 1\n",
     );
+    let gateway_fanout = range(
+        "gateway-fanout.toml",
+        "insecure_dev_auth = true\nfanout_interval_ms = 101\n",
+    );
     let proxy_queues = range(
         "proxy-queues.toml",
         "insecure_dev_auth = true\nconvert_queues = 100\n",
@@ -217,6 +221,11 @@ fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
         ("pixiu-broker", with(&broker_poll), "inbox_poll_ms = 5"),
         ("pixiu-router", with(&router_sweep), "sweep_interval_ms = 0"),
         ("pixiu-gateway", with(&gateway_queue), "client_queue = 1"),
+        (
+            "pixiu-gateway",
+            with(&gateway_fanout),
+            "fanout_interval_ms = 101",
+        ),
         ("pixiu-proxy", with(&proxy_queues), "convert_queues = 100"),
         (
             "pixiu-pi",

@@ -116,6 +116,31 @@ fn the_tests_also_need_java_zookeeper_chromium_and_systemd_analyze() {
 }
 
 #[test]
+fn the_benchmarks_also_need_nats_server_and_perf() {
+    let dir = TestDir::new("prereqs-bench");
+    let root = dir.path();
+    for f in [
+        "usr/bin/c++",
+        "usr/bin/clang",
+        "usr/lib/llvm-14/lib/libclang.so",
+        "usr/bin/java",
+        "usr/share/java/zookeeper.jar",
+        "usr/bin/chromium",
+        "usr/bin/systemd-analyze",
+        "usr/bin/python3",
+    ] {
+        touch(root, f);
+    }
+    assert_eq!(check(root, "test"), (0, vec![]));
+    let (code, missing) = check(root, "bench");
+    assert_eq!(code, 1);
+    assert_eq!(missing, ["nats-server", "linux-perf"]);
+    touch(root, "usr/sbin/nats-server");
+    touch(root, "usr/bin/perf");
+    assert_eq!(check(root, "bench"), (0, vec![]));
+}
+
+#[test]
 fn bad_usage_exits_2_with_a_reason() {
     for args in [
         vec!["--check"],

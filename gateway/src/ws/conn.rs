@@ -6,7 +6,7 @@
 
 use super::session::{self, JoinStart, Refusal, Session};
 use super::WsState;
-use crate::core::{Cmd, ConnTx};
+use crate::core::{Cmd, ConnTx, Frames};
 use crate::rooms::JoinError;
 use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket};
 use futures::stream::SplitSink;
@@ -77,18 +77,22 @@ pub(super) async fn connection(state: Arc<WsState>, who: Identity, socket: WebSo
 /// Frames written to a socket before one flush, when more are queued.
 const WRITE_BATCH: usize = 64;
 
-/// The writer task: the queue's frames in order, then a close. When a member is behind (more
-/// frames queued), up to [`WRITE_BATCH`] go into the socket's buffer before one flush: one
-/// write syscall for many frames instead of one each.
-async fn write(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<Utf8Bytes>) {
-    'conn: while let Some(text) = rx.recv().await {
-        if sink.feed(WsMessage::Text(text)).await.is_err() {
-            break;
-        }
-        for _ in 1..WRITE_BATCH {
-            let Ok(text) = rx.try_recv() else { break };
-            if sink.feed(WsMessage::Text(text)).await.is_err() {
-                break 'conn;
+/// The writer task: the queue's frames in order, then a close. A batch, and the batches
+/// queued behind it up to [`WRITE_BATCH`] frames, go into the socket's buffer before one
+/// flush: few write syscalls for many frames when a member is behind or messages come fast.
+async fn write(mut sink: SplitSink<WebSocket, WsMessage>, mut rx: mpsc::Receiver<Frames>) {
+    'conn: while let Some(first) = rx.recv().await {
+        let mut fed = 0;
+        let mut next = Some(first);
+        while let Some(frames) = next.take() {
+            for text in frames.iter() {
+                if sink.feed(WsMessage::Text(text.clone())).await.is_err() {
+                    break 'conn;
+                }
+            }
+            fed += frames.len();
+            if fed < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
         if sink.flush().await.is_err() {
@@ -350,7 +354,7 @@ impl Conn {
 
     async fn reply(&self, frame: ServerFrame) -> Flow {
         let text = Utf8Bytes::from(frame.to_json());
-        self.tx.send(text).await.map_err(|_| Stop)
+        self.tx.send(Arc::from([text])).await.map_err(|_| Stop)
     }
 
     /// Leave every room joined or joining, go offline, let the writer finish its queue.
