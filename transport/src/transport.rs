@@ -158,7 +158,9 @@ fn quic_transport_config() -> quinn::TransportConfig {
             .expect("10 s is a valid QUIC idle timeout"),
     ));
     tc.max_concurrent_uni_streams(VarInt::from_u32(1024));
-    tc.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    // every request is a bidi stream: this caps one peer's requests in flight (a proxy's
+    // stores in a Xiu leader, say); 256 capped acknowledged inbox writes at 256 / latency
+    tc.max_concurrent_bidi_streams(VarInt::from_u32(4096));
     tc
 }
 
