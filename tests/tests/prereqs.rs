@@ -79,15 +79,26 @@ fn a_versioned_libclang_name_counts_but_libclang_cpp_so_does_not() {
     assert_eq!(check(root, "build"), (0, vec![]));
 }
 
+/// What a build needs, as files under a fake root.
+const BUILD_FILES: [&str; 3] = [
+    "usr/bin/c++",
+    "usr/bin/clang",
+    "usr/lib/llvm-14/lib/libclang.so",
+];
+/// What the tests need beyond a build.
+const TEST_FILES: [&str; 5] = [
+    "usr/bin/java",
+    "usr/share/java/zookeeper.jar",
+    "usr/bin/chromium",
+    "usr/bin/systemd-analyze",
+    "usr/bin/python3",
+];
+
 #[test]
 fn the_tests_also_need_java_zookeeper_chromium_and_systemd_analyze() {
     let dir = TestDir::new("prereqs-test");
     let root = dir.path();
-    for f in [
-        "usr/bin/c++",
-        "usr/bin/clang",
-        "usr/lib/llvm-14/lib/libclang.so",
-    ] {
+    for f in BUILD_FILES {
         touch(root, f);
     }
     let (code, missing) = check(root, "test");
@@ -103,13 +114,7 @@ fn the_tests_also_need_java_zookeeper_chromium_and_systemd_analyze() {
             "python3-pip"
         ]
     );
-    for f in [
-        "usr/bin/java",
-        "usr/share/java/zookeeper.jar",
-        "usr/bin/chromium",
-        "usr/bin/systemd-analyze",
-        "usr/bin/python3",
-    ] {
+    for f in TEST_FILES {
         touch(root, f);
     }
     assert_eq!(check(root, "test"), (0, vec![]));
@@ -119,16 +124,7 @@ fn the_tests_also_need_java_zookeeper_chromium_and_systemd_analyze() {
 fn the_benchmarks_also_need_nats_server_and_perf() {
     let dir = TestDir::new("prereqs-bench");
     let root = dir.path();
-    for f in [
-        "usr/bin/c++",
-        "usr/bin/clang",
-        "usr/lib/llvm-14/lib/libclang.so",
-        "usr/bin/java",
-        "usr/share/java/zookeeper.jar",
-        "usr/bin/chromium",
-        "usr/bin/systemd-analyze",
-        "usr/bin/python3",
-    ] {
+    for f in BUILD_FILES.into_iter().chain(TEST_FILES) {
         touch(root, f);
     }
     assert_eq!(check(root, "test"), (0, vec![]));

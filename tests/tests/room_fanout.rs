@@ -162,7 +162,7 @@ async fn every_member_gets_every_message_once_in_order() {
 }
 
 /// A member that stops reading its socket loses room messages once its queue (`client_queue`
-/// 32 entries) and the socket buffers are full; they are counted as slow-client drops. A member
+/// 256 entries) and the socket buffers are full; they are counted as slow-client drops. A member
 /// of the same room that reads gets every message once, and the slow member's connection
 /// stays open: when it reads again it gets what was queued and an answer to its ping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -170,7 +170,7 @@ async fn a_member_that_stops_reading_loses_messages_and_holds_up_no_one() {
     let mut c = Cluster::start("fanout-slow", 1, 1).await;
     c.spawn_router("router", 0);
     c.spawn_broker("broker", 0);
-    let cfg = c.config_file("gateway-small-queue", "client_queue = 32\n");
+    let cfg = c.config_file("gateway-small-queue", "client_queue = 256\n");
     let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
     c.spawn_gateway("gw", &cfg);
     c.spawn_proxy("proxy", &[]);
@@ -189,25 +189,33 @@ async fn a_member_that_stops_reading_loses_messages_and_holds_up_no_one() {
             .await
             .unwrap();
 
-    // 400 messages of 60,000 bytes, 24 MB: more than the queue (32 x 60 KB) and the loopback
-    // socket buffers (at most 4 MB sending, 6 MB receiving) hold; 200 a second, which the
-    // reading member keeps up with
-    const N: usize = 400;
+    // 700 messages of 60,000 bytes, 42 MB: more than the queue (256 x 60 KB) and the loopback
+    // socket buffers (at most 4 MB sending, 6 MB receiving) hold. The publisher waits for the
+    // reading member whenever it is 100 messages behind, so the reader's queue never fills,
+    // however slowly this test process is scheduled.
+    const N: usize = 700;
+    const LAG: usize = 100;
     let pad = "x".repeat(60_000);
     let p = c.publisher("proxy");
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    for k in 0..N {
-        tick.tick().await;
-        p.publish_room(room, &format!("{k:04}:{pad}"), 0, None)
-            .await
-            .unwrap_or_else(|e| panic!("publish {k}: {e}"));
-    }
     let mut got = Vec::new();
-    while got.len() < N {
-        match tokio::time::timeout(Duration::from_secs(30), reader.next_event()).await {
-            Ok(Some(ServerFrame::Room { body, .. })) => got.push(body[..4].to_string()),
-            Ok(Some(_)) => {}
-            _ => panic!("the reading member got {} of {N}\n{}", got.len(), c.logs()),
+    for k in 0..=N {
+        let want = if k == N { N } else { k.saturating_sub(LAG) };
+        while got.len() < want {
+            match tokio::time::timeout(Duration::from_secs(30), reader.next_event()).await {
+                Ok(Some(ServerFrame::Room { body, .. })) => got.push(body[..4].to_string()),
+                Ok(Some(_)) => {}
+                _ => panic!(
+                    "the reading member got {} of {k} published; drops: {}\n{}",
+                    got.len(),
+                    drops(&c, &["gw", "broker", "proxy"]).await,
+                    c.logs()
+                ),
+            }
+        }
+        if k < N {
+            p.publish_room(room, &format!("{k:04}:{pad}"), 0, None)
+                .await
+                .unwrap_or_else(|e| panic!("publish {k}: {e}"));
         }
     }
     // messages this large travel on QUIC streams, which may overtake each other: no order is
@@ -250,4 +258,23 @@ async fn a_member_that_stops_reading_loses_messages_and_holds_up_no_one() {
         N,
         "each message either reached the slow member or was counted as dropped"
     );
+}
+
+/// The nodes' `pixiu_messages_dropped_total` series, for a failure's message.
+async fn drops(c: &Cluster, nodes: &[&str]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let url = format!("http://{}/metrics", c.admin(n));
+        let text = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => format!("({e})"),
+        };
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("pixiu_messages_dropped_total"))
+        {
+            out.push_str(&format!("\n  {n}: {line}"));
+        }
+    }
+    out
 }
