@@ -186,6 +186,21 @@ impl ZkShared {
 
     async fn read_view(&self, client: &Client, role: Role) -> Result<RoleView, RegistryError> {
         let role_path = self.role_path(role);
+        // the count before the folders: a doubling creates the new folders before it sets the
+        // count, so a view that shows the new count shows all of them (read the other way
+        // round, a view once showed 8 partitions counted and 7 folders)
+        let partition_num = if role.is_partitioned() {
+            match self.get_partition_num(client, role).await {
+                Ok(n) => n.unwrap_or(0),
+                Err(RegistryError::BadData(e)) => {
+                    warn!(error = %e, "bad partition_num");
+                    0
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            1
+        };
         let children = match client.list_children(&role_path).await {
             Ok(c) => c,
             Err(ZkError::NoNode) => return Ok(RoleView::default()),
@@ -198,18 +213,10 @@ impl ZkShared {
                 Err(e) => return Err(zk_err(e)),
             };
             return Ok(RoleView {
-                partition_num: 1,
+                partition_num,
                 partitions: BTreeMap::from([(0, members)]),
             });
         }
-        let partition_num = match self.get_partition_num(client, role).await {
-            Ok(n) => n.unwrap_or(0),
-            Err(RegistryError::BadData(e)) => {
-                warn!(error = %e, "bad partition_num");
-                0
-            }
-            Err(e) => return Err(e),
-        };
         let mut partitions = BTreeMap::new();
         for name in children {
             let Some(p) = parse_partition_name(&name) else {
