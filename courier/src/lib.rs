@@ -9,12 +9,18 @@
 //! `Moved` (Xiu doubled and this view is older) is regrouped under the new count once the
 //! view shows it, and asked again of the new owners, within the same deadline; a `sid` whose
 //! first answer was lost and that is retried across the flip may then be stored twice.
+//!
+//! Stores waiting for the same leader at once go to it in one request (`batch.rs`); each is
+//! still answered, retried and acknowledged on its own.
 
+mod batch;
+
+use batch::Batcher;
 use pixiu_protocol::routing::{group_users, user_partition, user_replica};
 use pixiu_protocol::trace::Stamp;
-use pixiu_protocol::wire::{self, Message, StoreRequest};
+use pixiu_protocol::wire::{self, BatchedStore, Message, StoreRequest};
 use pixiu_registry::RoleView;
-use pixiu_runtime::{ask, AskError};
+use pixiu_runtime::AskError;
 use pixiu_transport::Transport;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +42,7 @@ pub enum CourierError {
 #[derive(Clone)]
 pub struct Courier {
     transport: Transport,
+    batcher: Batcher,
     xius: watch::Receiver<Arc<RoleView>>,
     brokers: watch::Receiver<Arc<RoleView>>,
     deadline: Duration,
@@ -64,6 +71,7 @@ impl Courier {
         deadline: Duration,
     ) -> Courier {
         Courier {
+            batcher: Batcher::new(transport.clone()),
             transport,
             xius,
             brokers,
@@ -121,21 +129,17 @@ impl Courier {
         for _ in 0..MAX_REGROUPS {
             let groups = group_users(std::mem::take(&mut pending), num, |uid| *uid);
             let stores = groups.into_iter().map(|(p, to)| {
-                let req = StoreRequest {
-                    sid,
-                    from,
-                    to,
-                    body: body.clone(),
-                    ts,
-                };
-                let msg = match &trace {
-                    None => Message::XiuStore(req),
-                    Some(t) => Message::XiuStoreTraced {
-                        req,
-                        trace: t.clone(),
+                let store = BatchedStore {
+                    req: StoreRequest {
+                        sid,
+                        from,
+                        to,
+                        body: body.clone(),
+                        ts,
                     },
+                    trace: trace.clone(),
                 };
-                async move { self.store(p, msg, deadline).await }
+                async move { self.store(p, store, deadline).await }
             });
             let mut moved_to = num;
             for r in futures::future::join_all(stores).await {
@@ -182,18 +186,15 @@ impl Courier {
         }
     }
 
-    /// `msg` is an `XiuStore` or `XiuStoreTraced`.
+    /// Stores `store` in Xiu partition `partition`, asking whoever leads it, until `deadline`.
     async fn store(
         &self,
         partition: u32,
-        msg: Message,
+        store: BatchedStore,
         deadline: tokio::time::Instant,
     ) -> Result<Stored, CourierError> {
         let used = self.xius.borrow().partition_num;
-        let to = match &msg {
-            Message::XiuStore(req) | Message::XiuStoreTraced { req, .. } => req.to.clone(),
-            _ => Vec::new(),
-        };
+        let to = store.req.to.clone();
         let mut last_error = String::from("no attempt");
         // what the store itself said beats a transport timeout of a later attempt
         let mut store_said: Option<String> = None;
@@ -204,9 +205,8 @@ impl Courier {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let answer = tokio::select! {
-                r = ask(&self.transport, leader, &msg, left) => r,
+                r = self.batcher.store(leader, store.clone(), deadline) => r,
                 () = pixiu_registry::leader_changes(self.xius.clone(), partition, leader) => {
                     // a killed leader never answers: go to its successor (same sid, so a
                     // store the old leader did make is not made twice)

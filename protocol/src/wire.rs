@@ -348,6 +348,74 @@ pub enum Message {
     PiAppendedTraced {
         stamp: crate::trace::Stamp,
     },
+
+    // ---- batched stores ----
+    /// Many stores for one Xiu leader in one request: the stores a courier had waiting for
+    /// that leader at once (at most [`MAX_STORE_BATCH`]). Each is handled exactly as an
+    /// `XiuStore` (or `XiuStoreTraced`) on its own; the answer is `XiuStoredBatch`.
+    XiuStoreBatch(Vec<BatchedStore>),
+    /// One answer per store of a `XiuStoreBatch`, in its order: what that store alone would
+    /// have been answered.
+    XiuStoredBatch(Vec<StoreAnswer>),
+}
+
+/// What one store of a `XiuStoreBatch` was answered: the answers an `XiuStore` alone gets
+/// (`XiuStored`, `Unavailable`, `Refused`, `Moved`), as their own type so that a batch answer
+/// cannot nest messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreAnswer {
+    Stored { id: u64, fresh: bool },
+    Unavailable { reason: String },
+    Refused { reason: String },
+    Moved { partition_num: u32, reason: String },
+}
+
+impl StoreAnswer {
+    /// The batch answer for what a lone store was answered (`answer` of another kind than
+    /// those four is a bug of the leader's, answered `Unavailable` naming it).
+    pub fn from_answer(answer: Message) -> StoreAnswer {
+        match answer {
+            Message::XiuStored { id, fresh } => StoreAnswer::Stored { id, fresh },
+            Message::Unavailable { reason } => StoreAnswer::Unavailable { reason },
+            Message::Refused { reason } => StoreAnswer::Refused { reason },
+            Message::Moved {
+                partition_num,
+                reason,
+            } => StoreAnswer::Moved {
+                partition_num,
+                reason,
+            },
+            other => StoreAnswer::Unavailable {
+                reason: format!("the store was answered {}", other.kind()),
+            },
+        }
+    }
+
+    /// The message a lone store would have been answered.
+    pub fn into_answer(self) -> Message {
+        match self {
+            StoreAnswer::Stored { id, fresh } => Message::XiuStored { id, fresh },
+            StoreAnswer::Unavailable { reason } => Message::Unavailable { reason },
+            StoreAnswer::Refused { reason } => Message::Refused { reason },
+            StoreAnswer::Moved {
+                partition_num,
+                reason,
+            } => Message::Moved {
+                partition_num,
+                reason,
+            },
+        }
+    }
+}
+
+/// Most stores in one `XiuStoreBatch`; a leader refuses a larger batch whole.
+pub const MAX_STORE_BATCH: usize = 256;
+
+/// One store of a `XiuStoreBatch`: the request and, for a traced message, its stamps so far.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchedStore {
+    pub req: StoreRequest,
+    pub trace: Option<Vec<crate::trace::Stamp>>,
 }
 
 /// A request to store one personal (or multicast) message.
@@ -454,13 +522,15 @@ impl Message {
             Message::TracedRoom { .. } => "traced_room",
             Message::TracedPublish { .. } => "traced_publish",
             Message::XiuStoreTraced { .. } => "xiu_store_traced",
+            Message::XiuStoreBatch(_) => "xiu_store_batch",
+            Message::XiuStoredBatch(_) => "xiu_stored_batch",
             Message::PiAppendTraced { .. } => "pi_append_traced",
             Message::PiAppendedTraced { .. } => "pi_appended_traced",
         }
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("empty frame")]
     Empty,
@@ -613,6 +683,41 @@ mod tests {
             Message::PiAppendedTraced {
                 stamp: stamp.clone(),
             },
+            Message::XiuStoreBatch(vec![
+                BatchedStore {
+                    req: StoreRequest {
+                        sid: 6,
+                        from: 1,
+                        to: vec![4],
+                        body: "y".into(),
+                        ts: 10,
+                    },
+                    trace: None,
+                },
+                BatchedStore {
+                    req: StoreRequest {
+                        sid: 7,
+                        from: 1,
+                        to: vec![5, 6],
+                        body: "z".into(),
+                        ts: 11,
+                    },
+                    trace: Some(vec![stamp.clone()]),
+                },
+            ]),
+            Message::XiuStoredBatch(vec![
+                StoreAnswer::Stored { id: 1, fresh: true },
+                StoreAnswer::Unavailable {
+                    reason: "min_insync".into(),
+                },
+                StoreAnswer::Refused {
+                    reason: "no receivers".into(),
+                },
+                StoreAnswer::Moved {
+                    partition_num: 2,
+                    reason: "user 3".into(),
+                },
+            ]),
             Message::XiuUsers {
                 pi_partition: 1,
                 pi_partitions: 2,
@@ -629,6 +734,31 @@ mod tests {
                 max: 10,
             },
         ]
+    }
+
+    #[test]
+    fn a_store_answer_is_what_a_lone_store_is_answered() {
+        let lone = [
+            Message::XiuStored {
+                id: 9,
+                fresh: false,
+            },
+            Message::Unavailable { reason: "a".into() },
+            Message::Refused { reason: "b".into() },
+            Message::Moved {
+                partition_num: 4,
+                reason: "c".into(),
+            },
+        ];
+        for m in lone {
+            assert_eq!(StoreAnswer::from_answer(m.clone()).into_answer(), m);
+        }
+        assert_eq!(
+            StoreAnswer::from_answer(Message::Done),
+            StoreAnswer::Unavailable {
+                reason: "the store was answered done".into()
+            }
+        );
     }
 
     #[test]

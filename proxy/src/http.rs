@@ -37,6 +37,9 @@ pub(crate) struct HttpState {
     pub metrics: RoleMetrics,
     pub big_rooms: BigRooms,
     pub courier: Courier,
+    /// One permit per inbox send waiting for its acknowledgement (`inbox_max_pending`).
+    pub inbox_slots: Arc<tokio::sync::Semaphore>,
+    pub inbox_max_pending: usize,
 }
 
 /// Largest request body read: a 64 KiB message body plus its JSON envelope.
@@ -214,6 +217,22 @@ async fn deliver(
     if body.len() > MAX_BODY {
         return Err(too_large(s, body.len()));
     }
+    let Ok(_slot) = s.inbox_slots.clone().try_acquire_owned() else {
+        s.metrics.drop("http", "inbox_overloaded");
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "the proxy has {} personal messages waiting for acknowledgement (inbox_max_pending); retry",
+                s.inbox_max_pending
+            ),
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return Err(r);
+    };
     let sid = sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
     let from = from.map(|Id(f)| f).unwrap_or(0);
     let trace = traced.map(|arrived| vec![s.hop.stamp(arrived)]);

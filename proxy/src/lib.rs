@@ -52,6 +52,10 @@ pub struct ProxyConfig {
     pub sid_cache: usize,
     /// How long an inbox message may take to be acknowledged before the answer is 503.
     pub inbox_timeout_ms: u64,
+    /// Inbox sends (`/v1/users/...`) waiting for their acknowledgement at once; one more is
+    /// answered 503 at once with `Retry-After`, so load beyond what the stores take is
+    /// refused instead of queued until every send times out.
+    pub inbox_max_pending: usize,
 }
 
 impl Default for ProxyConfig {
@@ -68,6 +72,7 @@ impl Default for ProxyConfig {
             queue_capacity: 65_536,
             sid_cache: 100_000,
             inbox_timeout_ms: 5000,
+            inbox_max_pending: 4096,
         }
     }
 }
@@ -102,6 +107,7 @@ pub fn check(config: &Config) -> Result<(), Error> {
         ("inbox_timeout_ms", pc.inbox_timeout_ms, 100),
         ("queue_capacity", pc.queue_capacity as u64, 16),
         ("sid_cache", pc.sid_cache as u64, 1),
+        ("inbox_max_pending", pc.inbox_max_pending as u64, 1),
         ("heartbeat_interval_ms", pc.heartbeat_interval_ms, 10),
     ])
     .map_err(Error::Config)
@@ -174,6 +180,8 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         metrics: metrics.clone(),
         big_rooms,
         courier,
+        inbox_slots: Arc::new(tokio::sync::Semaphore::new(pc.inbox_max_pending)),
+        inbox_max_pending: pc.inbox_max_pending,
     }));
     let server = pixiu_runtime::service::serve_http(listener, app, service.shutdown.clone());
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Why an [`ask`] got no usable answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AskError {
     /// No answer: connect failure, timeout, closed connection.
     #[error("{to}: {source}")]
@@ -74,7 +74,16 @@ pub async fn ask(
         .request(to, wire::encode(msg), timeout)
         .await
         .map_err(|source| AskError::Transport { to, source })?;
-    match wire::decode(&bytes).map_err(|source| AskError::Decode { to, source })? {
+    answer(
+        to,
+        wire::decode(&bytes).map_err(|source| AskError::Decode { to, source })?,
+    )
+}
+
+/// `to`'s answer `msg` as [`ask`] returns it: its refusals (`Refused`, `Unavailable`,
+/// `Moved`) as errors, anything else as the answer.
+pub fn answer(to: SocketAddr, msg: Message) -> Result<Message, AskError> {
+    match msg {
         Message::Refused { reason } => Err(AskError::Refused { to, reason }),
         Message::Unavailable { reason } => Err(AskError::Unavailable { to, reason }),
         Message::Moved {

@@ -11,7 +11,9 @@
 //!   per second and the send-to-201 latency;
 //! - latency: 200 receivers online (one device each, acking every message); at a steady rate,
 //!   send-to-delivery time p50/p99 (the publish instant is in the body; the receiving device
-//!   records when the `inbox` frame arrives).
+//!   records when the `inbox` frame arrives); every 10th of those messages is sent with
+//!   `"trace": true`, and the median time spent in and between the hops of those is printed
+//!   (where a message's time goes at that rate).
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
@@ -20,6 +22,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
+use pixiu_protocol::trace::HopJson;
 use pixiu_tests::Cluster;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,16 +110,24 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
 
     let start = Instant::now();
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let traces = Arc::new(Mutex::new(Vec::new()));
     let mut receivers = Vec::new();
     for uid in 1..=RECEIVERS {
         let mut client = c.device("gw0", uid, "bench").await;
         let latencies = latencies.clone();
+        let traces = traces.clone();
         receivers.push(tokio::spawn(async move {
             while let Ok(Some(ev)) =
                 tokio::time::timeout(Duration::from_secs(5), client.next_event()).await
             {
-                if let ServerFrame::Inbox { id, body, .. } = ev {
+                if let ServerFrame::Inbox {
+                    id, body, trace, ..
+                } = ev
+                {
                     let _ = client.ack(id.0).await;
+                    if let Some(hops) = trace {
+                        traces.lock().await.push(hops);
+                    }
                     if let Some(us) = body.strip_prefix("s:").and_then(|v| v.parse::<u64>().ok()) {
                         let now = start.elapsed();
                         latencies
@@ -140,10 +151,12 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
         let publisher = publisher.clone();
         let body = format!("s:{}", start.elapsed().as_micros());
         sends.push(tokio::spawn(async move {
-            publisher
-                .send_user(1 + i % RECEIVERS, &body, 1, None)
-                .await
-                .is_ok()
+            let uid = 1 + i % RECEIVERS;
+            if i % 10 == 0 {
+                publisher.send_user_traced(uid, &body).await.is_ok()
+            } else {
+                publisher.send_user(uid, &body, 1, None).await.is_ok()
+            }
         }));
     }
     let mut acked = 0;
@@ -162,9 +175,42 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
         percentile(&l, 0.99).as_secs_f64() * 1000.0,
         l.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
     );
+    println!(
+        "min_insync={min_insync}: traced, median µs: {}",
+        hop_medians(&traces.lock().await)
+    );
     for r in receivers {
         r.abort();
     }
+}
+
+/// The median time in each hop (`xiu 1234`: arrival to leaving) and between hops (`->`),
+/// over the traces whose hops are the same roles in the same order as the first one's.
+fn hop_medians(traces: &[Vec<HopJson>]) -> String {
+    let Some(first) = traces.first() else {
+        return "no traced message delivered".into();
+    };
+    let roles: Vec<&str> = first.iter().map(|h| h.role.as_str()).collect();
+    let same: Vec<&Vec<HopJson>> = traces
+        .iter()
+        .filter(|t| t.iter().map(|h| h.role.as_str()).eq(roles.iter().copied()))
+        .collect();
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let mut parts = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        if i > 0 {
+            let gap = same
+                .iter()
+                .map(|t| t[i].in_us.saturating_sub(t[i - 1].out_us));
+            parts.push(format!("-> {}", median(gap.collect())));
+        }
+        let inside = same.iter().map(|t| t[i].out_us.saturating_sub(t[i].in_us));
+        parts.push(format!("{role} {}", median(inside.collect())));
+    }
+    format!("{} ({} traces)", parts.join(" "), same.len())
 }
 
 /// `rate` sends a second for `secs` seconds to the offline users, each on its own task: how

@@ -4,7 +4,7 @@
 
 use pixiu_client::{Client, ClientError};
 use pixiu_protocol::client::ServerFrame;
-use pixiu_protocol::wire::{self, Message, ReadResult};
+use pixiu_protocol::wire::{self, BatchedStore, Message, ReadResult, StoreAnswer, StoreRequest};
 use pixiu_tests::{assert_eventually, metric, Cluster};
 use pixiu_transport::{TlsMaterial, Transport, TransportConfig};
 use std::collections::BTreeSet;
@@ -365,6 +365,88 @@ async fn a_store_sent_while_the_leader_dies_is_acknowledged_by_its_successor() {
     );
 }
 
+/// A proxy allowed 2 personal messages waiting for acknowledgement (`inbox_max_pending`):
+/// with the Xiu follower frozen (so `min_insync` 1 holds every store), two sends wait, and a
+/// third is answered 503 with `Retry-After` at once rather than after the 5 s deadline. Once
+/// the follower runs again the two waiting are acknowledged, the refused one is acknowledged
+/// when retried with its sid, and the receiver gets all of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_its_pending_sends_full_refuses_more_at_once() {
+    let mut c = inbox_cluster("inbox-admission", 2, 2, &["--min-insync", "1"]).await;
+    let cfg = c.config_file("proxy-narrow", "inbox_max_pending = 2\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    c.spawn_proxy("proxy1", &cfg);
+    c.wait_all_healthy().await;
+    let publisher = c.publisher("proxy1");
+    let first = publisher.send_user(7, "first", 1, Some(900)).await.unwrap();
+    c.node("xiu1").proc.sigstop();
+    let waiting: Vec<_> = (901..=902)
+        .map(|sid| {
+            let p = c.publisher("proxy1");
+            tokio::spawn(async move { p.send_user(7, &format!("m{sid}"), 1, Some(sid)).await })
+        })
+        .collect();
+    let token = pixiu_protocol::auth::issue(pixiu_tests::SECRET.as_bytes(), 0, None, true, 3600);
+    let url = format!("{}/v1/users/7/messages", c.url("proxy1"));
+    let http = reqwest::Client::new();
+    // the two sends may take a moment to reach the proxy: ask until the third is refused
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let refused = loop {
+        let asked = std::time::Instant::now();
+        let r = http
+            .post(&url)
+            .bearer_auth(&token)
+            .body(r#"{"body":"m903","from":"1","sid":"903"}"#)
+            .send()
+            .await
+            .unwrap();
+        let took = asked.elapsed();
+        if r.status() == 503 {
+            let retry_after = r.headers().get("retry-after").cloned();
+            let body = r.text().await.unwrap();
+            if body.contains("inbox_max_pending") {
+                break (took, retry_after, body);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no send refused for inbox_max_pending\n{}",
+            c.logs()
+        );
+    };
+    c.node("xiu1").proc.sigcont();
+    let (took, retry_after, body) = refused;
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    assert!(body.contains("\"error\":\"unavailable\""), "{body}");
+    assert!(
+        took < Duration::from_secs(2),
+        "refused after {took:?}: it waited instead of refusing"
+    );
+    let mut acked = vec![(first, "first".to_string())];
+    for (w, sid) in waiting.into_iter().zip(901..) {
+        let id = match w.await.unwrap() {
+            Ok(id) => id,
+            // the follower's return may come after this send's deadline: retried, as a
+            // publisher would
+            Err(_) => send_until_acked(&publisher, 7, &format!("m{sid}"), sid).await,
+        };
+        acked.push((id, format!("m{sid}")));
+    }
+    let retried = send_until_acked(&publisher, 7, "m903", 903).await;
+    acked.push((retried, "m903".to_string()));
+    acked.sort();
+    let overloaded = metric(
+        &c.admin("proxy1"),
+        "pixiu_messages_dropped_total{stage=\"http\",reason=\"inbox_overloaded\"}",
+    )
+    .await
+    .unwrap();
+    assert!(overloaded >= 1.0, "{overloaded}");
+    let mut dev = c.device("gw0", 7, "phone").await;
+    let got = collect_inbox(&mut dev, 4, Duration::from_secs(10)).await;
+    assert_eq!(got, acked);
+}
+
 /// Sends until acknowledged (bounded: 40 tries of up to 5 s each).
 async fn send_until_acked(p: &pixiu_client::Publisher, uid: u64, body: &str, sid: u64) -> u64 {
     let mut last = None;
@@ -433,6 +515,84 @@ async fn a_rejoining_replica_drops_its_unacknowledged_tail() {
         "{}",
         c.logs()
     );
+}
+
+/// A Xiu leader answers each store of a batch on its own: a bad one (no receivers, a body
+/// over 64 KiB) is refused without holding up the good ones beside it, which are stored and
+/// delivered; a batch over 256 stores is refused whole, and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_batch_is_answered_store_by_store() {
+    let c = inbox_cluster("inbox-batch", 1, 1, &["--min-insync", "0"]).await;
+    let status = c.status();
+    let xiu = status["nodes"]
+        .as_array()
+        .expect("status nodes")
+        .iter()
+        .find(|n| n["admin"].as_str() == Some(c.admin("xiu0").as_str()))
+        .expect("xiu0 is registered");
+    let addr: std::net::SocketAddr = xiu["addr"].as_str().unwrap().parse().unwrap();
+    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
+    let (transport, _inbound) =
+        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
+            .await
+            .unwrap();
+    let store = |sid: u64, to: Vec<u64>, body: String| BatchedStore {
+        req: StoreRequest {
+            sid,
+            from: 1,
+            to,
+            body,
+            ts: pixiu_protocol::now_ms(),
+        },
+        trace: None,
+    };
+    let ask = |msg: Message| {
+        let transport = transport.clone();
+        async move {
+            let answer = transport
+                .request(addr, wire::encode(&msg), Duration::from_secs(5))
+                .await
+                .unwrap();
+            wire::decode(&answer).unwrap()
+        }
+    };
+    let batch = vec![
+        store(5001, vec![11], "good one".into()),
+        store(5002, vec![], "nobody".into()),
+        store(5003, vec![11], "x".repeat(64 * 1024 + 1)),
+        store(5004, vec![11], "good two".into()),
+    ];
+    let Message::XiuStoredBatch(answers) = ask(Message::XiuStoreBatch(batch)).await else {
+        panic!("expected a batch answer");
+    };
+    let [StoreAnswer::Stored { id: one, .. }, StoreAnswer::Refused { reason: nobody }, StoreAnswer::Refused { reason: big }, StoreAnswer::Stored { id: two, .. }] =
+        &answers[..]
+    else {
+        panic!("answers: {answers:?}");
+    };
+    assert!(nobody.contains("no receivers"), "{nobody}");
+    assert!(big.contains("exceeds"), "{big}");
+    let too_many = (0..257)
+        .map(|i| store(6000 + i, vec![12], format!("m{i}")))
+        .collect();
+    match ask(Message::XiuStoreBatch(too_many)).await {
+        Message::Refused { reason } => assert!(reason.contains("at most 256"), "{reason}"),
+        other => panic!("a batch of 257 was answered {other:?}"),
+    }
+    // the good ones of the first batch are in user 11's inbox (in id order, as every inbox);
+    // user 12 got nothing
+    let mut dev = c.device("gw0", 11, "phone").await;
+    let got = collect_inbox(&mut dev, 2, Duration::from_secs(10)).await;
+    let mut want = vec![
+        (*one, "good one".to_string()),
+        (*two, "good two".to_string()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    let mut other = c.device("gw0", 12, "phone").await;
+    assert!(collect_inbox(&mut other, 1, Duration::from_secs(2))
+        .await
+        .is_empty());
 }
 
 /// Xiu gives a message only to a read for one of its receivers: an index entry naming

@@ -209,6 +209,10 @@ fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
         "proxy-queues.toml",
         "insecure_dev_auth = true\nconvert_queues = 100\n",
     );
+    let proxy_pending = range(
+        "proxy-pending.toml",
+        "insecure_dev_auth = true\ninbox_max_pending = 0\n",
+    );
     let pi_maintenance = range(
         "pi-maintenance.toml",
         "data_dir = \"/d\"\nmaintenance_interval_ms = 1\n",
@@ -227,6 +231,7 @@ fn check_config_accepts_what_would_start_and_refuses_what_would_not() {
             "fanout_interval_ms = 101",
         ),
         ("pixiu-proxy", with(&proxy_queues), "convert_queues = 100"),
+        ("pixiu-proxy", with(&proxy_pending), "inbox_max_pending = 0"),
         (
             "pixiu-pi",
             with(&pi_maintenance),

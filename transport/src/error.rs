@@ -25,3 +25,21 @@ pub enum TransportError {
     #[error("stream: {0}")]
     Stream(String),
 }
+
+/// A copy for every waiter of one failed request (an `io::Error` is copied as its kind and
+/// text).
+impl Clone for TransportError {
+    fn clone(&self) -> Self {
+        match self {
+            TransportError::Tls(s) => TransportError::Tls(s.clone()),
+            TransportError::Io(e) => {
+                TransportError::Io(std::io::Error::new(e.kind(), e.to_string()))
+            }
+            TransportError::Connect(s) => TransportError::Connect(s.clone()),
+            TransportError::Timeout => TransportError::Timeout,
+            TransportError::TooLarge(n) => TransportError::TooLarge(*n),
+            TransportError::Closed => TransportError::Closed,
+            TransportError::Stream(s) => TransportError::Stream(s.clone()),
+        }
+    }
+}

@@ -35,7 +35,9 @@ mod write;
 use crate::{Durability, XiuError, XiuOptions, XiuStore};
 use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::routing::{group_users, owns_user, user_partition};
-use pixiu_protocol::wire::{InboxItem, Message, ReadResult, StoreRequest};
+use pixiu_protocol::wire::{
+    BatchedStore, InboxItem, Message, ReadResult, StoreAnswer, StoreRequest, MAX_STORE_BATCH,
+};
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeState, Registry, Role, RoleView};
 use pixiu_runtime::replication::{
@@ -364,6 +366,27 @@ fn read_result(
     }
 }
 
+/// Each store of the batch handled as if it came alone, all at once (so they reach the writer
+/// together and share its fsync), answered together.
+async fn store_batch(node: &Node, stores: Vec<BatchedStore>) -> Message {
+    node.metrics.inc_in("store_batch");
+    if stores.len() > MAX_STORE_BATCH {
+        return Message::Refused {
+            reason: format!(
+                "a batch of {} stores; at most {MAX_STORE_BATCH}",
+                stores.len()
+            ),
+        };
+    }
+    let arrived = pixiu_protocol::trace::now_us();
+    let each = stores.into_iter().map(|s| {
+        node.metrics.inc_in("store");
+        store(node, s.req, s.trace.map(|t| (t, arrived)))
+    });
+    let answers = futures::future::join_all(each).await;
+    Message::XiuStoredBatch(answers.into_iter().map(StoreAnswer::from_answer).collect())
+}
+
 fn unavailable(reason: impl Into<String>) -> Message {
     Message::Unavailable {
         reason: reason.into(),
@@ -380,6 +403,7 @@ async fn handle(node: &Node, msg: Message) -> Message {
             node.metrics.inc_in("store");
             store(node, req, Some((trace, pixiu_protocol::trace::now_us()))).await
         }
+        Message::XiuStoreBatch(stores) => store_batch(node, stores).await,
         Message::XiuHistory {
             uid,
             since,
