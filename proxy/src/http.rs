@@ -217,7 +217,7 @@ async fn deliver(
     if body.len() > MAX_BODY {
         return Err(too_large(s, body.len()));
     }
-    let Ok(_slot) = s.inbox_slots.clone().try_acquire_owned() else {
+    let Ok(slot) = s.inbox_slots.clone().try_acquire_owned() else {
         s.metrics.drop("http", "inbox_overloaded");
         let mut r = error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -237,7 +237,15 @@ async fn deliver(
     let from = from.map(|Id(f)| f).unwrap_or(0);
     let trace = traced.map(|arrived| vec![s.hop.stamp(arrived)]);
     let ts = pixiu_protocol::now_ms();
-    match s.courier.send_traced(sid, from, to, body, ts, trace).await {
+    let pending = |s: &HttpState| {
+        let n = s.inbox_max_pending - s.inbox_slots.available_permits();
+        s.metrics.set_queue("inbox_pending", n as i64);
+    };
+    pending(s);
+    let sent = s.courier.send_traced(sid, from, to, body, ts, trace).await;
+    drop(slot);
+    pending(s);
+    match sent {
         Ok(ids) => {
             s.metrics.add_out("inbox_stored", ids.len() as u64);
             Ok(ids)

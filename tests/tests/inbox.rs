@@ -386,36 +386,38 @@ async fn a_proxy_with_its_pending_sends_full_refuses_more_at_once() {
             tokio::spawn(async move { p.send_user(7, &format!("m{sid}"), 1, Some(sid)).await })
         })
         .collect();
-    let token = pixiu_protocol::auth::issue(pixiu_tests::SECRET.as_bytes(), 0, None, true, 3600);
-    let url = format!("{}/v1/users/7/messages", c.url("proxy1"));
-    let http = reqwest::Client::new();
-    // the two sends may take a moment to reach the proxy: ask until the third is refused
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    let refused = loop {
-        let asked = std::time::Instant::now();
-        let r = http
-            .post(&url)
-            .bearer_auth(&token)
-            .body(r#"{"body":"m903","from":"1","sid":"903"}"#)
-            .send()
-            .await
-            .unwrap();
-        let took = asked.elapsed();
-        if r.status() == 503 {
-            let retry_after = r.headers().get("retry-after").cloned();
-            let body = r.text().await.unwrap();
-            if body.contains("inbox_max_pending") {
-                break (took, retry_after, body);
+    // both are waiting once the proxy's gauge says so
+    let admin = c.admin("proxy1");
+    assert_eventually("2 sends waiting", Duration::from_secs(4), || {
+        let admin = admin.clone();
+        async move {
+            let n = metric(&admin, "pixiu_queue_depth{queue=\"inbox_pending\"}")
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} waiting"))
             }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no send refused for inbox_max_pending\n{}",
-            c.logs()
-        );
-    };
+    })
+    .await;
+    let token = pixiu_protocol::auth::issue(pixiu_tests::SECRET.as_bytes(), 0, None, true, 3600);
+    let asked = std::time::Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/users/7/messages", c.url("proxy1")))
+        .bearer_auth(&token)
+        .body(r#"{"body":"m903","from":"1","sid":"903"}"#)
+        .send()
+        .await
+        .unwrap();
+    let took = asked.elapsed();
+    let status = r.status();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let body = r.text().await.unwrap();
     c.node("xiu1").proc.sigcont();
-    let (took, retry_after, body) = refused;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("inbox_max_pending"), "{body}");
     assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
     assert!(body.contains("\"error\":\"unavailable\""), "{body}");
     assert!(
@@ -517,25 +519,39 @@ async fn a_rejoining_replica_drops_its_unacknowledged_tail() {
     );
 }
 
+/// A transport of the cluster's own (its TLS material) to ask node `name` directly, and that
+/// node's registered address.
+async fn ask_node(
+    c: &Cluster,
+    name: &str,
+) -> (
+    Transport,
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<pixiu_transport::Inbound>,
+) {
+    let status = c.status();
+    let node = status["nodes"]
+        .as_array()
+        .expect("status nodes")
+        .iter()
+        .find(|n| n["admin"].as_str() == Some(c.admin(name).as_str()))
+        .unwrap_or_else(|| panic!("{name} is not registered"));
+    let addr = node["addr"].as_str().unwrap().parse().unwrap();
+    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
+    let (transport, inbound) =
+        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
+            .await
+            .unwrap();
+    (transport, addr, inbound)
+}
+
 /// A Xiu leader answers each store of a batch on its own: a bad one (no receivers, a body
 /// over 64 KiB) is refused without holding up the good ones beside it, which are stored and
 /// delivered; a batch over 256 stores is refused whole, and nothing of it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_batch_is_answered_store_by_store() {
     let c = inbox_cluster("inbox-batch", 1, 1, &["--min-insync", "0"]).await;
-    let status = c.status();
-    let xiu = status["nodes"]
-        .as_array()
-        .expect("status nodes")
-        .iter()
-        .find(|n| n["admin"].as_str() == Some(c.admin("xiu0").as_str()))
-        .expect("xiu0 is registered");
-    let addr: std::net::SocketAddr = xiu["addr"].as_str().unwrap().parse().unwrap();
-    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
-    let (transport, _inbound) =
-        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
-            .await
-            .unwrap();
+    let (transport, addr, _inbound) = ask_node(&c, "xiu0").await;
     let store = |sid: u64, to: Vec<u64>, body: String| BatchedStore {
         req: StoreRequest {
             sid,
@@ -605,19 +621,7 @@ async fn xiu_refuses_to_read_a_message_for_a_user_it_is_not_addressed_to() {
         .send_user(3, "for three", 1, None)
         .await
         .unwrap();
-    let status = c.status();
-    let xiu = status["nodes"]
-        .as_array()
-        .expect("status nodes")
-        .iter()
-        .find(|n| n["admin"].as_str() == Some(c.admin("xiu0").as_str()))
-        .expect("xiu0 is registered");
-    let addr: std::net::SocketAddr = xiu["addr"].as_str().unwrap().parse().unwrap();
-    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
-    let (transport, _inbound) =
-        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
-            .await
-            .unwrap();
+    let (transport, addr, _inbound) = ask_node(&c, "xiu0").await;
     let read = |uid: u64| {
         let transport = transport.clone();
         async move {
