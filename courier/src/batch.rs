@@ -3,7 +3,8 @@
 //! the leader, which hands them to its writer together), and each caller gets what its store
 //! alone would have been answered. Nothing waits on a timer: with nothing in flight a store
 //! goes at once, alone; while [`IN_FLIGHT`] batches are out, stores queue and go together
-//! when one comes back. So batches grow with the load and a quiet store pays nothing.
+//! when one comes back. So batches grow with the load and a quiet store pays nothing. A
+//! leader too old to decode a batch (it refuses it as a bad frame) gets its stores one by one.
 
 use pixiu_protocol::wire::{BatchedStore, Message, MAX_STORE_BATCH};
 use pixiu_runtime::{ask, AskError};
@@ -177,7 +178,8 @@ async fn send(
     let (stores, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.store, p.reply)).unzip();
     let n = stores.len();
     let left = until.saturating_duration_since(Instant::now());
-    let answers = match ask(&transport, to, &Message::XiuStoreBatch(stores), left).await {
+    let batch = Message::XiuStoreBatch(stores);
+    let answers = match ask(&transport, to, &batch, left).await {
         Ok(Message::XiuStoredBatch(answers)) if answers.len() == n => answers
             .into_iter()
             .map(|a| pixiu_runtime::ask::answer(to, a.into_answer()))
@@ -194,6 +196,22 @@ async fn send(
             ]
         }
         Ok(other) => vec![Err(AskError::unexpected(to, &other, "xiu_stored_batch")); n],
+        // a Xiu from before batches cannot decode one (during a rolling upgrade): each store
+        // goes alone, as such a Xiu expects
+        Err(AskError::Refused { reason, .. }) if reason.starts_with("bad frame") => {
+            let Message::XiuStoreBatch(stores) = batch else {
+                unreachable!("built as a batch above")
+            };
+            let lone = stores.into_iter().map(|s| {
+                let msg = match s.trace {
+                    None => Message::XiuStore(s.req),
+                    Some(trace) => Message::XiuStoreTraced { req: s.req, trace },
+                };
+                let transport = transport.clone();
+                async move { ask(&transport, to, &msg, left).await }
+            });
+            futures::future::join_all(lone).await
+        }
         Err(e) => vec![Err(e); n],
     };
     for (answer, reply) in answers.into_iter().zip(replies) {
@@ -294,6 +312,55 @@ mod tests {
         }
         let (batches, _peer) = leader.await.expect("the leader task");
         assert!(batches < 200, "200 stores went in {batches} requests");
+    }
+
+    /// A leader from before batches refuses a batch as a bad frame (as `pixiu_runtime::inbound`
+    /// does with any frame it cannot decode) and takes lone `XiuStore`s: every store is still
+    /// stored, each with its own answer.
+    #[tokio::test]
+    async fn a_leader_that_cannot_decode_a_batch_gets_the_stores_one_by_one() {
+        let (me, peer, mut inbound) = transports().await;
+        let to = peer.local_addr();
+        let leader = tokio::spawn(async move {
+            let (mut batches, mut lone) = (0, 0);
+            while lone < 20 {
+                let Some(Inbound::Request { bytes, reply, .. }) = inbound.recv().await else {
+                    panic!("expected a request");
+                };
+                let answer = match pixiu_protocol::wire::decode(&bytes) {
+                    Ok(Message::XiuStoreBatch(_)) => {
+                        batches += 1;
+                        Message::Refused {
+                            reason: "bad frame: undecodable frame: unknown variant".into(),
+                        }
+                    }
+                    Ok(Message::XiuStore(req)) => {
+                        lone += 1;
+                        Message::XiuStored {
+                            id: req.sid * 10,
+                            fresh: true,
+                        }
+                    }
+                    other => panic!("unexpected {other:?}"),
+                };
+                reply.send(pixiu_protocol::wire::encode(&answer));
+            }
+            (batches, peer)
+        });
+        let batcher = Batcher::new(me);
+        let until = Instant::now() + Duration::from_secs(10);
+        let asks = (0..20u64).map(|sid| {
+            let b = batcher.clone();
+            async move { (sid, b.store(to, store(sid), until).await) }
+        });
+        for (sid, answer) in futures::future::join_all(asks).await {
+            assert!(
+                matches!(answer, Ok(Message::XiuStored { id, .. }) if id == sid * 10),
+                "store {sid}: {answer:?}"
+            );
+        }
+        let (batches, _peer) = leader.await.expect("the leader task");
+        assert!(batches >= 1);
     }
 
     /// A leader that never answers: every store gets the timeout by its deadline.
