@@ -197,11 +197,13 @@ impl Client {
                 .map_err(|e| ClientError::Protocol(format!("token is not a header value: {e}")))?;
             request.headers_mut().insert(AUTHORIZATION, value);
         }
-        let (ws, _response) =
-            tokio::time::timeout(REPLY_TIMEOUT, tokio_tungstenite::connect_async(request))
-                .await
-                .map_err(|_| ClientError::Timeout)?
-                .map_err(ws_error)?;
+        // Nagle off (`true`): acks and requests are small; with it on, one written behind an
+        // unacknowledged one waits for the gateway's delayed ACK (up to 40 ms on Linux)
+        let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
+        let (ws, _response) = tokio::time::timeout(REPLY_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(ws_error)?;
         let (mut sink, mut stream) = ws.split();
 
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();

