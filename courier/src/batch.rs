@@ -18,8 +18,9 @@ use tokio::time::Instant;
 
 /// Batches in flight to one leader at once. A batch holds its slot until its slowest store
 /// is indexed in Pi (10-20 ms under load), so too few slots make stores wait here while the
-/// leader idles: with 8, 10,000 personal messages a second offered waited p50 34 ms, p99
-/// 77-87 ms for their 201; with 32, p50 12-18 ms, p99 24-46 ms (README "Benchmarks").
+/// leader idles: with 8, 10,000 personal messages a second offered waited p50 27-34 ms, p99
+/// 77-87 ms for their 201; with 32, p50 12-36 ms, p99 24-77 ms, under 50 ms in three runs of
+/// five (README "Benchmarks"). 64 collapsed once (p99 645 ms).
 const IN_FLIGHT: usize = 32;
 /// Bytes of bodies and receivers in one batch (the transport carries at most 1 MiB); a store
 /// larger than this goes alone.
