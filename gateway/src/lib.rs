@@ -203,6 +203,11 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         brokers,
     );
     let core_task = tokio::spawn(core.run(cmd_rx, inbound, shutdown.clone()));
+    tokio::spawn(count_running_proxies(
+        proxies.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let ws_state = Arc::new(ws::WsState::new(
         ws::WsSettings {
@@ -239,6 +244,25 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         })
         .await;
     Ok(())
+}
+
+/// `pixiu_peers{kind="proxy_running"}`: the proxies this gateway can send publishes and
+/// stores to, as its registry view shows them (0: every client `publish` is refused
+/// `unavailable`).
+async fn count_running_proxies(
+    mut proxies: tokio::sync::watch::Receiver<Arc<pixiu_registry::RoleView>>,
+    metrics: pixiu_runtime::RoleMetrics,
+    shutdown: Shutdown,
+) {
+    let gauge = metrics.peers.with_label_values(&["proxy_running"]);
+    loop {
+        let running = proxies.borrow_and_update().running_addrs(0).len();
+        gauge.set(running as i64);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = proxies.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Keep the registered load (connection count) roughly current until shutdown: the least

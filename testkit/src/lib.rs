@@ -437,6 +437,17 @@ impl ZkServer {
 
 impl Drop for ZkServer {
     fn drop(&mut self) {
+        // A failing test whose ZooKeeper died under it (not stopped by the test itself) says
+        // so: every node then reports "connection lost", and the cause is not in their logs.
+        if std::thread::panicking() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                eprintln!(
+                    "ZooKeeper on 127.0.0.1:{} had exited before the test ended ({status}), \
+                     and the test did not stop it",
+                    self.port
+                );
+            }
+        }
         self.stop();
     }
 }

@@ -288,6 +288,32 @@ impl Cluster {
             )
             .await;
         }
+        // and every gateway sees every proxy running (else a client `publish` is refused
+        // "no running proxy" until its registry view catches up)
+        let proxies = self.nodes.values().filter(|n| n.role == "proxy").count() as f64;
+        if proxies > 0.0 {
+            for (name, n) in self.nodes.iter().filter(|(_, n)| n.role == "gateway") {
+                let admin = n.admin.clone();
+                assert_eventually(
+                    &format!("{name} sees every proxy running"),
+                    Duration::from_secs(20),
+                    || {
+                        let admin = admin.clone();
+                        async move {
+                            let r = metric(&admin, "pixiu_peers{kind=\"proxy_running\"}")
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            if r >= proxies {
+                                Ok(())
+                            } else {
+                                Err(format!("{r} of {proxies} proxies running"))
+                            }
+                        }
+                    },
+                )
+                .await;
+            }
+        }
     }
 
     pub async fn wait_healthy(&self, name: &str) {

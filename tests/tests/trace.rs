@@ -31,16 +31,27 @@ async fn next_room(member: &mut pixiu_client::Client) -> (u64, Option<Vec<HopJso
 }
 
 /// The hops' roles, and that each hop's times are ordered and follow the previous hop's.
+///
+/// Except a broker after Pi: its hop starts with its fetch, and a fetch already under way (the
+/// one a device's coming online starts) finds an id as soon as Pi's leader wrote it, before Pi
+/// answered the append. Then only its end is after Pi's start.
 fn check_hops(trace: &[HopJson]) -> Vec<&str> {
-    let mut last_out = 0;
+    let (mut last_in, mut last_out, mut last_role) = (0, 0, "");
     for hop in trace {
         assert!(hop.in_us <= hop.out_us, "{hop:?}");
-        assert!(
-            hop.in_us >= last_out,
-            "a hop before the one it follows: {trace:?}"
-        );
+        if hop.role == "broker" && last_role == "pi" {
+            assert!(
+                hop.out_us >= last_in,
+                "a broker with the message before Pi had it: {trace:?}"
+            );
+        } else {
+            assert!(
+                hop.in_us >= last_out,
+                "a hop before the one it follows: {trace:?}"
+            );
+        }
         assert!(!hop.addr.is_empty(), "{hop:?}");
-        last_out = hop.out_us;
+        (last_in, last_out, last_role) = (hop.in_us, hop.out_us, hop.role.as_str());
     }
     trace.iter().map(|h| h.role.as_str()).collect()
 }

@@ -35,9 +35,16 @@ fn entry_of_user_key(uid: u64, key: &[u8]) -> Option<(u64, u64)> {
 
 /// Puts the index entries of `msg` (one per receiver) into `batch`.
 pub(crate) fn index_message(batch: &mut WriteBatch, msg: &StoredMessage) {
-    for uid in &msg.to {
-        batch.put(user_key(*uid, msg.ts, msg.id.counter()), []);
+    for k in index_keys(msg) {
+        batch.put(k, []);
     }
+}
+
+/// The index keys of `msg`, one per receiver.
+pub(crate) fn index_keys(msg: &StoredMessage) -> impl Iterator<Item = [u8; 25]> + '_ {
+    msg.to
+        .iter()
+        .map(|uid| user_key(*uid, msg.ts, msg.id.counter()))
 }
 
 /// Puts the deletion of `msg`'s index entries into `batch`.

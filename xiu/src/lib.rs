@@ -36,10 +36,23 @@ use lru::LruCache;
 use pixiu_protocol::inbox::{MsgId, StoredMessage, KIND_NONE, MAX_COUNTER};
 use pixiu_protocol::MAX_BODY;
 use pixiu_storage::{Db, WriteBatch};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::Path;
 
 pub use pixiu_storage::Durability;
+
+/// One message for [`XiuStore::store_many`] (the arguments of [`XiuStore::store`]).
+#[derive(Clone, Copy, Debug)]
+pub struct NewMessage<'a> {
+    /// The sender's id for the message: storing a known `sid` again stores nothing.
+    pub sid: u64,
+    pub kind: u8,
+    pub from: u64,
+    pub to: &'a [u64],
+    pub body: &'a str,
+    pub ts: u64,
+}
 
 #[derive(Clone, Debug)]
 pub struct XiuOptions {
@@ -70,6 +83,8 @@ pub enum XiuError {
     BodyTooLarge { len: usize, max: usize },
     #[error("the 48-bit message counter is exhausted")]
     CounterExhausted,
+    #[error("writing the group of messages failed, none of it is stored: {0}")]
+    WriteFailed(String),
     #[error("replication gap: expected counter {expected}, got {got}")]
     Gap { expected: u64, got: u64 },
     #[error("message {id} expired (retention): every message up to {floor} is deleted")]
@@ -265,15 +280,98 @@ impl XiuStore {
         body: &str,
         ts: u64,
     ) -> Result<(MsgId, bool), XiuError> {
-        if let Some(v) = self.db.get(sid_key(sid))? {
-            return Ok((id_from_value(&format!("sid index of {sid}"), &v)?, false));
+        let m = NewMessage {
+            sid,
+            kind,
+            from,
+            to,
+            body,
+            ts,
+        };
+        self.store_many(&[m])
+            .pop()
+            .expect("store_many answers every message")
+    }
+
+    /// Stores a group of messages in one RocksDB write, one answer per message in the same
+    /// order, each as [`XiuStore::store`] would give it (ids in the group's order; a `sid`
+    /// that is already stored, or that comes twice in the group, gets its first id and
+    /// `false`). A message refused (kind, size) does not stop the others. If the write fails,
+    /// none of the group is stored and every message that would have been new fails.
+    ///
+    /// The batch's keys go in sorted order (records, then sid keys, then per-user index
+    /// keys): sid and user keys arrive in random order, and sorted inserts let RocksDB's
+    /// memtable reuse its skip-list position from one key to the next.
+    pub fn store_many(&mut self, msgs: &[NewMessage<'_>]) -> Vec<Result<(MsgId, bool), XiuError>> {
+        let before = self.last;
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut in_group: HashMap<u64, MsgId> = HashMap::new();
+        let mut fresh: Vec<StoredMessage> = Vec::new();
+        for m in msgs {
+            out.push(self.assign(m, &mut in_group, &mut fresh));
         }
-        if kind == KIND_NONE {
-            return Err(XiuError::InvalidKind(kind));
+        if fresh.is_empty() {
+            return out;
         }
-        if body.len() > MAX_BODY {
+        let mut sids: Vec<([u8; 9], [u8; 8])> = fresh
+            .iter()
+            .map(|msg| (sid_key(msg.sid), msg.id.to_be_bytes()))
+            .collect();
+        sids.sort_unstable_by_key(|(k, _)| *k);
+        let mut users: Vec<[u8; 25]> = fresh.iter().flat_map(history::index_keys).collect();
+        users.sort_unstable();
+        let mut batch = WriteBatch::default();
+        for msg in &fresh {
+            batch.put(msg_key(msg.id.counter()), encode_record(msg, self.epoch));
+        }
+        for (k, v) in &sids {
+            batch.put(k, v);
+        }
+        for k in &users {
+            batch.put(k, []);
+        }
+        batch.put(META_LAST, self.last.to_be_bytes());
+        if let Err(e) = self.db.write(batch) {
+            // nothing of the group is stored: every id above `before` is unassigned again
+            self.last = before;
+            for r in out.iter_mut() {
+                if matches!(r, Ok((id, _)) if id.counter() > before.counter()) {
+                    *r = Err(XiuError::WriteFailed(e.to_string()));
+                }
+            }
+            return out;
+        }
+        if let Some(cache) = &mut self.cache {
+            for msg in fresh {
+                cache.put(msg.id, msg);
+            }
+        }
+        out
+    }
+
+    /// Checks one message of [`XiuStore::store_many`] and gives it the next id (in memory
+    /// only: `fresh` collects what the group's write must hold).
+    fn assign(
+        &mut self,
+        m: &NewMessage<'_>,
+        in_group: &mut HashMap<u64, MsgId>,
+        fresh: &mut Vec<StoredMessage>,
+    ) -> Result<(MsgId, bool), XiuError> {
+        if let Some(id) = in_group.get(&m.sid) {
+            return Ok((*id, false));
+        }
+        if let Some(v) = self.db.get(sid_key(m.sid))? {
+            return Ok((
+                id_from_value(&format!("sid index of {}", m.sid), &v)?,
+                false,
+            ));
+        }
+        if m.kind == KIND_NONE {
+            return Err(XiuError::InvalidKind(m.kind));
+        }
+        if m.body.len() > MAX_BODY {
             return Err(XiuError::BodyTooLarge {
-                len: body.len(),
+                len: m.body.len(),
                 max: MAX_BODY,
             });
         }
@@ -281,25 +379,17 @@ impl XiuStore {
         if counter > MAX_COUNTER {
             return Err(XiuError::CounterExhausted);
         }
-        let id = MsgId::new(self.partition, kind, counter);
-        let msg = StoredMessage {
+        let id = MsgId::new(self.partition, m.kind, counter);
+        fresh.push(StoredMessage {
             id,
-            sid,
-            from,
-            to: to.to_vec(),
-            body: body.to_string(),
-            ts,
-        };
-        let mut batch = WriteBatch::default();
-        batch.put(msg_key(counter), encode_record(&msg, self.epoch));
-        batch.put(sid_key(sid), id.to_be_bytes());
-        history::index_message(&mut batch, &msg);
-        batch.put(META_LAST, id.to_be_bytes());
-        self.db.write(batch)?;
+            sid: m.sid,
+            from: m.from,
+            to: m.to.to_vec(),
+            body: m.body.to_string(),
+            ts: m.ts,
+        });
+        in_group.insert(m.sid, id);
         self.last = id;
-        if let Some(cache) = &mut self.cache {
-            cache.put(id, msg);
-        }
         Ok((id, true))
     }
 
@@ -565,6 +655,81 @@ mod tests {
             cache_entries,
             sync: Durability::GroupCommit,
         }
+    }
+
+    #[test]
+    fn a_group_is_stored_in_one_write_with_its_refusals_and_repeats_answered_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(3, 0)).unwrap();
+        let (old, _) = s.store(50, KIND_PERSONAL, 1, &[9], "before", 10).unwrap();
+        let big = "x".repeat(MAX_BODY + 1);
+        let m = |sid, kind, to: &'static [u64], body| NewMessage {
+            sid,
+            kind,
+            from: 2,
+            to,
+            body,
+            ts: 20 + sid,
+        };
+        let group = [
+            m(60, KIND_PERSONAL, &[7, 8], "a"),
+            m(50, KIND_PERSONAL, &[7], "stored before"),
+            m(61, KIND_PERSONAL, &[8], &big),
+            m(62, KIND_NONE, &[8], "reserved kind"),
+            m(60, KIND_PERSONAL, &[7], "repeat in the group"),
+            m(63, KIND_MULTICAST, &[7, 9], "b"),
+        ];
+        let out = s.store_many(&group);
+        assert_eq!(out.len(), group.len());
+        let a = MsgId::new(3, KIND_PERSONAL, 2);
+        let b = MsgId::new(3, KIND_MULTICAST, 3);
+        assert_eq!(out[0].as_ref().unwrap(), &(a, true));
+        assert_eq!(out[1].as_ref().unwrap(), &(old, false));
+        assert!(
+            matches!(out[2], Err(XiuError::BodyTooLarge { .. })),
+            "{:?}",
+            out[2]
+        );
+        assert!(
+            matches!(out[3], Err(XiuError::InvalidKind(0))),
+            "{:?}",
+            out[3]
+        );
+        assert_eq!(out[4].as_ref().unwrap(), &(a, false));
+        assert_eq!(out[5].as_ref().unwrap(), &(b, true));
+        assert_eq!(s.last_id(), b);
+        // both new ones are readable, indexed per receiver and found by sid after a reopen
+        drop(s);
+        let mut s = XiuStore::open(dir.path(), opts(3, 0)).unwrap();
+        assert_eq!(s.last_id().counter(), 3);
+        let read = s.read(&[a, b]);
+        assert_eq!(read[0].as_ref().unwrap().to, vec![7, 8]);
+        assert_eq!(read[1].as_ref().unwrap().body, "b");
+        let of_7: Vec<MsgId> = s
+            .history(7, 0, u64::MAX, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(of_7, vec![a, b]);
+        let of_9: Vec<MsgId> = s
+            .history(9, 0, u64::MAX, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(of_9, vec![old, b]);
+        assert_eq!(
+            s.store(63, KIND_PERSONAL, 1, &[1], "again", 0).unwrap(),
+            (b, false)
+        );
+        assert_eq!(
+            s.store(61, KIND_PERSONAL, 1, &[8], "now small", 0)
+                .unwrap()
+                .0
+                .counter(),
+            4
+        );
     }
 
     #[test]

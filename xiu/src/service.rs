@@ -32,7 +32,7 @@ mod replica;
 mod traces;
 mod write;
 
-use crate::{Durability, XiuError, XiuOptions, XiuStore};
+use crate::{Durability, NewMessage, XiuError, XiuOptions, XiuStore};
 use pixiu_protocol::inbox::{MsgId, KIND_NONE, KIND_PERSONAL};
 use pixiu_protocol::routing::{group_users, owns_user, user_partition};
 use pixiu_protocol::wire::{

@@ -4,7 +4,7 @@
 
 use super::*;
 
-/// Group commit: write every queued store, fsync once, answer them all.
+/// Group commit: write every queued store as one batch, fsync once, answer them all.
 pub(super) async fn writer(
     node: Arc<Node>,
     mut rx: mpsc::Receiver<(StoreRequest, Option<Traced>, StoreReply)>,
@@ -22,13 +22,33 @@ pub(super) async fn writer(
             let mut s = n2.store();
             // under the store lock: a doubling's handoff mark is taken under it too (handoff.rs)
             let num = n2.xius.borrow().partition_num;
+            // receivers moved by a doubling are answered `Moved`; the rest go in one write
+            let moves: Vec<Option<WriteError>> = batch
+                .iter()
+                .map(|(req, _, _)| moved(&req.to, n2.cfg.partition, num))
+                .collect();
+            let news: Vec<NewMessage<'_>> = batch
+                .iter()
+                .zip(&moves)
+                .filter(|(_, m)| m.is_none())
+                .map(|((req, _, _), _)| NewMessage {
+                    sid: req.sid,
+                    kind: KIND_PERSONAL,
+                    from: req.from,
+                    to: &req.to,
+                    body: &req.body,
+                    ts: req.ts,
+                })
+                .collect();
+            let mut stored = s.store_many(&news).into_iter();
             let mut out = Vec::with_capacity(batch.len());
             let mut fresh = false;
-            for (req, traced, reply) in batch {
-                let r = match moved(&req.to, n2.cfg.partition, num) {
+            for ((_, traced, reply), moved) in batch.into_iter().zip(moves) {
+                let r = match moved {
                     Some(moved) => Err(moved),
-                    None => s
-                        .store(req.sid, KIND_PERSONAL, req.from, &req.to, &req.body, req.ts)
+                    None => stored
+                        .next()
+                        .expect("store_many answers every message")
                         .map_err(WriteError::from),
                 };
                 fresh |= matches!(r, Ok((_, true)));
