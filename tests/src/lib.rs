@@ -266,53 +266,32 @@ impl Cluster {
         }
         // and every proxy can route to every broker replica (its registry view and heartbeats
         // lag the brokers' own readiness by a few milliseconds)
-        let brokers = self.nodes.values().filter(|n| n.role == "broker").count() as f64;
-        for (name, n) in self.nodes.iter().filter(|(_, n)| n.role == "proxy") {
-            let admin = n.admin.clone();
+        self.wait_peers("proxy", "broker_routable", "broker").await;
+        // and every gateway sees every proxy running (else a client `publish` is refused
+        // "no running proxy" until its registry view catches up)
+        self.wait_peers("gateway", "proxy_running", "proxy").await;
+    }
+
+    /// Waits until every node of `role` reports `pixiu_peers{kind}` of at least the number of
+    /// `peer_role` nodes in this cluster.
+    async fn wait_peers(&self, role: &str, kind: &str, peer_role: &str) {
+        let want = self.nodes.values().filter(|n| n.role == peer_role).count() as f64;
+        let query = format!("pixiu_peers{{kind=\"{kind}\"}}");
+        for (name, n) in self.nodes.iter().filter(|(_, n)| n.role == role) {
+            let (admin, query) = (&n.admin, &query);
             assert_eventually(
-                &format!("{name} routes to every broker"),
+                &format!("{name} reaches every {peer_role} ({kind})"),
                 Duration::from_secs(20),
-                || {
-                    let admin = admin.clone();
-                    async move {
-                        let r = metric(&admin, "pixiu_peers{kind=\"broker_routable\"}")
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        if r >= brokers {
-                            Ok(())
-                        } else {
-                            Err(format!("{r} of {brokers} broker replicas routable"))
-                        }
+                || async move {
+                    let r = metric(admin, query).await.map_err(|e| e.to_string())?;
+                    if r >= want {
+                        Ok(())
+                    } else {
+                        Err(format!("{kind}: {r} of {want} {peer_role} nodes"))
                     }
                 },
             )
             .await;
-        }
-        // and every gateway sees every proxy running (else a client `publish` is refused
-        // "no running proxy" until its registry view catches up)
-        let proxies = self.nodes.values().filter(|n| n.role == "proxy").count() as f64;
-        if proxies > 0.0 {
-            for (name, n) in self.nodes.iter().filter(|(_, n)| n.role == "gateway") {
-                let admin = n.admin.clone();
-                assert_eventually(
-                    &format!("{name} sees every proxy running"),
-                    Duration::from_secs(20),
-                    || {
-                        let admin = admin.clone();
-                        async move {
-                            let r = metric(&admin, "pixiu_peers{kind=\"proxy_running\"}")
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            if r >= proxies {
-                                Ok(())
-                            } else {
-                                Err(format!("{r} of {proxies} proxies running"))
-                            }
-                        }
-                    },
-                )
-                .await;
-            }
         }
     }
 

@@ -705,20 +705,12 @@ mod tests {
         let read = s.read(&[a, b]);
         assert_eq!(read[0].as_ref().unwrap().to, vec![7, 8]);
         assert_eq!(read[1].as_ref().unwrap().body, "b");
-        let of_7: Vec<MsgId> = s
-            .history(7, 0, u64::MAX, None, 10)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.id)
-            .collect();
-        assert_eq!(of_7, vec![a, b]);
-        let of_9: Vec<MsgId> = s
-            .history(9, 0, u64::MAX, None, 10)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.id)
-            .collect();
-        assert_eq!(of_9, vec![old, b]);
+        let mut ids_of = |uid| -> Vec<MsgId> {
+            let found = s.history(uid, 0, u64::MAX, None, 10).unwrap();
+            found.into_iter().map(|h| h.id).collect()
+        };
+        assert_eq!(ids_of(7), vec![a, b]);
+        assert_eq!(ids_of(9), vec![old, b]);
         assert_eq!(
             s.store(63, KIND_PERSONAL, 1, &[1], "again", 0).unwrap(),
             (b, false)
