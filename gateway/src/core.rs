@@ -8,13 +8,14 @@
 //! Room fan-out is batched: the core takes every datagram already waiting (up to
 //! [`INBOUND_BATCH`]), encodes each room message's frame once, and hands each member of a room
 //! one shared [`Frames`] batch of that room's messages: one queue entry, one wake-up and one
-//! socket write per member per batch instead of per message. Fan-outs are paced: one starts
-//! at once when the last one was at least `fanout_interval` ago, else when that much time has
-//! passed, with everything that came meanwhile. Under light load a message goes out as soon as
-//! it comes; under heavy load it waits at most `fanout_interval` and the number of writes per
-//! member per second is bounded, whatever the message rate.
+//! socket write per member per batch instead of per message. Fan-outs are paced
+//! (`pacing.rs`): one starts at once when the last one was at least `fanout_interval` ago,
+//! else when that much time has passed, with everything that came meanwhile. Under light load
+//! a message goes out as soon as it comes; under heavy load it waits at most `fanout_interval`
+//! and the number of writes per member per second is bounded, whatever the message rate.
 
 use crate::inbox::{self, Inbox, ToBroker};
+use crate::pacing::Pacer;
 use crate::rooms::{
     Action, Cluster, JoinError, JoinId, Rooms, RoomsSettings, Seat, Verdict, Why, TWICE_AFTER,
 };
@@ -121,8 +122,8 @@ pub(crate) struct Core {
     actions: Vec<Action>,
     /// room messages not yet fanned out, (room, frame), in arrival order
     staged: Vec<(u64, Utf8Bytes)>,
-    fanout_interval: Duration,
-    last_fan_out: tokio::time::Instant,
+    /// when `staged` goes (`pacing.rs`)
+    pacer: Pacer,
 }
 
 impl Core {
@@ -162,8 +163,7 @@ impl Core {
             next_join: 0,
             actions: Vec::new(),
             staged: Vec::new(),
-            fanout_interval: s.fanout_interval,
-            last_fan_out: tokio::time::Instant::now(),
+            pacer: Pacer::new(s.fanout_interval, MAX_STAGED),
         }
     }
 
@@ -190,7 +190,7 @@ impl Core {
                     }
                     self.fan_out_when_due();
                 }
-                _ = tokio::time::sleep_until(self.last_fan_out + self.fanout_interval),
+                _ = tokio::time::sleep_until(self.pacer.deadline(tokio::time::Instant::now())),
                     if !self.staged.is_empty() => self.fan_out(),
                 _ = heartbeat.tick() => self.heartbeat(),
                 _ = refresh.tick() => {
@@ -445,11 +445,13 @@ impl Core {
             .push((m.key.room, Utf8Bytes::from(frame.to_json())));
     }
 
-    /// Fan out now if the last fan-out was `fanout_interval` ago (or too much is staged);
-    /// otherwise the timer in [`Core::run`] does it when that time comes.
+    /// Fan out now if the [`Pacer`] says so; otherwise the timer in [`Core::run`] does it at
+    /// the pacer's deadline.
     fn fan_out_when_due(&mut self) {
-        let due = self.last_fan_out + self.fanout_interval;
-        if self.staged.len() >= MAX_STAGED || tokio::time::Instant::now() >= due {
+        if self
+            .pacer
+            .due(tokio::time::Instant::now(), self.staged.len())
+        {
             self.fan_out();
         }
     }
@@ -461,7 +463,7 @@ impl Core {
         if self.staged.is_empty() {
             return;
         }
-        self.last_fan_out = tokio::time::Instant::now();
+        self.pacer.fanned_out(tokio::time::Instant::now());
         let mut staged = std::mem::take(&mut self.staged);
         // stable: each room's messages keep their order
         staged.sort_by_key(|(room, _)| *room);

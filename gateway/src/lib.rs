@@ -10,6 +10,7 @@
 mod core;
 mod demo;
 mod inbox;
+mod pacing;
 mod rate;
 mod rooms;
 mod ws;
