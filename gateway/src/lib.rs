@@ -85,7 +85,7 @@ impl Default for GatewayConfig {
             heartbeat_timeout_ms: 1500,
             dedup_capacity: 65_536,
             client_queue: 1024,
-            fanout_interval_ms: 10,
+            fanout_interval_ms: 20,
             publish_rate: 100,
             publish_burst: 200,
             inbox_heartbeat_ms: 10_000,
