@@ -303,6 +303,15 @@ impl XiuStore {
     /// keys): sid and user keys arrive in random order, and sorted inserts let RocksDB's
     /// memtable reuse its skip-list position from one key to the next.
     pub fn store_many(&mut self, msgs: &[NewMessage<'_>]) -> Vec<Result<(MsgId, bool), XiuError>> {
+        self.store_many_with(msgs, Db::write)
+    }
+
+    /// [`XiuStore::store_many`] with the group's write done by `write` (tests make it fail).
+    fn store_many_with(
+        &mut self,
+        msgs: &[NewMessage<'_>],
+        write: fn(&Db, WriteBatch) -> Result<(), pixiu_storage::StorageError>,
+    ) -> Vec<Result<(MsgId, bool), XiuError>> {
         let before = self.last;
         let mut out = Vec::with_capacity(msgs.len());
         let mut in_group: HashMap<u64, MsgId> = HashMap::new();
@@ -331,7 +340,7 @@ impl XiuStore {
             batch.put(k, []);
         }
         batch.put(META_LAST, self.last.to_be_bytes());
-        if let Err(e) = self.db.write(batch) {
+        if let Err(e) = write(&self.db, batch) {
             // nothing of the group is stored: every id above `before` is unassigned again
             self.last = before;
             for r in out.iter_mut() {
@@ -722,6 +731,55 @@ mod tests {
                 .counter(),
             4
         );
+    }
+
+    #[test]
+    fn a_group_whose_write_fails_stores_none_of_it_and_its_ids_are_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = XiuStore::open(dir.path(), opts(3, 16)).unwrap();
+        let (old, _) = s.store(50, KIND_PERSONAL, 1, &[9], "before", 10).unwrap();
+        let m = |sid, body| NewMessage {
+            sid,
+            kind: KIND_PERSONAL,
+            from: 2,
+            to: &[7],
+            body,
+            ts: 20,
+        };
+        let group = [
+            m(60, "a"),
+            m(50, "stored before"),
+            m(60, "again"),
+            m(61, "b"),
+        ];
+        let disk_full = |_: &Db, _: WriteBatch| -> Result<(), pixiu_storage::StorageError> {
+            Err(pixiu_storage::StorageError::Task("disk full".into()))
+        };
+        let out = s.store_many_with(&group, disk_full);
+        // every answer that names an id this group assigned fails; the earlier message stands
+        assert!(matches!(&out[0], Err(XiuError::WriteFailed(e)) if e.contains("disk full")));
+        assert_eq!(out[1].as_ref().unwrap(), &(old, false));
+        assert!(
+            matches!(out[2], Err(XiuError::WriteFailed(_))),
+            "{:?}",
+            out[2]
+        );
+        assert!(
+            matches!(out[3], Err(XiuError::WriteFailed(_))),
+            "{:?}",
+            out[3]
+        );
+        assert_eq!(s.last_id(), old, "the counter is back where it was");
+        let would_be = MsgId::new(3, KIND_PERSONAL, 2);
+        assert!(matches!(s.read(&[would_be])[0], Err(XiuError::NotFound(_))));
+        // a retry with the same sid is an ordinary store, taking the next counter
+        assert_eq!(
+            s.store(60, KIND_PERSONAL, 2, &[7], "a", 20).unwrap(),
+            (would_be, true)
+        );
+        drop(s);
+        let s = XiuStore::open(dir.path(), opts(3, 16)).unwrap();
+        assert_eq!(s.last_id().counter(), 2);
     }
 
     #[test]
