@@ -2,7 +2,8 @@
 //! with SIGKILL while messages flow (the lost window is bounded), brokers and routers killed and
 //! restarted (routing is whole again without any client rejoining), members leaving (the
 //! gateway stops receiving the room, through negative feedback when the leave itself was lost),
-//! and ZooKeeper sessions that expire (the node registers again and serves).
+//! ZooKeeper sessions that expire (the node registers again and serves), and a gateway with no
+//! proxy to publish through (refused with the reason, counted, healed by a proxy coming back).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_client::Client;
@@ -441,4 +442,62 @@ async fn join_is_refused_while_no_broker_can_confirm_it() {
     )
     .await;
     publish_round(&c, &mut clients, "after-broker-back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publish_is_refused_while_no_proxy_runs_and_works_when_one_is_back() {
+    let mut c = Cluster::start("no-proxy", 1, 1).await;
+    c.spawn_router("router", 0);
+    c.spawn_broker("broker", 0);
+    c.spawn_gateway("gw", &[]);
+    c.spawn_proxy("proxy", &[]);
+    c.wait_all_healthy().await;
+    let gw = c.admin("gw");
+    let mut member = c.client("gw", 1).await;
+    member.join(5).await.unwrap();
+    // the only proxy leaves (SIGTERM deregisters at once); the gateway's gauge says so
+    c.node("proxy").proc.sigterm();
+    c.node("proxy")
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("proxy exits on SIGTERM");
+    let running = "pixiu_peers{kind=\"proxy_running\"}";
+    assert_eventually("the gateway sees no proxy", Duration::from_secs(10), || {
+        let gw = gw.clone();
+        async move {
+            match metric(&gw, running).await.map_err(|e| e.to_string())? {
+                0.0 => Ok(()),
+                n => Err(format!("{n} proxies running")),
+            }
+        }
+    })
+    .await;
+    // a publish is refused at once, with the reason, and counted; the connection stays usable
+    match member.publish(5, "nowhere to go").await {
+        Err(pixiu_client::ClientError::Refused { code, reason }) => {
+            assert_eq!(code, "unavailable");
+            assert!(reason.contains("no running proxy"), "{reason}");
+        }
+        other => panic!("publish without a proxy: {other:?}"),
+    }
+    let dropped = metric(
+        &gw,
+        "pixiu_messages_dropped_total{stage=\"publish\",reason=\"no_proxy\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(dropped, 1.0);
+    member.ping().await.expect("the connection still answers");
+    // a proxy comes back: the same connection publishes and its member receives
+    c.node("proxy").proc.respawn().unwrap();
+    c.wait_all_healthy().await;
+    let id = member.publish(5, "back").await.unwrap();
+    let got = drain_events(&mut member, Duration::from_secs(2)).await;
+    assert!(
+        got.iter().any(
+            |f| matches!(f, ServerFrame::Room { id: i, body, .. } if i.0 == id && body == "back")
+        ),
+        "the member got {got:?}"
+    );
+    assert_eq!(metric(&gw, running).await.unwrap(), 1.0);
 }
