@@ -15,10 +15,15 @@
 //!   `"trace": true`, and the median time spent in and between the hops of those is printed
 //!   (where a message's time goes at that rate).
 //!
+//! The throughput and offered-load steps publish over lean keep-alive connections
+//! ([`pixiu_tests::http_load`], one per publisher), so the load generator, on the same cores,
+//! takes little of them; the latency step uses the client library's `Publisher`.
+//!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
 //! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
-//! 0 skips that step).
+//! 0 skips that step), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step publishes with
+//! the client library instead of lean connections).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
@@ -31,6 +36,8 @@ use tokio::sync::Mutex;
 const RECEIVERS: u64 = 200;
 /// The users of the throughput steps, never online: uids `OFFLINE..OFFLINE + RECEIVERS`.
 const OFFLINE: u64 = 1_000_000;
+/// Connections of the offered-load step: a send waits for a free one (counted in its time).
+const OFFERED_CONNS: usize = 1024;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -48,6 +55,28 @@ fn publisher_sweep() -> Vec<u64> {
         .filter_map(|n| n.trim().parse().ok())
         .filter(|n| *n > 0)
         .collect()
+}
+
+/// `PIXIU_BENCH_GENERATOR=reqwest`: the throughput step publishes with the client library's
+/// `Publisher` (reqwest) instead of lean connections, to see what the generator itself costs.
+fn reqwest_generator() -> bool {
+    std::env::var("PIXIU_BENCH_GENERATOR").is_ok_and(|g| g == "reqwest")
+}
+
+/// A throughput publisher's client.
+enum Generator {
+    Lean(pixiu_tests::http_load::HttpConn),
+    Reqwest(pixiu_client::Publisher),
+}
+
+impl Generator {
+    /// One personal message to `uid`: whether it was acknowledged.
+    async fn send_user(&mut self, uid: u64, body: &str) -> bool {
+        match self {
+            Generator::Lean(conn) => matches!(conn.send_user(uid, body).await, Ok(true)),
+            Generator::Reqwest(p) => p.send_user(uid, body, 1, None).await.is_ok(),
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -73,16 +102,23 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
 
     // throughput: N publishers as fast as they can, for each N of the sweep
     for publishers in publisher_sweep() {
-        let t0 = Instant::now();
         let mut tasks = Vec::new();
-        for p in 0..publishers {
-            let publisher = c.publisher("proxy0");
+        let mut conns = Vec::new();
+        for _ in 0..publishers {
+            conns.push(if reqwest_generator() {
+                Generator::Reqwest(c.publisher("proxy0"))
+            } else {
+                Generator::Lean(c.http_conn("proxy0").await)
+            });
+        }
+        let t0 = Instant::now();
+        for (p, mut conn) in (0..publishers).zip(conns) {
             tasks.push(tokio::spawn(async move {
                 let mut acks = Vec::new();
                 for i in 0..(messages / publishers).max(1) {
                     let uid = OFFLINE + (p * 7 + i) % RECEIVERS;
                     let sent = Instant::now();
-                    if publisher.send_user(uid, "b", 1, None).await.is_ok() {
+                    if conn.send_user(uid, "b").await {
                         acks.push(sent.elapsed());
                     }
                 }
@@ -216,20 +252,26 @@ fn hop_medians(traces: &[Vec<HopJson>]) -> String {
 /// `rate` sends a second for `secs` seconds to the offline users, each on its own task: how
 /// many were acknowledged a second, and how long each took to its 201.
 async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
-    let publisher = Arc::new(c.publisher("proxy0"));
+    // connections to take a send each: as many as may be waiting for a 201 at once
+    let mut conns = Vec::new();
+    for _ in 0..OFFERED_CONNS {
+        conns.push(c.http_conn("proxy0").await);
+    }
+    let conns = Arc::new(std::sync::Mutex::new(conns));
+    let free = Arc::new(tokio::sync::Semaphore::new(OFFERED_CONNS));
     let total = rate * secs;
     let t0 = tokio::time::Instant::now();
     let mut sends = Vec::with_capacity(total as usize);
     for i in 0..total {
         tokio::time::sleep_until(t0 + Duration::from_nanos(i * 1_000_000_000 / rate)).await;
-        let publisher = publisher.clone();
+        let (conns, free) = (conns.clone(), free.clone());
         sends.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let ok = publisher
-                .send_user(OFFLINE + i % RECEIVERS, "o", 1, None)
-                .await
-                .is_ok();
-            ok.then(|| sent.elapsed())
+            let _permit = free.acquire().await.unwrap();
+            let mut conn = conns.lock().unwrap().pop().unwrap();
+            let ok = conn.send_user(OFFLINE + i % RECEIVERS, "o").await;
+            conns.lock().unwrap().push(conn);
+            matches!(ok, Ok(true)).then(|| sent.elapsed())
         }));
     }
     let offered_for = t0.elapsed();

@@ -4,6 +4,7 @@
 //! Readiness is polled on `/healthz`; children are killed when the cluster is dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod http_load;
 pub mod raw_ws;
 
 use pixiu_client::{Auth, Client, Publisher};
@@ -309,6 +310,15 @@ impl Cluster {
     pub fn publisher(&self, proxy: &str) -> Publisher {
         let token = pixiu_protocol::auth::issue(SECRET.as_bytes(), 0, None, true, 3600);
         Publisher::new(&self.url(proxy), Some(token))
+    }
+
+    /// One lean keep-alive HTTP/1.1 connection to `proxy` with a publisher token (load
+    /// generators).
+    pub async fn http_conn(&self, proxy: &str) -> http_load::HttpConn {
+        let token = pixiu_protocol::auth::issue(SECRET.as_bytes(), 0, None, true, 3600);
+        http_load::HttpConn::connect(&self.url(proxy), &token)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {proxy}: {e:#}"))
     }
 
     pub async fn client(&self, gateway: &str, uid: u64) -> Client {
