@@ -103,6 +103,28 @@ fn msg_key(counter: u64) -> [u8; 9] {
     k
 }
 
+/// Puts the sid key and the per-user index keys of every message of `msgs` into `batch`,
+/// each kind sorted. They arrive in random order (sids from many publishers, receivers
+/// across users); sorted inserts let RocksDB's memtable reuse its skip-list position from
+/// one key to the next. Unsorted, a follower applying what it pulled spent 39 % of its
+/// samples in the memtable's skip list (`RecomputeSpliceLevels` alone 28 %).
+fn put_keys_sorted(batch: &mut WriteBatch, msgs: &[StoredMessage]) {
+    let mut sids: Vec<([u8; 9], [u8; 8])> = msgs
+        .iter()
+        .map(|msg| (sid_key(msg.sid), msg.id.to_be_bytes()))
+        .collect();
+    // stable: were a sid ever twice, its later record would still win, as unsorted
+    sids.sort_by_key(|(k, _)| *k);
+    let mut users: Vec<[u8; 25]> = msgs.iter().flat_map(history::index_keys).collect();
+    users.sort_unstable();
+    for (k, v) in &sids {
+        batch.put(k, v);
+    }
+    for k in &users {
+        batch.put(k, []);
+    }
+}
+
 fn sid_key(sid: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = SID_PREFIX;
@@ -322,23 +344,11 @@ impl XiuStore {
         if fresh.is_empty() {
             return out;
         }
-        let mut sids: Vec<([u8; 9], [u8; 8])> = fresh
-            .iter()
-            .map(|msg| (sid_key(msg.sid), msg.id.to_be_bytes()))
-            .collect();
-        sids.sort_unstable_by_key(|(k, _)| *k);
-        let mut users: Vec<[u8; 25]> = fresh.iter().flat_map(history::index_keys).collect();
-        users.sort_unstable();
         let mut batch = WriteBatch::default();
         for msg in &fresh {
             batch.put(msg_key(msg.id.counter()), encode_record(msg, self.epoch));
         }
-        for (k, v) in &sids {
-            batch.put(k, v);
-        }
-        for k in &users {
-            batch.put(k, []);
-        }
+        put_keys_sorted(&mut batch, &fresh);
         batch.put(META_LAST, self.last.to_be_bytes());
         if let Err(e) = write(&self.db, batch) {
             // nothing of the group is stored: every id above `before` is unassigned again
@@ -512,14 +522,13 @@ impl XiuStore {
                 });
             }
             batch.put(msg_key(id.counter()), raw);
-            batch.put(sid_key(msg.sid), id.to_be_bytes());
-            history::index_message(&mut batch, &msg);
             last = *id;
             fresh.push(msg);
         }
         if fresh.is_empty() {
             return Ok(0);
         }
+        put_keys_sorted(&mut batch, &fresh);
         batch.put(META_LAST, last.to_be_bytes());
         self.db.write(batch)?;
         self.last = last;
