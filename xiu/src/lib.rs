@@ -667,6 +667,65 @@ mod tests {
     use super::*;
     use pixiu_protocol::inbox::{KIND_MULTICAST, KIND_PERSONAL};
 
+    /// `put_keys_sorted` writes the same keys and values as putting each message's keys in
+    /// turn: every receiver's index key, and each sid pointing at its record; were a sid in
+    /// two records, at the later one, as with unsorted puts.
+    #[test]
+    fn sorted_keys_are_the_same_keys_as_message_by_message() {
+        let msg = |counter: u64, sid: u64, to: Vec<u64>| StoredMessage {
+            id: MsgId::new(3, KIND_PERSONAL, counter),
+            sid,
+            from: 1,
+            to,
+            body: format!("m{counter}"),
+            ts: 1_000 + counter,
+        };
+        let msgs = vec![
+            msg(1, 900, vec![42, 7]),
+            msg(2, 5, vec![7]),
+            msg(3, 900, vec![3, 42]),
+            msg(4, 70, vec![1_000_000]),
+        ];
+        let write = |sorted: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::open(
+                dir.path(),
+                pixiu_storage::Options::compressed(Durability::GroupCommit),
+            )
+            .unwrap();
+            let mut batch = WriteBatch::default();
+            if sorted {
+                put_keys_sorted(&mut batch, &msgs);
+            } else {
+                for m in &msgs {
+                    batch.put(sid_key(m.sid), m.id.to_be_bytes());
+                    history::index_message(&mut batch, m);
+                }
+            }
+            db.write(batch).unwrap();
+            let all: Vec<(Vec<u8>, Vec<u8>)> = db
+                .scan_prefix(&[])
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect();
+            (all, db.get(sid_key(900)).unwrap())
+        };
+        let (sorted, sid_900) = write(true);
+        let (one_by_one, _) = write(false);
+        assert_eq!(sorted, one_by_one);
+        assert_eq!(
+            sorted.len(),
+            3 + 6,
+            "3 distinct sids, 6 receiver index keys"
+        );
+        assert_eq!(
+            sid_900,
+            Some(MsgId::new(3, KIND_PERSONAL, 3).to_be_bytes().to_vec())
+        );
+    }
+
     fn opts(partition: u8, cache_entries: usize) -> XiuOptions {
         XiuOptions {
             partition,
