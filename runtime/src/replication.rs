@@ -9,11 +9,11 @@
 //! over from a parent (no IO: it is decided from the registry view and the recorded doubling).
 
 use pixiu_registry::{Member, RoleView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// Where a partition stands in the doubling of its role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +218,96 @@ impl Head {
     }
 }
 
+/// A position that many tasks wait to reach, like a `watch` channel of a `u64` read with
+/// `wait_for(|p| *p >= pos)`, except that a move wakes only the waiters it satisfies. A watch
+/// channel wakes every waiter on every move, and a Xiu leader has one waiter per store not yet
+/// acknowledged: thousands under load, woken on every Pi batch. The position may also move
+/// back (a new term starts from a smaller mark); waiters then keep waiting.
+#[derive(Debug)]
+pub struct Watermark(Mutex<MarkState>);
+
+#[derive(Debug)]
+struct MarkState {
+    pos: u64,
+    /// Waiters by the position they wait for.
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+    count: usize,
+    /// Waiters whose task gave up (timed out) are dropped once `count` passes this.
+    prune_at: usize,
+}
+
+/// Waiters kept before the first sweep of those that gave up.
+const MIN_PRUNE_AT: usize = 4096;
+
+impl Watermark {
+    pub fn new(pos: u64) -> Watermark {
+        Watermark(Mutex::new(MarkState {
+            pos,
+            waiters: BTreeMap::new(),
+            count: 0,
+            prune_at: MIN_PRUNE_AT,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarkState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self) -> u64 {
+        self.lock().pos
+    }
+
+    /// Moves the position (either way) and wakes the waiters it reached.
+    pub fn set(&self, pos: u64) {
+        let reached = {
+            let mut s = self.lock();
+            s.pos = pos;
+            let reached = match pos.checked_add(1) {
+                Some(above) => {
+                    let rest = s.waiters.split_off(&above);
+                    std::mem::replace(&mut s.waiters, rest)
+                }
+                None => std::mem::take(&mut s.waiters),
+            };
+            s.count -= reached.values().map(Vec::len).sum::<usize>();
+            reached
+        };
+        for tx in reached.into_values().flatten() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until the position is at least `pos`; false when `timeout` passes first.
+    pub async fn wait_until(&self, pos: u64, timeout: Duration) -> bool {
+        let rx = {
+            let mut s = self.lock();
+            if s.pos >= pos {
+                return true;
+            }
+            if s.count >= s.prune_at {
+                s.waiters.retain(|_, txs| {
+                    txs.retain(|tx| !tx.is_closed());
+                    !txs.is_empty()
+                });
+                s.count = s.waiters.values().map(Vec::len).sum();
+                s.prune_at = (2 * s.count).max(MIN_PRUNE_AT);
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiters.entry(pos).or_default().push(tx);
+            s.count += 1;
+            rx
+        };
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
+    /// Waiters registered and not yet reached (including any that gave up since the last sweep).
+    pub fn waiting(&self) -> usize {
+        self.lock().count
+    }
+}
+
 /// The other members of `partition` in `view` (not `me`), as addresses: the peers a new
 /// leader asks for what they hold beyond its own copy.
 pub fn peers(view: &RoleView, partition: u32, me: u64) -> Vec<SocketAddr> {
@@ -313,6 +403,49 @@ pub fn mark_running(state: &watch::Sender<pixiu_registry::NodeState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+
+    #[tokio::test]
+    async fn a_watermark_wakes_exactly_the_waiters_it_reached() {
+        let mark = std::sync::Arc::new(Watermark::new(5));
+        assert!(mark.wait_until(5, Duration::from_millis(1)).await);
+        let waiter = |pos: u64| {
+            let mark = mark.clone();
+            tokio::spawn(async move { mark.wait_until(pos, Duration::from_secs(10)).await })
+        };
+        let (w7, w9) = (waiter(7), waiter(9));
+        while mark.waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        mark.set(8);
+        assert!(w7.await.unwrap());
+        assert_eq!(mark.waiting(), 1, "the waiter for 9 is still waiting");
+        // moving back wakes nobody; moving past wakes the rest
+        mark.set(3);
+        assert_eq!(mark.waiting(), 1);
+        assert!(!w9.is_finished());
+        mark.set(u64::MAX);
+        assert!(w9.await.unwrap());
+        assert_eq!(mark.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_watermark_waiter_times_out_and_given_up_waiters_are_swept() {
+        let mark = Watermark::new(0);
+        assert!(!mark.wait_until(1, Duration::from_millis(5)).await);
+        // waiters that register and give up (polled once, then dropped): without sweeps they
+        // would pile up to 8,192
+        let waker = std::task::Waker::noop();
+        for pos in 0..2 * MIN_PRUNE_AT as u64 {
+            let mut wait = std::pin::pin!(mark.wait_until(pos + 1, Duration::from_secs(10)));
+            let polled = wait
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(waker));
+            assert!(polled.is_pending());
+            assert!(mark.waiting() <= MIN_PRUNE_AT, "{}", mark.waiting());
+        }
+        assert!(mark.waiting() > 0);
+    }
 
     #[test]
     fn lineage_follows_the_doubling_from_start_to_done() {

@@ -41,7 +41,7 @@ use pixiu_protocol::wire::{
 use pixiu_protocol::MAX_BODY;
 use pixiu_registry::{NodeState, Registry, Role, RoleView};
 use pixiu_runtime::replication::{
-    mark_running, peers, place, rest, serve_replica, Followers, Head, Place,
+    mark_running, peers, place, rest, serve_replica, Followers, Head, Place, Watermark,
 };
 use pixiu_runtime::{
     ask, AskError, CommonConfig, NodeEnv, Registering, RoleMetrics, Service, Shutdown,
@@ -139,7 +139,8 @@ struct Node {
     pis: watch::Receiver<Arc<RoleView>>,
     followers: Followers,
     head: Head,
-    indexed: watch::Sender<u64>,
+    /// Ids up to this counter are in Pi; each store waits here for its own.
+    indexed: Watermark,
     /// Leader and done taking over: stores and reads are served.
     leading: AtomicBool,
     /// This leader may index its ids (its partition is settled, or its parent handed over).
@@ -221,7 +222,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     tracing::info!(partition, last = %store.last_id(), "xiu opened its store");
     let pis = service.watch(Role::Pi).await?;
     let head = Head::new(store.last_id().counter());
-    let indexed = watch::channel(store.indexed()?).0;
+    let indexed = Watermark::new(store.indexed()?);
     let (writes, write_rx) = mpsc::channel(4096);
     let node = Arc::new(Node {
         cfg: xc.clone(),

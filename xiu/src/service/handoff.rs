@@ -126,7 +126,7 @@ pub(super) fn answer_handoff(node: &Node, partition_num: u32) -> Message {
             }
         }
     };
-    let indexed = *node.indexed.borrow();
+    let indexed = node.indexed.get();
     if indexed < mark {
         return unavailable(format!("indexed up to {indexed}, the mark is {mark}"));
     }

@@ -144,9 +144,9 @@ pub(super) async fn pull_once(
                 }
                 let last = s.last_id().counter();
                 let mark = indexed.min(last);
-                if mark > *node.indexed.borrow() {
+                if mark > node.indexed.get() {
                     s.set_indexed(mark)?;
-                    node.indexed.send_replace(mark);
+                    node.indexed.set(mark);
                 }
                 Ok((applied, last))
             })
@@ -170,9 +170,9 @@ pub(super) async fn pull_once(
             let n = with_store(node, move |node, s| {
                 let n = s.truncate_after(to)?;
                 // what replaces the dropped records must be indexed again
-                if *node.indexed.borrow() > to {
+                if node.indexed.get() > to {
                     s.set_indexed(to)?;
-                    node.indexed.send_replace(to);
+                    node.indexed.set(to);
                 }
                 Ok(n)
             })
@@ -186,9 +186,9 @@ pub(super) async fn pull_once(
             // anywhere else, and nothing there is unexpired; move up to it and pull on
             with_store(node, move |node, s| {
                 s.expire_through(floor, ts)?;
-                if *node.indexed.borrow() < floor {
+                if node.indexed.get() < floor {
                     s.set_indexed(floor)?;
-                    node.indexed.send_replace(floor);
+                    node.indexed.set(floor);
                 }
                 Ok(())
             })
@@ -260,7 +260,7 @@ pub(super) async fn serve_pull(
     ) {
         Ok(entries) => Message::XiuEntries {
             entries: entries.into_iter().map(|(id, raw)| (id.0, raw)).collect(),
-            indexed: *node.indexed.borrow(),
+            indexed: node.indexed.get(),
         },
         Err(e) => unavailable(format!("reading records after {after}: {e}")),
     }

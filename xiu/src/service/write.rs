@@ -103,7 +103,7 @@ pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
     let mut reports = node.followers.subscribe();
     let mut writes = node.head.subscribe();
     while !shutdown.is_cancelled() {
-        let done = *node.indexed.borrow();
+        let done = node.indexed.get();
         // a new partition's leader indexes only once its parent handed over (handoff.rs)
         let ready = if node.leading.load(Ordering::SeqCst) && node.may_index.load(Ordering::SeqCst)
         {
@@ -155,7 +155,7 @@ pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
                 if let Err(e) = node.store().set_indexed(upto) {
                     tracing::warn!("recording the indexed watermark: {e}");
                 }
-                node.indexed.send_replace(upto);
+                node.indexed.set(upto);
             }
             Err(e) => {
                 node.metrics.drop("index", "pi_unavailable");
@@ -255,9 +255,7 @@ pub(super) async fn store(node: &Node, req: StoreRequest, traced: Option<Traced>
     };
     // acknowledged once in sync and indexed (the indexer only indexes in-sync ids)
     let timeout = Duration::from_millis(node.cfg.store_timeout_ms);
-    let mut indexed = node.indexed.subscribe();
-    let waited = tokio::time::timeout(timeout, indexed.wait_for(|i| *i >= id.counter())).await;
-    if !matches!(waited, Ok(Ok(_))) {
+    if !node.indexed.wait_until(id.counter(), timeout).await {
         let insync = node.followers.insync(node.cfg.min_insync);
         node.metrics.drop("store", "not_acknowledged");
         return if insync < id.counter() {
@@ -302,7 +300,7 @@ pub(super) async fn retention(node: Arc<Node>, shutdown: Shutdown) {
         let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
         // bounded: at most 100 rounds of 10,000 records a tick
         for _ in 0..100 {
-            let indexed = *node.indexed.borrow();
+            let indexed = node.indexed.get();
             let expired =
                 with_store(&node, move |_, s| s.expire_before(cutoff, indexed, 10_000)).await;
             match expired {
