@@ -13,7 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use pixiu_protocol::client::{GatewaysReply, Id, IdReply, MulticastBody, PublishBody, ServerFrame};
+use pixiu_protocol::client::{
+    BatchBody, BatchReply, GatewaysReply, IdReply, MulticastBody, PublishBody, ServerFrame,
+};
+/// The types of a batch of personal messages ([`Publisher::send_batch`]).
+pub use pixiu_protocol::client::{BatchItem, BatchResult, Id};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -579,6 +583,37 @@ impl Publisher {
                     .map_err(|_| ClientError::Protocol(format!("{uid:?} is not a user id")))
             })
             .collect()
+    }
+
+    /// `POST /v1/users/messages/batch`: one result per message, in order: its id once
+    /// acknowledged, else why not and its `sid` for sending it again. Answers `Ok` when every
+    /// message was acknowledged (201) and when only some were (503 with results); a request
+    /// refused as a whole (bad input, the proxy's pending limit) is an `Err`.
+    pub async fn send_batch(
+        &self,
+        messages: &[BatchItem],
+    ) -> Result<Vec<BatchResult>, ClientError> {
+        let req = self
+            .http
+            .post(self.url("/v1/users/messages/batch"))
+            .json(&BatchBody {
+                messages: messages.to_vec(),
+            });
+        let resp = self.authorize(req).send().await.map_err(http_error)?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.map_err(http_error)?;
+        if status == 401 {
+            return Err(ClientError::Unauthorized);
+        }
+        match (status, serde_json::from_str::<BatchReply>(&body)) {
+            (201 | 503, Ok(reply)) if reply.results.len() == messages.len() => Ok(reply.results),
+            (201, Ok(reply)) => Err(ClientError::Protocol(format!(
+                "{} results for {} messages",
+                reply.results.len(),
+                messages.len()
+            ))),
+            _ => Err(ClientError::Http { status, body }),
+        }
     }
 
     /// `GET /v1/gateways`: running gateways' WebSocket URLs, least loaded first.

@@ -293,6 +293,56 @@ pub struct MulticastBody {
     pub trace: bool,
 }
 
+/// Most messages in one `POST /v1/users/messages/batch`.
+pub const MAX_BATCH: usize = 1000;
+
+/// One message of `POST /v1/users/messages/batch`: a personal message to `to`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BatchItem {
+    pub to: Id,
+    pub body: String,
+    #[serde(default)]
+    pub from: Option<Id>,
+    #[serde(default)]
+    pub sid: Option<Id>,
+    /// Collect every hop's stamp into the delivered frames.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trace: bool,
+}
+
+/// Body of `POST /v1/users/messages/batch`: `{"messages":[..]}`, 1 to [`MAX_BATCH`].
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BatchBody {
+    pub messages: Vec<BatchItem>,
+}
+
+/// What became of one message of a batch: its id once acknowledged, else why not.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Stored {
+        id: Id,
+    },
+    /// `sid` is the message's (the one given, or the one the proxy minted): sending the
+    /// message again with it stores it at most once.
+    Failed {
+        error: String,
+        reason: String,
+        sid: Id,
+    },
+}
+
+/// Answer of `POST /v1/users/messages/batch`: one result per message, in the request's order.
+/// `error` and `reason` are there when not every message was acknowledged (HTTP 503).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BatchReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub results: Vec<BatchResult>,
+}
+
 /// `{"id":".."}`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct IdReply {

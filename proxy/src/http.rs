@@ -14,7 +14,10 @@ use axum::{Json, Router};
 use lru::LruCache;
 use pixiu_courier::{Courier, CourierError};
 use pixiu_protocol::auth;
-use pixiu_protocol::client::{ErrorReply, GatewaysReply, Id, IdReply, MulticastBody, PublishBody};
+use pixiu_protocol::client::{
+    BatchBody, BatchItem, BatchReply, BatchResult, ErrorReply, GatewaysReply, Id, IdReply,
+    MulticastBody, PublishBody, MAX_BATCH,
+};
 use pixiu_protocol::ids::SnowflakeGen;
 use pixiu_protocol::routing::BigRooms;
 use pixiu_protocol::MAX_BODY;
@@ -45,11 +48,15 @@ pub(crate) struct HttpState {
 /// Largest request body read: a 64 KiB message body plus its JSON envelope.
 const MAX_REQUEST: usize = MAX_BODY + 4096;
 
+/// Largest body of a batch request: room for `MAX_BATCH` short messages or 64 of the longest.
+const MAX_BATCH_REQUEST: usize = 64 * MAX_REQUEST;
+
 pub(crate) fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/rooms/{room}/messages", post(publish_room))
         .route("/v1/users/{uid}/messages", post(send_user))
         .route("/v1/users/messages", post(send_multicast))
+        .route("/v1/users/messages/batch", post(send_batch))
         .route("/v1/gateways", get(gateways))
         .fallback(not_found)
         .with_state(state)
@@ -93,14 +100,23 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     s: &HttpState,
     req: Request<Body>,
 ) -> Result<T, Response> {
-    let bytes = axum::body::to_bytes(req.into_body(), MAX_REQUEST)
+    read_json_upto(s, req, MAX_REQUEST).await
+}
+
+/// Read and parse a JSON body of at most `limit` bytes.
+async fn read_json_upto<T: serde::de::DeserializeOwned>(
+    s: &HttpState,
+    req: Request<Body>,
+    limit: usize,
+) -> Result<T, Response> {
+    let bytes = axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|_| {
             s.metrics.drop("http", "too_large");
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("request body over {MAX_REQUEST} bytes"),
+                format!("request body over {limit} bytes"),
             )
         })?;
     serde_json::from_slice(&bytes).map_err(|e| {
@@ -205,19 +221,18 @@ fn too_large(s: &HttpState, len: usize) -> Response {
     )
 }
 
-/// Store, index, notify; the receivers' ids once acknowledged. A traced message (`traced`:
-/// when the request arrived, unix µs) carries this proxy's stamp to Xiu.
-async fn deliver(
-    s: &HttpState,
-    to: &[u64],
-    body: String,
-    (from, sid): (Option<Id>, Option<Id>),
-    traced: Option<u64>,
-) -> Result<BTreeMap<u64, u64>, Response> {
-    if body.len() > MAX_BODY {
-        return Err(too_large(s, body.len()));
-    }
-    let Ok(slot) = s.inbox_slots.clone().try_acquire_owned() else {
+/// Why a personal message was not acknowledged.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+}
+
+/// Takes `n` of the `inbox_max_pending` slots, or answers 503 with `Retry-After: 1` (nothing
+/// was stored: the request may be sent again as it is).
+fn take_slots(s: &HttpState, n: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    let permits = u32::try_from(n).unwrap_or(u32::MAX);
+    let Ok(slots) = s.inbox_slots.clone().try_acquire_many_owned(permits) else {
         s.metrics.drop("http", "inbox_overloaded");
         let mut r = error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -233,37 +248,71 @@ async fn deliver(
         );
         return Err(r);
     };
-    let sid = sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
+    pending(s);
+    Ok(slots)
+}
+
+/// Publishes how many personal messages wait for their acknowledgement.
+fn pending(s: &HttpState) {
+    let n = s.inbox_max_pending - s.inbox_slots.available_permits();
+    s.metrics.set_queue("inbox_pending", n as i64);
+}
+
+/// Store, index, notify: the receivers' ids once acknowledged. The caller holds a slot. A
+/// traced message (`traced`: when the request arrived, unix µs) carries this proxy's stamp to
+/// Xiu.
+async fn store(
+    s: &HttpState,
+    to: &[u64],
+    body: String,
+    (from, sid): (Option<Id>, u64),
+    traced: Option<u64>,
+) -> Result<BTreeMap<u64, u64>, Refusal> {
     let from = from.map(|Id(f)| f).unwrap_or(0);
     let trace = traced.map(|arrived| vec![s.hop.stamp(arrived)]);
     let ts = pixiu_protocol::now_ms();
-    let pending = |s: &HttpState| {
-        let n = s.inbox_max_pending - s.inbox_slots.available_permits();
-        s.metrics.set_queue("inbox_pending", n as i64);
-    };
-    pending(s);
-    let sent = s.courier.send_traced(sid, from, to, body, ts, trace).await;
-    drop(slot);
-    pending(s);
-    match sent {
+    match s.courier.send_traced(sid, from, to, body, ts, trace).await {
         Ok(ids) => {
             s.metrics.add_out("inbox_stored", ids.len() as u64);
             Ok(ids)
         }
         Err(CourierError::BadRequest(reason)) => {
             s.metrics.drop("http", "bad_request");
-            Err(error(StatusCode::BAD_REQUEST, "bad_request", reason))
+            Err(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                code: "bad_request",
+                reason,
+            })
         }
         Err(CourierError::Unavailable(reason)) => {
             s.metrics.drop("http", "inbox_unavailable");
             tracing::warn!("inbox message not acknowledged: {reason}");
-            Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+            Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "unavailable",
                 reason,
-            ))
+            })
         }
     }
+}
+
+/// One personal message (to one receiver or many): the receivers' ids once acknowledged.
+async fn deliver(
+    s: &HttpState,
+    to: &[u64],
+    body: String,
+    (from, sid): (Option<Id>, Option<Id>),
+    traced: Option<u64>,
+) -> Result<BTreeMap<u64, u64>, Response> {
+    if body.len() > MAX_BODY {
+        return Err(too_large(s, body.len()));
+    }
+    let slot = take_slots(s, 1)?;
+    let sid = sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
+    let stored = store(s, to, body, (from, sid), traced).await;
+    drop(slot);
+    pending(s);
+    stored.map_err(|r| error(r.status, r.code, r.reason))
 }
 
 async fn send_user(
@@ -332,6 +381,135 @@ async fn send_multicast(State(s): State<Arc<HttpState>>, req: Request<Body>) -> 
             .into_response(),
         Err(r) => r,
     }
+}
+
+/// A message of a batch: its index in the request, its sid, the message.
+type Queued = (usize, u64, BatchItem);
+
+/// `POST /v1/users/messages/batch`: many personal messages in one request, each stored and
+/// acknowledged on its own. The whole request is refused, nothing stored, when it is malformed,
+/// a body is too long or the proxy has no slots for all of it. Messages to one user go one
+/// after another in the batch's order, and after one of them is not acknowledged the later
+/// ones to that user are not sent (so a retry of the failed ones keeps the order); different
+/// users' messages go at once, and the courier sends those waiting for the same Xiu leader in
+/// one request.
+async fn send_batch(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Response {
+    let arrived = pixiu_protocol::trace::now_us();
+    s.metrics.inc_in("http");
+    if let Err(r) = authorize(&s, req.headers()) {
+        return r;
+    }
+    let batch: BatchBody = match read_json_upto(&s, req, MAX_BATCH_REQUEST).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let n = batch.messages.len();
+    if n == 0 || n > MAX_BATCH {
+        s.metrics.drop("http", "bad_request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("a batch holds 1 to {MAX_BATCH} messages, this one {n}"),
+        );
+    }
+    if let Some((i, m)) = batch
+        .messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.body.len() > MAX_BODY)
+    {
+        s.metrics.drop("http", "too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "message {i}: body is {} bytes, the limit is {MAX_BODY}",
+                m.body.len()
+            ),
+        );
+    }
+    let slots = match take_slots(&s, n) {
+        Ok(slots) => slots,
+        Err(r) => return r,
+    };
+    // one chain per receiver, in the order of first appearance
+    let mut chains: Vec<(u64, Vec<Queued>)> = Vec::new();
+    let mut chain_of: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for (i, m) in batch.messages.into_iter().enumerate() {
+        let sid = m.sid.map(|Id(x)| x).unwrap_or_else(|| s.ids.next());
+        let c = *chain_of.entry(m.to.0).or_insert_with(|| {
+            chains.push((m.to.0, Vec::new()));
+            chains.len() - 1
+        });
+        chains[c].1.push((i, sid, m));
+    }
+    let runs = chains.into_iter().map(|(uid, items)| {
+        let s = &s;
+        async move {
+            let mut out = Vec::with_capacity(items.len());
+            let mut earlier_failed = false;
+            for (i, sid, m) in items {
+                let failed = |error: &str, reason: String| BatchResult::Failed {
+                    error: error.into(),
+                    reason,
+                    sid: Id(sid),
+                };
+                let r = if earlier_failed {
+                    failed(
+                        "unavailable",
+                        "not sent: an earlier message of this batch to the same user was not acknowledged".into(),
+                    )
+                } else {
+                    let traced = m.trace.then_some(arrived);
+                    match store(s, &[uid], m.body, (m.from, sid), traced).await {
+                        Ok(ids) => match ids.get(&uid) {
+                            Some(id) => BatchResult::Stored { id: Id(*id) },
+                            None => failed("internal", "stored without an id for the receiver".into()),
+                        },
+                        Err(r) => failed(r.code, r.reason),
+                    }
+                };
+                earlier_failed |= matches!(r, BatchResult::Failed { .. });
+                out.push((i, r));
+            }
+            out
+        }
+    });
+    let mut results: Vec<(usize, BatchResult)> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    drop(slots);
+    pending(&s);
+    results.sort_unstable_by_key(|(i, _)| *i);
+    let results: Vec<BatchResult> = results.into_iter().map(|(_, r)| r).collect();
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r, BatchResult::Failed { .. }))
+        .count();
+    if failed == 0 {
+        return (
+            StatusCode::CREATED,
+            Json(BatchReply {
+                error: None,
+                reason: None,
+                results,
+            }),
+        )
+            .into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(BatchReply {
+            error: Some("unavailable".into()),
+            reason: Some(format!(
+                "{failed} of {n} messages were not acknowledged; send them again with their sid"
+            )),
+            results,
+        }),
+    )
+        .into_response()
 }
 
 async fn gateways(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {

@@ -6,6 +6,10 @@
 //! - throughput: messages stored and acknowledged (HTTP 201) per second with 32 concurrent
 //!   publishers (or each count of `PIXIU_BENCH_PUBLISHERS`, e.g. `32,256,1024`), and the
 //!   send-to-201 latency, to 200 users who are offline (their messages are kept);
+//! - batch throughput: `PIXIU_BENCH_BATCH_PUBLISHERS` (32) publishers each sending
+//!   `POST /v1/users/messages/batch` requests of `PIXIU_BENCH_BATCH` (64; 0 skips the step)
+//!   messages, one after another: acknowledged messages per second and send-to-201 latency
+//!   of a request;
 //! - offered load: `PIXIU_BENCH_OFFERED` msg/s (10,000) for 5 s to those offline users, each
 //!   send on its own (open loop, not waiting for the one before): how many were acknowledged
 //!   per second and the send-to-201 latency;
@@ -21,7 +25,8 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
-//! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
+//! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_BATCH (64), PIXIU_BENCH_BATCH_PUBLISHERS (32),
+//! PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
 //! 0 skips that step), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step publishes with
 //! the client library instead of lean connections).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -140,6 +145,10 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
             percentile(&acks, 0.99).as_secs_f64() * 1000.0,
         );
     }
+    let batch = env_or("PIXIU_BENCH_BATCH", 64);
+    if batch > 0 {
+        batch_throughput(&c, min_insync, messages, batch).await;
+    }
     if offered > 0 {
         offered_load(&c, min_insync, offered, 5).await;
     }
@@ -251,6 +260,55 @@ fn hop_medians(traces: &[Vec<HopJson>]) -> String {
 
 /// `rate` sends a second for `secs` seconds to the offline users, each on its own task: how
 /// many were acknowledged a second, and how long each took to its 201.
+/// `publishers` publishers each sending batches of `batch` messages to the offline users, a
+/// batch at a time, until `messages` are sent in all.
+async fn batch_throughput(c: &Cluster, min_insync: &str, messages: u64, batch: u64) {
+    let publishers = env_or("PIXIU_BENCH_BATCH_PUBLISHERS", 32);
+    let rounds = (messages / publishers / batch).max(1);
+    let mut conns = Vec::new();
+    for _ in 0..publishers {
+        conns.push(c.http_conn("proxy0").await);
+    }
+    let t0 = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .zip(0u64..)
+        .map(|(mut conn, p)| {
+            tokio::spawn(async move {
+                let mut acked = 0;
+                let mut took = Vec::new();
+                for r in 0..rounds {
+                    let to: Vec<u64> = (0..batch)
+                        .map(|i| OFFLINE + (p * 7 + r * batch + i) % RECEIVERS)
+                        .collect();
+                    let sent = Instant::now();
+                    let n = conn.send_batch(&to, "b").await.unwrap_or(0);
+                    took.push(sent.elapsed());
+                    acked += n;
+                }
+                (acked, took)
+            })
+        })
+        .collect();
+    let mut acked = 0;
+    let mut took = Vec::new();
+    for t in tasks {
+        let (n, t) = t.await.unwrap();
+        acked += n;
+        took.extend(t);
+    }
+    let all = t0.elapsed();
+    took.sort();
+    println!(
+        "min_insync={min_insync}: {acked} of {} messages acknowledged in {:.2} s = {:.0} msg/s ({publishers} publishers, {batch} messages per batch request); request send-to-201 p50 {:.1} ms, p99 {:.1} ms",
+        publishers * rounds * batch,
+        all.as_secs_f64(),
+        acked as f64 / all.as_secs_f64(),
+        percentile(&took, 0.5).as_secs_f64() * 1000.0,
+        percentile(&took, 0.99).as_secs_f64() * 1000.0,
+    );
+}
+
 async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
     // connections to take a send each: as many as may be waiting for a 201 at once
     let mut conns = Vec::new();

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use pixiu_protocol::client::{Id, PublishBody};
+use pixiu_protocol::client::{BatchBody, BatchItem, BatchReply, BatchResult, Id, PublishBody};
 use std::net::SocketAddr;
 
 /// One keep-alive connection; a request at a time.
@@ -68,5 +68,36 @@ impl HttpConn {
             .post_json(&format!("/v1/users/{uid}/messages"), Bytes::from(json))
             .await?;
         Ok(status == 201)
+    }
+
+    /// `POST /v1/users/messages/batch` of one message from user 1 to each of `to`: how many
+    /// were acknowledged.
+    pub async fn send_batch(&mut self, to: &[u64], body: &str) -> anyhow::Result<usize> {
+        let messages = to
+            .iter()
+            .map(|uid| BatchItem {
+                to: Id(*uid),
+                body: body.to_string(),
+                from: Some(Id(1)),
+                sid: None,
+                trace: false,
+            })
+            .collect();
+        let json = serde_json::to_vec(&BatchBody { messages })?;
+        let (status, answer) = self
+            .post_json("/v1/users/messages/batch", Bytes::from(json))
+            .await?;
+        match status {
+            201 => Ok(to.len()),
+            503 => {
+                let reply: BatchReply = serde_json::from_slice(&answer)?;
+                Ok(reply
+                    .results
+                    .iter()
+                    .filter(|r| matches!(r, BatchResult::Stored { .. }))
+                    .count())
+            }
+            _ => Ok(0),
+        }
     }
 }

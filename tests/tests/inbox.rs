@@ -769,3 +769,146 @@ async fn multicast_reaches_every_listed_inbox_across_partitions() {
     let got = collect_inbox(&mut dev, 2, Duration::from_secs(3)).await;
     assert_eq!(got, vec![(after, "after".to_string())], "{}", c.logs());
 }
+
+fn item(to: u64, body: &str, sid: Option<u64>) -> pixiu_client::BatchItem {
+    pixiu_client::BatchItem {
+        to: pixiu_client::Id(to),
+        body: body.to_string(),
+        from: Some(pixiu_client::Id(1)),
+        sid: sid.map(pixiu_client::Id),
+        trace: false,
+    }
+}
+
+/// The stored ids of a batch's results, or the first failure.
+fn stored_ids(results: &[pixiu_client::BatchResult]) -> Vec<u64> {
+    results
+        .iter()
+        .map(|r| match r {
+            pixiu_client::BatchResult::Stored { id } => id.0,
+            other => panic!("not stored: {other:?} in {results:?}"),
+        })
+        .collect()
+}
+
+/// `POST /v1/users/messages/batch`: every message stored and acknowledged on its own, one
+/// user's messages in the batch's order; a retried batch (same sids) answers the same ids; bad
+/// batches are refused whole, storing nothing; when the leader cannot reach `min_insync`, the
+/// answer is 503 with a result per message, a user's later messages are not sent after an
+/// earlier one failed, and sending the failed ones again with their sids keeps every inbox in
+/// batch order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_acknowledged_message_by_message_in_order_per_user() {
+    let mut c = inbox_cluster("inbox-batch", 2, 2, &["--min-insync", "1"]).await;
+    let publisher = c.publisher("proxy0");
+    let mut acked: Vec<(u64, u64, String)> = Vec::new();
+
+    // 30 messages to three users, interleaved
+    let batch: Vec<_> = (0..30)
+        .map(|i| item(20 + i % 3, &format!("b{i}"), Some(5000 + i)))
+        .collect();
+    let results = publisher.send_batch(&batch).await.unwrap();
+    let ids = stored_ids(&results);
+    for uid in 20..=22 {
+        let mine: Vec<u64> = (0..30)
+            .filter(|i| 20 + i % 3 == uid)
+            .map(|i| ids[i as usize])
+            .collect();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "uid {uid}: ids follow the batch's order: {mine:?}"
+        );
+    }
+    for (m, id) in batch.iter().zip(&ids) {
+        acked.push((m.to.0, *id, m.body.clone()));
+    }
+    // the same batch again: the same ids, nothing stored twice
+    let again = publisher.send_batch(&batch).await.unwrap();
+    assert_eq!(stored_ids(&again), ids);
+
+    // refused whole, with a reason
+    let long = "x".repeat(pixiu_protocol::MAX_BODY + 1);
+    let too_many: Vec<_> = (0..=pixiu_protocol::client::MAX_BATCH as u64)
+        .map(|i| item(20, "n", Some(9000 + i)))
+        .collect();
+    for (messages, status, code, why) in [
+        (vec![], 400, "bad_request", "1 to 1000 messages"),
+        (too_many, 400, "bad_request", "1 to 1000 messages"),
+        (
+            vec![item(20, "ok", Some(8000)), item(21, &long, Some(8001))],
+            413,
+            "too_large",
+            "message 1",
+        ),
+    ] {
+        match publisher.send_batch(&messages).await {
+            Err(ClientError::Http { status: s, body }) => {
+                assert_eq!(s, status, "{why}: {body}");
+                assert!(body.contains(code) && body.contains(why), "{body}");
+            }
+            other => panic!("{why}: expected {status}, got {other:?}"),
+        }
+    }
+    let (status, body) = publisher
+        .raw_post(
+            "/v1/users/messages/batch",
+            br#"{"messages":[{"to":["20"],"body":"a list"}]}"#.to_vec(),
+            "application/json",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    // the follower dies: nothing can be acknowledged
+    c.node("xiu1").proc.kill9();
+    let failing = vec![
+        item(20, "f0", Some(7000)),
+        item(21, "f1", None),
+        item(20, "f2", Some(7002)),
+    ];
+    let results = publisher.send_batch(&failing).await.unwrap();
+    let sids: Vec<u64> = results
+        .iter()
+        .map(|r| match r {
+            pixiu_client::BatchResult::Failed { error, sid, .. } => {
+                assert_eq!(error, "unavailable", "{results:?}");
+                sid.0
+            }
+            other => panic!("acknowledged without min_insync: {other:?}"),
+        })
+        .collect();
+    assert_eq!(sids[0], 7000);
+    assert_eq!(sids[2], 7002);
+    match &results[2] {
+        pixiu_client::BatchResult::Failed { reason, .. } => {
+            assert!(reason.contains("not sent"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // back, and the failed ones sent again with their sids: acknowledged, in order
+    c.node("xiu1").proc.respawn().unwrap();
+    c.wait_healthy("xiu1").await;
+    let retry: Vec<_> = failing
+        .iter()
+        .zip(&sids)
+        .map(|(m, sid)| item(m.to.0, &m.body, Some(*sid)))
+        .collect();
+    let mut ids = None;
+    for _ in 0..20 {
+        if let Ok(r) = publisher.send_batch(&retry).await {
+            if r.iter()
+                .all(|r| matches!(r, pixiu_client::BatchResult::Stored { .. }))
+            {
+                ids = Some(stored_ids(&r));
+                break;
+            }
+        }
+    }
+    let ids = ids.unwrap_or_else(|| panic!("retry never acknowledged\n{}", c.logs()));
+    assert!(ids[0] < ids[2]);
+    for (m, id) in retry.iter().zip(&ids) {
+        acked.push((m.to.0, *id, m.body.clone()));
+    }
+    assert_every_inbox(&c, &acked, 20..=22, Duration::from_secs(15)).await;
+}
