@@ -1,6 +1,7 @@
 //! The publisher HTTP API: `POST /v1/rooms/{room}/messages`, `GET /v1/gateways`, and the inbox
-//! endpoints `POST /v1/users/{uid}/messages` and `POST /v1/users/messages` (multicast), which
-//! answer 201 only once the message is acknowledged (see `pixiu_courier`).
+//! endpoints `POST /v1/users/{uid}/messages`, `POST /v1/users/messages` (multicast) and `POST
+//! /v1/users/messages/batch` (many messages), which answer 201 only once every message is
+//! acknowledged (see `pixiu_courier`).
 #![allow(clippy::result_large_err)] // axum responses are the handlers' error type
 
 use crate::pipeline::{Job, Pipeline, RouteTable};
@@ -425,6 +426,17 @@ async fn send_batch(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Resp
             format!(
                 "message {i}: body is {} bytes, the limit is {MAX_BODY}",
                 m.body.len()
+            ),
+        );
+    }
+    if n > s.inbox_max_pending {
+        s.metrics.drop("http", "bad_request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "a batch of {n} messages is more than this proxy lets wait at once (inbox_max_pending {}); send smaller batches",
+                s.inbox_max_pending
             ),
         );
     }

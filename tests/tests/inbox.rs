@@ -415,7 +415,29 @@ async fn a_proxy_with_its_pending_sends_full_refuses_more_at_once() {
     let status = r.status();
     let retry_after = r.headers().get("retry-after").cloned();
     let body = r.text().await.unwrap();
+    // a batch needs a slot per message: one message is refused like a lone send, and a batch
+    // larger than the limit is refused as a bad request
+    let full = publisher.send_batch(&[item(7, "b904", Some(904))]).await;
+    let too_big = publisher
+        .send_batch(&[
+            item(7, "b905", Some(905)),
+            item(8, "b906", Some(906)),
+            item(9, "b907", Some(907)),
+        ])
+        .await;
     c.node("xiu1").proc.sigcont();
+    match full {
+        Err(ClientError::Http { status: 503, body }) => {
+            assert!(body.contains("inbox_max_pending"), "{body}")
+        }
+        other => panic!("a batch with no free slot: expected 503, got {other:?}"),
+    }
+    match too_big {
+        Err(ClientError::Http { status: 400, body }) => {
+            assert!(body.contains("inbox_max_pending 2"), "{body}")
+        }
+        other => panic!("a batch over inbox_max_pending: expected 400, got {other:?}"),
+    }
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("inbox_max_pending"), "{body}");
     assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
