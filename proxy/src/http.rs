@@ -74,6 +74,12 @@ pub(crate) fn error(status: StatusCode, code: &str, reason: impl Into<String>) -
         .into_response()
 }
 
+/// A refused request: counted as dropped at the `http` stage with its code as the reason.
+fn refuse(s: &HttpState, status: StatusCode, code: &'static str, reason: String) -> Response {
+    s.metrics.drop("http", code);
+    error(status, code, reason)
+}
+
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
@@ -214,8 +220,8 @@ async fn publish_room(
 }
 
 fn too_large(s: &HttpState, len: usize) -> Response {
-    s.metrics.drop("http", "too_large");
-    error(
+    refuse(
+        s,
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
         format!("body is {len} bytes, the limit is {MAX_BODY}"),
@@ -406,8 +412,8 @@ async fn send_batch(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Resp
     };
     let n = batch.messages.len();
     if n == 0 || n > MAX_BATCH {
-        s.metrics.drop("http", "bad_request");
-        return error(
+        return refuse(
+            &s,
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("a batch holds 1 to {MAX_BATCH} messages, this one {n}"),
@@ -419,8 +425,8 @@ async fn send_batch(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Resp
         .enumerate()
         .find(|(_, m)| m.body.len() > MAX_BODY)
     {
-        s.metrics.drop("http", "too_large");
-        return error(
+        return refuse(
+            &s,
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!(
@@ -430,8 +436,8 @@ async fn send_batch(State(s): State<Arc<HttpState>>, req: Request<Body>) -> Resp
         );
     }
     if n > s.inbox_max_pending {
-        s.metrics.drop("http", "bad_request");
-        return error(
+        return refuse(
+            &s,
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!(

@@ -1,6 +1,7 @@
 //! What the leader-based roles (Xiu, Pi) share about replication: who leads a partition
 //! ([`place`], [`peers`]), where each follower is, waiting until `min_insync` followers hold a
-//! position, and the request/drain loop of a replica ([`serve_replica`], [`mark_running`]).
+//! position, many tasks waiting for one position to pass theirs ([`Watermark`]), and the
+//! request/drain loop of a replica ([`serve_replica`], [`mark_running`]).
 //!
 //! A position is the store's own order: a Xiu counter or a Pi LogId. Followers pull: each
 //! pull says "I durably hold everything up to `after`", which is what the leader records.
