@@ -687,12 +687,24 @@ impl PiIndex {
             }
         }
         let n = fresh.len();
+        // A run of appends reads nothing, so it goes in one write; any other op reads what
+        // the entries before it wrote, so what is staged is written before it is staged.
+        // Only the last write needs the fsync, which covers the earlier ones in the WAL.
+        let mut batch = WriteBatch::default();
+        let mut staged: Option<LogId> = None;
         for (i, e) in fresh.into_iter().enumerate() {
-            // One batch per entry so that each sees the entries before it; only the last
-            // write of a group needs the fsync, which covers the earlier ones in the WAL.
-            let mut batch = WriteBatch::default();
+            let reads = !matches!(e.op, Op::Append { .. });
+            if reads {
+                if let Some(last) = staged.take() {
+                    self.commit(std::mem::take(&mut batch), last, false)?;
+                }
+            }
             self.stage(&mut batch, *e)?;
-            self.commit(batch, e.id, i + 1 == n)?;
+            staged = Some(e.id);
+            if reads || i + 1 == n {
+                staged = None;
+                self.commit(std::mem::take(&mut batch), e.id, i + 1 == n)?;
+            }
         }
         Ok(n)
     }

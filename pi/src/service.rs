@@ -3,7 +3,9 @@
 //! - **Leader**: the member with the smallest sequence number (seed 8.3.3). It serves
 //!   `PiAppend` (from Xiu leaders; answered `Done` once the entries are in its RocksDB WAL,
 //!   fsynced unless `fsync = false`, and `min_insync` followers hold their log entries),
-//!   `PiRead` (ids after a position or after the device's cursor; a new device is registered
+//!   the same in two halves for a Xiu leader that pipelines its batches (`PiWrite`, answered
+//!   `PiWritten` once in the WAL; `PiAwait`, answered `Done` once followers hold it, by the
+//!   same leader node only), `PiRead` (ids after a position or after the device's cursor; a new device is registered
 //!   so that expiry waits for it) and `PiCursor` (a device's acknowledgement; ids every known
 //!   device acknowledged are expired in the same write). Every `retention_ms` old entries are
 //!   expired whoever acknowledged them; the log keeps its last `log_keep` entries.
@@ -583,6 +585,13 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
                 refused => refused,
             }
         }
+        Message::PiWrite {
+            items,
+            ts,
+            node: expect,
+            traced,
+        } => write_half(&node, items, ts, expect, traced).await,
+        Message::PiAwait { node: writer, upto } => await_half(&node, writer, upto).await,
         Message::PiRead {
             uid,
             device,
@@ -631,6 +640,14 @@ async fn handle(node: Arc<Node>, msg: Message) -> Message {
 /// Index the ids, make them durable, then wait until `min_insync` followers hold them.
 #[tracing::instrument(level = "debug", skip_all, fields(ids = items.len()))]
 async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
+    match write(node, items, ts).await {
+        Ok(last) => await_insync(node, last).await,
+        Err(refused) => refused,
+    }
+}
+
+/// Index the ids and make them durable on this leader: its log position after them.
+async fn write(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Result<u64, Message> {
     node.metrics.inc_in("append");
     let n = items.len() as u64;
     let pairs: Vec<(u64, MsgId)> = items.iter().map(|(u, i)| (*u, MsgId(*i))).collect();
@@ -643,15 +660,22 @@ async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
         Ok(Ok(idx.last_log_id().0))
     })
     .await;
-    let last = match done {
-        Ok(Ok(last)) => last,
-        Ok(Err(moved)) => return moved,
+    match done {
+        Ok(Ok(last)) => {
+            node.head.set(last);
+            node.metrics.add_out("appended", n);
+            Ok(last)
+        }
+        Ok(Err(moved)) => Err(moved),
         Err(e) => {
             tracing::error!("appending: {e}");
-            return unavailable(format!("append failed: {e}"));
+            Err(unavailable(format!("append failed: {e}")))
         }
-    };
-    node.head.set(last);
+    }
+}
+
+/// `Done` once `min_insync` followers hold this leader's log up to `last`.
+async fn await_insync(node: &Arc<Node>, last: u64) -> Message {
     let timeout = Duration::from_millis(node.cfg.append_timeout_ms);
     if !node
         .followers
@@ -664,8 +688,47 @@ async fn append(node: &Arc<Node>, items: Vec<(u64, u64)>, ts: u64) -> Message {
             node.cfg.min_insync, node.cfg.append_timeout_ms
         ));
     }
-    node.metrics.add_out("appended", n);
     Message::Done
+}
+
+/// `PiWrite`: the first half of an append, answered once written here (see the wire doc).
+async fn write_half(
+    node: &Arc<Node>,
+    items: Vec<(u64, u64)>,
+    ts: u64,
+    expect: u64,
+    traced: bool,
+) -> Message {
+    let arrived = pixiu_protocol::trace::now_us();
+    let me = node.me();
+    if expect != 0 && expect != me {
+        return unavailable(format!(
+            "pi node {me} did not write the batches before this one (node {expect} did)"
+        ));
+    }
+    match write(node, items, ts).await {
+        Ok(last) => Message::PiWritten {
+            node: me,
+            last,
+            stamp: traced.then(|| node.hop.stamp(arrived)),
+        },
+        Err(refused) => refused,
+    }
+}
+
+/// `PiAwait`: the second half, on the leader that wrote the first.
+async fn await_half(node: &Arc<Node>, writer: u64, upto: u64) -> Message {
+    let me = node.me();
+    if writer != me {
+        return unavailable(format!("pi node {me} is not node {writer}, which wrote it"));
+    }
+    let answer = await_insync(node, upto).await;
+    if answer == Message::Done && !node.leading() {
+        // a follower's report reached this node after another took over: it holds the
+        // entries, but say so only as the leader does
+        return unavailable("no longer the leader of this pi partition");
+    }
+    answer
 }
 
 /// Up to `max` ids of `uid` after `after` (default: the device's cursor), registering an

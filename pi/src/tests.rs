@@ -495,8 +495,13 @@ fn snapshot_excludes_later_writes_and_chunks_cover_it() {
 /// Replays the whole log of `leader` into `follower`, a few entries at a time, each batch
 /// twice (a retry is harmless).
 fn follow(leader: &PiIndex, follower: &mut PiIndex) {
+    follow_by(leader, follower, 3);
+}
+
+/// Follows `leader`'s log `chunk` entries a pull.
+fn follow_by(leader: &PiIndex, follower: &mut PiIndex, chunk: usize) {
     loop {
-        let batch = leader.log_after(follower.last_log_id(), 3).unwrap();
+        let batch = leader.log_after(follower.last_log_id(), chunk).unwrap();
         if batch.is_empty() {
             break;
         }
@@ -774,6 +779,37 @@ fn follower_replay_gives_identical_cursors_and_devices() {
     leader.set_cursor(2, 0, p(1000)).unwrap();
     follow(&leader, &mut follower);
     assert_eq!(state(&follower), state(&leader));
+}
+
+/// A follower writes a run of appends in one batch; an op that reads (a cursor, a forget, an
+/// expiry) must still see the appends before it in the same pull.
+#[test]
+fn a_pull_of_mixed_ops_gives_the_state_of_one_op_at_a_time() {
+    let ldir = tempfile::tempdir().unwrap();
+    let mut leader = PiIndex::open(ldir.path(), opts()).unwrap();
+    for c in 1..=120u64 {
+        leader.append(c % 5, p(c), TS + c).unwrap();
+        if c % 9 == 0 {
+            // acknowledges ids appended just before, in the same pull
+            leader.set_cursor(c % 5, c % 2, p(c)).unwrap();
+        }
+        if c % 25 == 0 {
+            leader.forget_device(c % 5, 1).unwrap();
+        }
+        if c % 31 == 0 {
+            leader.expire(c % 5, p(c - 1)).unwrap();
+        }
+    }
+    let mut states = Vec::new();
+    for chunk in [1, 7, 10_000] {
+        let fdir = tempfile::tempdir().unwrap();
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        follow_by(&leader, &mut follower, chunk);
+        assert_eq!(state(&follower), state(&leader), "{chunk} entries a pull");
+        assert_eq!(all_reads(&follower), all_reads(&leader));
+        states.push(state(&follower));
+    }
+    assert!(!states[0].1.is_empty(), "cursors were replayed");
 }
 
 #[test]

@@ -357,6 +357,33 @@ pub enum Message {
     /// One answer per store of a `XiuStoreBatch`, in its order: what that store alone would
     /// have been answered.
     XiuStoredBatch(Vec<StoreAnswer>),
+
+    // ---- pipelined indexing ----
+    /// The first half of a `PiAppend`: the Pi leader indexes the ids and makes them durable,
+    /// then answers `PiWritten` at once, before its followers hold them, so that a Xiu leader
+    /// can send its next batch while this one replicates. `node` is the registry id of the Pi
+    /// leader that wrote the caller's earlier batches still replicating (0: any); any other
+    /// node refuses it (`Unavailable`), so no batch lands in a log without those before it.
+    /// `traced`: the batch holds a traced id, and the answer carries the leader's stamp.
+    PiWrite {
+        items: Vec<(u64, u64)>,
+        ts: u64,
+        node: u64,
+        traced: bool,
+    },
+    /// Pi leader `node` wrote a `PiWrite` up to its log position `last`.
+    PiWritten {
+        node: u64,
+        last: u64,
+        stamp: Option<crate::trace::Stamp>,
+    },
+    /// The second half: answered `Done` once `min_insync` followers of Pi leader `node` hold
+    /// its log up to `upto`; `Unavailable` when this is not `node` leading, or after the
+    /// append timeout.
+    PiAwait {
+        node: u64,
+        upto: u64,
+    },
 }
 
 /// What one store of a `XiuStoreBatch` was answered: the answers an `XiuStore` alone gets
@@ -526,6 +553,9 @@ impl Message {
             Message::XiuStoredBatch(_) => "xiu_stored_batch",
             Message::PiAppendTraced { .. } => "pi_append_traced",
             Message::PiAppendedTraced { .. } => "pi_appended_traced",
+            Message::PiWrite { .. } => "pi_write",
+            Message::PiWritten { .. } => "pi_written",
+            Message::PiAwait { .. } => "pi_await",
         }
     }
 }
@@ -733,6 +763,18 @@ mod tests {
                 after: 0,
                 max: 10,
             },
+            Message::PiWrite {
+                items: vec![(1, 2), (3, 4)],
+                ts: 5,
+                node: 6,
+                traced: true,
+            },
+            Message::PiWritten {
+                node: 6,
+                last: 9,
+                stamp: Some(stamp.clone()),
+            },
+            Message::PiAwait { node: 6, upto: 9 },
         ]
     }
 

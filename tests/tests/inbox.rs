@@ -4,10 +4,14 @@
 
 use pixiu_client::{Client, ClientError};
 use pixiu_protocol::client::ServerFrame;
+use pixiu_protocol::inbox::{MsgId, KIND_PERSONAL};
 use pixiu_protocol::wire::{self, BatchedStore, Message, ReadResult, StoreAnswer, StoreRequest};
+use pixiu_registry::{NodeInfo, NodeState, Registry, Role, ZkConfig};
 use pixiu_tests::{assert_eventually, metric, Cluster};
 use pixiu_transport::{TlsMaterial, Transport, TransportConfig};
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const BROKER_TOML: &str =
@@ -933,4 +937,188 @@ async fn a_batch_is_acknowledged_message_by_message_in_order_per_user() {
         acked.push((m.to.0, *id, m.body.clone()));
     }
     assert_every_inbox(&c, &acked, 20..=22, Duration::from_secs(15)).await;
+}
+
+/// A Pi leader takes an append in two halves (the Xiu indexer pipelines its batches this
+/// way): `PiWrite` is answered once the leader wrote it, `PiAwait` once a follower holds it.
+/// Either half names the leader node that wrote the batches before it; any other node
+/// refuses, so no batch lands in a log without those. With the follower dead, the write is
+/// answered and the wait is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pi_append_in_two_halves_is_answered_only_by_the_node_that_wrote() {
+    let mut c = inbox_cluster("inbox-pi-halves", 1, 2, &["--min-insync", "1"]).await;
+    let (transport, addr, _inbound) = ask_node(&c, "pi0").await;
+    let ask = |msg: Message| {
+        let transport = transport.clone();
+        async move {
+            let answer = transport
+                .request(addr, wire::encode(&msg), Duration::from_secs(8))
+                .await
+                .unwrap();
+            wire::decode(&answer).unwrap()
+        }
+    };
+    let uid = 77;
+    let id = |n: u64| MsgId::new(0, KIND_PERSONAL, n).0;
+    let write = |n: u64, node: u64| Message::PiWrite {
+        items: vec![(uid, id(n))],
+        ts: pixiu_protocol::now_ms(),
+        node,
+        traced: false,
+    };
+    let Message::PiWritten {
+        node: me,
+        last,
+        stamp: None,
+    } = ask(write(1, 0)).await
+    else {
+        panic!("the first write was not answered PiWritten");
+    };
+    assert_eq!(
+        ask(Message::PiAwait {
+            node: me,
+            upto: last
+        })
+        .await,
+        Message::Done
+    );
+    // pinned to a node that is not this one: refused, nothing written
+    match ask(write(2, me + 1)).await {
+        Message::Unavailable { reason } => assert!(reason.contains("did not write"), "{reason}"),
+        other => panic!("a write pinned to another node was answered {other:?}"),
+    }
+    match ask(Message::PiAwait {
+        node: me + 1,
+        upto: last,
+    })
+    .await
+    {
+        Message::Unavailable { reason } => assert!(reason.contains("which wrote it"), "{reason}"),
+        other => panic!("a wait for another node was answered {other:?}"),
+    }
+    let list = Message::PiList {
+        uid,
+        after: 0,
+        max: 10,
+    };
+    assert_eq!(
+        ask(list.clone()).await,
+        Message::PiIds {
+            ids: vec![id(1)],
+            cursor: 0
+        }
+    );
+    // the follower dies: the leader still writes, but the wait for min_insync fails
+    c.node("pi1").proc.kill9();
+    let Message::PiWritten { node, last, .. } = ask(write(3, me)).await else {
+        panic!("the leader did not write with its follower dead");
+    };
+    assert_eq!(node, me);
+    match ask(Message::PiAwait {
+        node: me,
+        upto: last,
+    })
+    .await
+    {
+        Message::Unavailable { reason } => assert!(reason.contains("min_insync"), "{reason}"),
+        other => panic!("a wait with no follower was answered {other:?}"),
+    }
+    // back, it catches up, and the same wait is answered
+    c.node("pi1").proc.respawn().unwrap();
+    c.wait_healthy("pi1").await;
+    assert_eventually(
+        "the follower holds the write",
+        Duration::from_secs(20),
+        || async move {
+            match ask(Message::PiAwait {
+                node: me,
+                upto: last,
+            })
+            .await
+            {
+                Message::Done => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        ask(list).await,
+        Message::PiIds {
+            ids: vec![id(1), id(3)],
+            cursor: 0
+        }
+    );
+}
+
+/// A Xiu of this version indexes through a Pi leader of an earlier one (a rolling upgrade
+/// that reached Xiu first): that Pi refuses `PiWrite` as a bad frame, and the indexer falls
+/// back on one `PiAppend` at a time, so stores are still acknowledged, and only once the
+/// old Pi took their ids. The old Pi here is the test's own node, registered in ZooKeeper as
+/// the leader of Pi partition 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_xiu_indexes_through_a_pi_that_does_not_know_pi_write() {
+    let mut c = Cluster::start("inbox-old-pi", 1, 1).await;
+    c.spawn_store("xiu0", "xiu", 0, &["--min-insync", "0"]);
+    c.wait_healthy("xiu0").await;
+    let registry = Registry::zookeeper(ZkConfig {
+        hosts: c.zk.connect_string(),
+        cluster: "test".into(),
+        session_timeout: Duration::from_secs(6),
+        refresh_interval: Duration::from_secs(1),
+    })
+    .await
+    .unwrap();
+    let tls = TlsMaterial::load(&c.tls_dir).unwrap();
+    let (transport, mut inbound) =
+        Transport::bind(TransportConfig::new("127.0.0.1:0".parse().unwrap(), tls))
+            .await
+            .unwrap();
+    let mut info = NodeInfo::new(transport.local_addr().to_string());
+    info.state = NodeState::Running;
+    let _old_pi = registry.register(Role::Pi, Some(0), info).await.unwrap();
+    // what the old Pi was asked: refused writes, and the ids it appended
+    let refused = Arc::new(AtomicUsize::new(0));
+    let appended = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let (r, a) = (refused.clone(), appended.clone());
+    tokio::spawn(async move {
+        while let Some(got) = inbound.recv().await {
+            let pixiu_transport::Inbound::Request { bytes, reply, .. } = got else {
+                continue;
+            };
+            let answer = match wire::decode(&bytes) {
+                Ok(Message::PiAppend { items, .. }) => {
+                    a.lock().unwrap().extend(items);
+                    Message::Done
+                }
+                Ok(Message::PiWrite { .. }) => {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Message::Refused {
+                        reason: "bad frame: unknown message kind".into(),
+                    }
+                }
+                other => Message::Refused {
+                    reason: format!("not served here: {other:?}"),
+                },
+            };
+            reply.send(wire::encode(&answer));
+        }
+    });
+    spawn_front(&mut c).await;
+    let publisher = c.publisher("proxy0");
+    let mut ids = Vec::new();
+    for (uid, body, sid) in [(5, "one", 9001), (6, "two", 9002), (5, "three", 9003)] {
+        let id = send_until_acked(&publisher, uid, body, sid).await;
+        // acknowledged only once the old Pi took it
+        assert!(
+            appended.lock().unwrap().contains(&(uid, id)),
+            "{id} for {uid} acknowledged before the old pi appended it"
+        );
+        ids.push(id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(
+        refused.load(Ordering::SeqCst) >= 1,
+        "PiWrite was never tried"
+    );
 }

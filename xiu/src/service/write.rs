@@ -1,8 +1,10 @@
 //! A Xiu leader's write path: stores are queued to one writer that writes a group, fsyncs
-//! once and answers them all; the indexer puts in-sync ids into Pi in id order; a store is
-//! acknowledged once it is durable, on `min_insync` followers and indexed.
+//! once and answers them all; the indexer puts in-sync ids into Pi in id order, up to
+//! [`INDEX_DEPTH`] batches replicating in Pi at once; a store is acknowledged once it is
+//! durable, on `min_insync` followers and indexed.
 
 use super::*;
+use std::collections::{HashMap, VecDeque};
 
 /// Group commit: write every queued store as one batch, fsync once, answer them all.
 pub(super) async fn writer(
@@ -96,14 +98,55 @@ fn moved(to: &[u64], partition: u32, num: u32) -> Option<WriteError> {
         })
 }
 
-/// Puts in-sync ids into Pi, in id order, one batch at a time.
+/// Batches written to Pi whose followers do not hold them yet, at most this many at once.
+pub(super) const INDEX_DEPTH: usize = 4;
+
+/// How long the indexer appends one batch at a time (`PiAppend`) after a Pi leader refused
+/// `PiWrite` (a Pi of an earlier version, during a rolling upgrade) before it tries again.
+const OLD_PI_FOR: Duration = Duration::from_secs(60);
+
+/// A batch of ids written to the Pi leaders of its partitions, waiting for their followers.
+struct Replicating {
+    /// The batch's last Xiu counter.
+    upto: u64,
+    insync: tokio::task::JoinHandle<Result<(), IndexError>>,
+}
+
+/// Puts in-sync ids into Pi, in id order, pipelined: a batch is written to its Pi leaders
+/// (`PiWrite`) as soon as the one before it is written there, and counts as indexed once
+/// the Pi followers hold it and every batch before it (`PiAwait`). While batches replicate,
+/// each Pi partition's batches go to the one leader node that wrote the first of them, so a
+/// Pi log never holds a batch without the ones before it; after any failure nothing more
+/// is sent until what is in flight has settled, and indexing starts again from the
+/// watermark (Pi skips the ids it already holds).
 pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
     // woken by new writes (head) and by follower reports (insync); the timer only covers a
     // follower going stale and a change of leadership
     let mut reports = node.followers.subscribe();
     let mut writes = node.head.subscribe();
+    let mut flight: VecDeque<Replicating> = VecDeque::new();
+    // per Pi partition, the leader node (registry id) and address that wrote what is in flight
+    let mut writers: HashMap<u32, (u64, SocketAddr)> = HashMap::new();
+    let mut sent = node.indexed.get();
+    // a failure: send nothing more until what is in flight settled, then start again from
+    // the watermark; `tainted`: a batch did not get in sync, so none after it counts
+    let mut broken = false;
+    let mut tainted = false;
+    // since when a Pi leader refused `PiWrite`
+    let mut old_pi: Option<tokio::time::Instant> = None;
     while !shutdown.is_cancelled() {
-        let done = node.indexed.get();
+        if flight.is_empty() {
+            writers.clear();
+            // everything sent has settled; the watermark may also have moved without this
+            // loop (a follower's pulls, a dropped tail)
+            sent = node.indexed.get();
+            if broken {
+                broken = false;
+                tainted = false;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        }
         // a new partition's leader indexes only once its parent handed over (handoff.rs)
         let ready = if node.leading.load(Ordering::SeqCst) && node.may_index.load(Ordering::SeqCst)
         {
@@ -113,57 +156,213 @@ pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
         } else {
             0
         };
-        if ready <= done {
+        if broken || flight.len() >= INDEX_DEPTH || ready <= sent {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
+                settled = async { (&mut flight.front_mut().expect("a batch in flight").insync).await }, if !flight.is_empty() => {
+                    let batch = flight.pop_front().expect("a batch in flight");
+                    let ok = match settled {
+                        Ok(Ok(())) => true,
+                        Ok(Err(e)) => {
+                            node.metrics.drop("index", "pi_unavailable");
+                            tracing::debug!("indexing in pi: {e}");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::error!("waiting for pi's followers: {e}");
+                            false
+                        }
+                    };
+                    if !ok {
+                        broken = true;
+                        tainted = true;
+                    } else if !tainted && node.leading.load(Ordering::SeqCst) {
+                        mark_indexed(&node, batch.upto);
+                    }
+                }
                 _ = reports.changed() => {}
                 _ = writes.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
             continue;
         }
-        let batch = {
-            let s = node.store();
-            s.entries_after(MsgId::new(node.partition, KIND_NONE, done), 512)
+        let Some((items, upto)) = next_batch(&node, sent, ready).await else {
+            continue;
         };
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("reading records to index: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        if old_pi.is_some_and(|since| since.elapsed() < OLD_PI_FOR) {
+            // one batch at a time, each append answered once in sync
+            if !flight.is_empty() {
+                broken = true;
                 continue;
             }
-        };
-        let mut items: Vec<(u64, u64)> = Vec::new();
-        let mut upto = done;
-        for (id, raw) in &batch {
-            if id.counter() > ready {
-                break;
+            match index_in_pi(&node, items).await {
+                Ok(()) => mark_indexed(&node, upto),
+                Err(e) => {
+                    node.metrics.drop("index", "pi_unavailable");
+                    tracing::debug!("indexing in pi: {e}");
+                    broken = true;
+                }
             }
-            match crate::decode_record(*id, raw) {
-                Ok(m) => items.extend(m.to.iter().map(|uid| (*uid, id.0))),
-                Err(e) => tracing::error!(%id, "not indexing a corrupt record: {e}"),
-            }
-            upto = id.counter();
-        }
-        if upto == done {
-            tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
-        match index_in_pi(&node, items).await {
-            Ok(()) => {
-                if let Err(e) = node.store().set_indexed(upto) {
-                    tracing::warn!("recording the indexed watermark: {e}");
+        match write_in_pi(&node, items, &writers).await {
+            Ok(parts) => {
+                for (partition, writer, addr, _) in &parts {
+                    writers.insert(*partition, (*writer, *addr));
                 }
-                node.indexed.set(upto);
+                let transport = node.transport.clone();
+                let insync = tokio::spawn(async move {
+                    let waits = parts.into_iter().map(|(partition, writer, addr, last)| {
+                        let transport = transport.clone();
+                        async move {
+                            let wait = Message::PiAwait {
+                                node: writer,
+                                upto: last,
+                            };
+                            match ask(&transport, addr, &wait, AWAIT_ASK).await {
+                                Ok(Message::Done) => Ok(()),
+                                Ok(other) => Err(AskError::unexpected(addr, &other, "done")),
+                                Err(e) => Err(e),
+                            }
+                            .map_err(|source| IndexError::Append { partition, source })
+                        }
+                    });
+                    for r in futures::future::join_all(waits).await {
+                        r?;
+                    }
+                    Ok(())
+                });
+                flight.push_back(Replicating { upto, insync });
+                sent = upto;
+            }
+            Err(IndexError::OldPi(partition)) => {
+                tracing::warn!(
+                    partition,
+                    "a pi leader refused PiWrite (an earlier version?): appending one batch at a time for {} s",
+                    OLD_PI_FOR.as_secs()
+                );
+                old_pi = Some(tokio::time::Instant::now());
+                broken = !flight.is_empty();
             }
             Err(e) => {
                 node.metrics.drop("index", "pi_unavailable");
-                tracing::debug!("indexing in pi: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tracing::debug!("writing in pi: {e}");
+                broken = true;
             }
         }
     }
+    for batch in flight {
+        batch.insync.abort();
+    }
+}
+
+/// How long a `PiAwait` may take: the Pi leader's own wait (its `append_timeout_ms`, 3 s by
+/// default) and the trip.
+const AWAIT_ASK: Duration = Duration::from_secs(4);
+
+/// Every id up to `upto` is indexed (and in sync): stores up to it are acknowledged.
+fn mark_indexed(node: &Node, upto: u64) {
+    if upto <= node.indexed.get() {
+        return;
+    }
+    if let Err(e) = node.store().set_indexed(upto) {
+        tracing::warn!("recording the indexed watermark: {e}");
+    }
+    node.indexed.set(upto);
+}
+
+/// The `(uid, id)` pairs of the records after `after` up to `ready` (at most 512 records),
+/// and the last counter they reach; `None` after a pause when there are none to be read.
+async fn next_batch(node: &Node, after: u64, ready: u64) -> Option<(Vec<(u64, u64)>, u64)> {
+    let batch = {
+        let s = node.store();
+        s.entries_after(MsgId::new(node.partition, KIND_NONE, after), 512)
+    };
+    let batch = match batch {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("reading records to index: {e}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return None;
+        }
+    };
+    let mut items: Vec<(u64, u64)> = Vec::new();
+    let mut upto = after;
+    for (id, raw) in &batch {
+        if id.counter() > ready {
+            break;
+        }
+        match crate::decode_record(*id, raw) {
+            Ok(m) => items.extend(m.to.iter().map(|uid| (*uid, id.0))),
+            Err(e) => tracing::error!(%id, "not indexing a corrupt record: {e}"),
+        }
+        upto = id.counter();
+    }
+    if upto == after {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        return None;
+    }
+    Some((items, upto))
+}
+
+/// The first half of indexing a batch: each Pi partition's share written by its leader
+/// (the one in `writers` while earlier batches replicate). Per partition: the leader's
+/// registry id, its address and its log position after the share.
+async fn write_in_pi(
+    node: &Node,
+    items: Vec<(u64, u64)>,
+    writers: &HashMap<u32, (u64, SocketAddr)>,
+) -> Result<Vec<(u32, u64, SocketAddr, u64)>, IndexError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pis = node.pis.borrow().clone();
+    if pis.partition_num == 0 {
+        return Err(IndexError::NoPartitions);
+    }
+    let groups = group_users(items, pis.partition_num, |(uid, _)| *uid);
+    let ts = pixiu_protocol::now_ms();
+    let calls = groups.into_iter().map(|(partition, items)| {
+        let leader = pis.leader_addr(partition);
+        let pinned = writers.get(&partition).copied();
+        let transport = node.transport.clone();
+        let traced = node
+            .traces
+            .leaving(items.iter().map(|(_, id)| *id), &node.hop);
+        async move {
+            let leader = leader.ok_or(IndexError::NoLeader(partition))?;
+            let expect = match pinned {
+                None => 0,
+                Some((writer, addr)) if addr == leader => writer,
+                Some(_) => return Err(IndexError::LeaderChanged(partition)),
+            };
+            let write = Message::PiWrite {
+                items,
+                ts,
+                node: expect,
+                traced: !traced.is_empty(),
+            };
+            match ask(&transport, leader, &write, Duration::from_secs(3)).await {
+                Ok(Message::PiWritten {
+                    node: writer,
+                    last,
+                    stamp,
+                }) => {
+                    if let Some(stamp) = stamp {
+                        node.traces.indexed(&traced, &stamp);
+                    }
+                    Ok((partition, writer, leader, last))
+                }
+                Err(AskError::Refused { .. }) => Err(IndexError::OldPi(partition)),
+                Ok(other) => Err(IndexError::Append {
+                    partition,
+                    source: AskError::unexpected(leader, &other, "pi_written"),
+                }),
+                Err(source) => Err(IndexError::Append { partition, source }),
+            }
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().collect()
 }
 
 /// Why ids could not be put into Pi.
@@ -175,9 +374,14 @@ enum IndexError {
     NoLeader(u32),
     #[error("pi partition {partition}: {source}")]
     Append { partition: u32, source: AskError },
+    #[error("pi partition {0} has a new leader while batches written by the old one replicate")]
+    LeaderChanged(u32),
+    #[error("the leader of pi partition {0} refused PiWrite")]
+    OldPi(u32),
 }
 
-/// Sends each Pi partition its share of `items`; all must succeed.
+/// Indexes a batch in one request per Pi partition (`PiAppend`, answered once in sync), for
+/// Pi leaders older than `PiWrite`; all must succeed.
 /// A group holding a traced id goes as `PiAppendTraced`, and the Pi leader's stamp is kept
 /// for those ids.
 async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexError> {
