@@ -4,7 +4,7 @@
 //! durable, on `min_insync` followers and indexed.
 
 use super::*;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Group commit: write every queued store as one batch, fsync once, answer them all.
 pub(super) async fn writer(
@@ -207,31 +207,10 @@ pub(super) async fn indexer(node: Arc<Node>, shutdown: Shutdown) {
         }
         match write_in_pi(&node, items, &writers).await {
             Ok(parts) => {
-                for (partition, writer, addr, _) in &parts {
-                    writers.insert(*partition, (*writer, *addr));
+                for w in &parts {
+                    writers.insert(w.partition, (w.writer, w.addr));
                 }
-                let transport = node.transport.clone();
-                let insync = tokio::spawn(async move {
-                    let waits = parts.into_iter().map(|(partition, writer, addr, last)| {
-                        let transport = transport.clone();
-                        async move {
-                            let wait = Message::PiAwait {
-                                node: writer,
-                                upto: last,
-                            };
-                            match ask(&transport, addr, &wait, AWAIT_ASK).await {
-                                Ok(Message::Done) => Ok(()),
-                                Ok(other) => Err(AskError::unexpected(addr, &other, "done")),
-                                Err(e) => Err(e),
-                            }
-                            .map_err(|source| IndexError::Append { partition, source })
-                        }
-                    });
-                    for r in futures::future::join_all(waits).await {
-                        r?;
-                    }
-                    Ok(())
-                });
+                let insync = tokio::spawn(await_in_pi(node.transport.clone(), parts));
                 flight.push_back(Replicating { upto, insync });
                 sent = upto;
             }
@@ -305,22 +284,39 @@ async fn next_batch(node: &Node, after: u64, ready: u64) -> Option<(Vec<(u64, u6
     Some((items, upto))
 }
 
-/// The first half of indexing a batch: each Pi partition's share written by its leader
-/// (the one in `writers` while earlier batches replicate). Per partition: the leader's
-/// registry id, its address and its log position after the share.
-async fn write_in_pi(
-    node: &Node,
-    items: Vec<(u64, u64)>,
-    writers: &HashMap<u32, (u64, SocketAddr)>,
-) -> Result<Vec<(u32, u64, SocketAddr, u64)>, IndexError> {
-    if items.is_empty() {
-        return Ok(Vec::new());
-    }
+/// The Pi view, and `items` grouped by the Pi partition of their user.
+type Shares = (Arc<RoleView>, BTreeMap<u32, Vec<(u64, u64)>>);
+
+fn shares(node: &Node, items: Vec<(u64, u64)>) -> Result<Shares, IndexError> {
     let pis = node.pis.borrow().clone();
     if pis.partition_num == 0 {
         return Err(IndexError::NoPartitions);
     }
     let groups = group_users(items, pis.partition_num, |(uid, _)| *uid);
+    Ok((pis, groups))
+}
+
+/// A Pi partition's share of a batch, written by its leader.
+struct Written {
+    partition: u32,
+    /// The leader's registry id.
+    writer: u64,
+    addr: SocketAddr,
+    /// The leader's log position after the share.
+    last: u64,
+}
+
+/// The first half of indexing a batch: each Pi partition's share written by its leader
+/// (the one in `writers` while earlier batches replicate).
+async fn write_in_pi(
+    node: &Node,
+    items: Vec<(u64, u64)>,
+    writers: &HashMap<u32, (u64, SocketAddr)>,
+) -> Result<Vec<Written>, IndexError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (pis, groups) = shares(node, items)?;
     let ts = pixiu_protocol::now_ms();
     let calls = groups.into_iter().map(|(partition, items)| {
         let leader = pis.leader_addr(partition);
@@ -351,7 +347,12 @@ async fn write_in_pi(
                     if let Some(stamp) = stamp {
                         node.traces.indexed(&traced, &stamp);
                     }
-                    Ok((partition, writer, leader, last))
+                    Ok(Written {
+                        partition,
+                        writer,
+                        addr: leader,
+                        last,
+                    })
                 }
                 Err(AskError::Refused { .. }) => Err(IndexError::OldPi(partition)),
                 Ok(other) => Err(IndexError::Append {
@@ -362,7 +363,30 @@ async fn write_in_pi(
             }
         }
     });
-    futures::future::join_all(calls).await.into_iter().collect()
+    futures::future::try_join_all(calls).await
+}
+
+/// The second half: each share held by `min_insync` followers of the leader that wrote it.
+async fn await_in_pi(transport: Transport, parts: Vec<Written>) -> Result<(), IndexError> {
+    let waits = parts.into_iter().map(|w| {
+        let transport = &transport;
+        async move {
+            let wait = Message::PiAwait {
+                node: w.writer,
+                upto: w.last,
+            };
+            match ask(transport, w.addr, &wait, AWAIT_ASK).await {
+                Ok(Message::Done) => Ok(()),
+                Ok(other) => Err(AskError::unexpected(w.addr, &other, "done")),
+                Err(e) => Err(e),
+            }
+            .map_err(|source| IndexError::Append {
+                partition: w.partition,
+                source,
+            })
+        }
+    });
+    futures::future::try_join_all(waits).await.map(drop)
 }
 
 /// Why ids could not be put into Pi.
@@ -388,11 +412,7 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexErr
     if items.is_empty() {
         return Ok(());
     }
-    let pis = node.pis.borrow().clone();
-    if pis.partition_num == 0 {
-        return Err(IndexError::NoPartitions);
-    }
-    let groups = group_users(items, pis.partition_num, |(uid, _)| *uid);
+    let (pis, groups) = shares(node, items)?;
     let ts = pixiu_protocol::now_ms();
     let calls = groups.into_iter().map(|(partition, items)| {
         let leader = pis.leader_addr(partition);
@@ -419,10 +439,7 @@ async fn index_in_pi(node: &Node, items: Vec<(u64, u64)>) -> Result<(), IndexErr
             .map_err(|source| IndexError::Append { partition, source })
         }
     });
-    for r in futures::future::join_all(calls).await {
-        r?;
-    }
-    Ok(())
+    futures::future::try_join_all(calls).await.map(drop)
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(sid = req.sid, receivers = req.to.len()))]
