@@ -109,7 +109,7 @@ struct Node {
     registry: Registry,
     /// The snapshot being sent to followers (taken on the first chunk request).
     snapshot: Mutex<Option<Arc<Snapshot>>>,
-    /// This node as a hop of traced messages (`PiAppendTraced`).
+    /// This node as a hop of traced messages (`PiWrite` marked traced, `PiAppendTraced`).
     hop: pixiu_runtime::Hop,
 }
 
