@@ -44,6 +44,8 @@ pub(crate) struct HttpState {
     /// One permit per inbox send waiting for its acknowledgement (`inbox_max_pending`).
     pub inbox_slots: Arc<tokio::sync::Semaphore>,
     pub inbox_max_pending: usize,
+    /// At most one warning a second for personal messages not acknowledged.
+    pub unacked_log: pixiu_runtime::Throttle,
 }
 
 /// Largest request body read: a 64 KiB message body plus its JSON envelope.
@@ -293,7 +295,9 @@ async fn store(
         }
         Err(CourierError::Unavailable(reason)) => {
             s.metrics.drop("http", "inbox_unavailable");
-            tracing::warn!("inbox message not acknowledged: {reason}");
+            if let Some(held_back) = s.unacked_log.allow() {
+                tracing::warn!(held_back, "inbox message not acknowledged: {reason}");
+            }
             Err(Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "unavailable",

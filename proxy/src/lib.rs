@@ -182,6 +182,7 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
         courier,
         inbox_slots: Arc::new(tokio::sync::Semaphore::new(pc.inbox_max_pending)),
         inbox_max_pending: pc.inbox_max_pending,
+        unacked_log: pixiu_runtime::Throttle::new(std::time::Duration::from_secs(1)),
     }));
     let server = pixiu_runtime::service::serve_http(listener, app, service.shutdown.clone());
 

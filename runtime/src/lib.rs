@@ -4,7 +4,8 @@
 //! (`/healthz`, `/metrics`), per-role metrics, peer liveness by heartbeat, tracing setup,
 //! signal-driven shutdown, one-line fatal errors, and the registration that keeps snowflake
 //! instances unique among live gateways and proxies. [`Service`] is the one way a role runs
-//! (bind, register, its own registry view, state, drain); [`inbound`] decodes what arrives.
+//! (bind, register, its own registry view, state, drain); [`inbound`] decodes what arrives;
+//! a [`Throttle`] keeps a warning an outage repeats to one line a second.
 
 pub mod admin;
 pub mod ask;
@@ -14,6 +15,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod replication;
 pub mod service;
+pub mod throttle;
 
 pub use ask::{ask, AskError};
 pub use config::{CommonArgs, CommonConfig};
@@ -21,6 +23,7 @@ pub use inbound::Received;
 pub use liveness::Liveness;
 pub use metrics::RoleMetrics;
 pub use service::{in_own_process, Hop, Registering, Service};
+pub use throttle::Throttle;
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use pixiu_registry::{Registry, ZkConfig};

@@ -912,6 +912,23 @@ async fn a_batch_is_acknowledged_message_by_message_in_order_per_user() {
         other => panic!("{other:?}"),
     }
 
+    // an outage is a warning a second in the proxy's log, not one per message
+    let many: Vec<_> = (0..40).map(|i| item(100 + i, "down", None)).collect();
+    let results = publisher.send_batch(&many).await.unwrap();
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, pixiu_client::BatchResult::Failed { .. })));
+    let warned = c
+        .node("proxy0")
+        .proc
+        .log()
+        .matches("inbox message not acknowledged")
+        .count();
+    assert!(
+        (1..10).contains(&warned),
+        "{warned} warnings for 42 messages not acknowledged"
+    );
+
     // back, and the failed ones sent again with their sids: acknowledged, in order
     c.node("xiu1").proc.respawn().unwrap();
     c.wait_healthy("xiu1").await;
