@@ -19,6 +19,21 @@ fn config(server: &ZkServer, cluster: &str) -> ZkConfig {
     cfg
 }
 
+/// Connects; a first session that times out is asked again, up to 4 tries in all (right
+/// after it starts, a throwaway ZooKeeper on this 2-core machine sometimes takes longer than
+/// these tests' 2 s session timeout to open the first sessions).
+async fn connect(cfg: ZkConfig) -> Registry {
+    let mut last = None;
+    for _ in 0..4 {
+        match Registry::zookeeper(cfg.clone()).await {
+            Ok(r) => return r,
+            Err(e @ RegistryError::Connect { .. }) => last = Some(e),
+            Err(e) => panic!("connecting: {e}"),
+        }
+    }
+    panic!("connecting: {last:?}");
+}
+
 /// Waits (bounded) until the view satisfies `f`.
 async fn wait_view(
     rx: &mut watch::Receiver<Arc<RoleView>>,
@@ -47,8 +62,8 @@ fn layout(brokers: u32) -> Layout {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layout_registration_and_views() {
     let server = ZkServer::start().expect("ZooKeeper starts");
-    let a = Registry::zookeeper(config(&server, "c1")).await.unwrap();
-    let b = Registry::zookeeper(config(&server, "c1")).await.unwrap();
+    let a = connect(config(&server, "c1")).await;
+    let b = connect(config(&server, "c1")).await;
     assert_eq!(a.cluster(), "c1");
 
     assert!(!a.is_initialized().await.unwrap());
@@ -250,8 +265,8 @@ async fn session_expiry_reregisters() {
     // `a` reaches ZooKeeper through a proxy whose network we cut.
     let mut cfg_a = config(&server, "c2");
     cfg_a.hosts = proxy.connect_string();
-    let a = Registry::zookeeper(cfg_a).await.unwrap();
-    let b = Registry::zookeeper(config(&server, "c2")).await.unwrap();
+    let a = connect(cfg_a).await;
+    let b = connect(config(&server, "c2")).await;
     a.init_layout(&layout(1)).await.unwrap();
 
     let reg = a
