@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_DEVICE: &str = "default";
 
+/// Seconds a token is still accepted after its `exp`, for clocks that differ a little.
+pub const LEEWAY_SECS: u64 = 5;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub sub: String,
@@ -55,10 +58,27 @@ pub fn issue(
     publisher: bool,
     ttl_secs: u64,
 ) -> String {
+    issue_until(
+        secret,
+        uid,
+        device,
+        publisher,
+        crate::now_ms() / 1000 + ttl_secs,
+    )
+}
+
+/// Issue a token whose `exp` is `exp` (unix seconds), which may be in the past.
+pub fn issue_until(
+    secret: &[u8],
+    uid: u64,
+    device: Option<&str>,
+    publisher: bool,
+    exp: u64,
+) -> String {
     let claims = Claims {
         sub: uid.to_string(),
         dev: device.map(str::to_string),
-        exp: crate::now_ms() / 1000 + ttl_secs,
+        exp,
         role: publisher.then(|| "publisher".to_string()),
     };
     encode(
@@ -74,7 +94,7 @@ fn claims(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
         return Err(AuthError::Missing);
     }
     let mut v = Validation::new(Algorithm::HS256);
-    v.leeway = 5;
+    v.leeway = LEEWAY_SECS;
     v.set_required_spec_claims(&["exp", "sub"]);
     decode::<Claims>(token, &DecodingKey::from_secret(secret), &v)
         .map(|d| d.claims)
@@ -97,9 +117,15 @@ pub fn verify_client(secret: &[u8], token: &str) -> Result<Identity, AuthError> 
 
 /// Check a publisher token (claim `role: "publisher"`).
 pub fn verify_publisher(secret: &[u8], token: &str) -> Result<(), AuthError> {
+    publisher_expiry(secret, token).map(|_| ())
+}
+
+/// Check a publisher token and say when it expires (its `exp`, unix seconds): a caller that
+/// remembers good tokens must refuse this one once `exp + LEEWAY_SECS` has passed.
+pub fn publisher_expiry(secret: &[u8], token: &str) -> Result<u64, AuthError> {
     let c = claims(secret, token)?;
     if c.role.as_deref() == Some("publisher") {
-        Ok(())
+        Ok(c.exp)
     } else {
         Err(AuthError::NotPublisher)
     }

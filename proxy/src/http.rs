@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use lru::LruCache;
 use pixiu_courier::{Courier, CourierError};
-use pixiu_protocol::auth;
+
 use pixiu_protocol::client::{
     BatchBody, BatchItem, BatchReply, BatchResult, ErrorReply, GatewaysReply, Id, IdReply,
     MulticastBody, PublishBody, MAX_BATCH,
@@ -31,7 +31,8 @@ use tokio::sync::watch;
 pub(crate) struct HttpState {
     /// This proxy as a hop of traced personal messages.
     pub hop: pixiu_runtime::Hop,
-    pub secret: Option<Vec<u8>>,
+    /// Publisher tokens are checked against the auth secret (none: `insecure_dev_auth`).
+    pub tokens: Option<crate::tokens::PublisherTokens>,
     pub insecure_dev_auth: bool,
     pub pipeline: Pipeline,
     pub routes: Arc<ArcSwap<RouteTable>>,
@@ -92,8 +93,10 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let res = match (token, &s.secret) {
-        (Some(t), Some(secret)) => auth::verify_publisher(secret, t).map_err(|e| e.to_string()),
+    let res = match (token, &s.tokens) {
+        (Some(t), Some(tokens)) => tokens
+            .check(t, pixiu_protocol::now_ms() / 1000)
+            .map_err(|e| e.to_string()),
         (None, _) if s.insecure_dev_auth => Ok(()),
         (Some(_), None) if s.insecure_dev_auth => Ok(()),
         _ => Err("missing publisher token (Authorization: Bearer ...)".to_string()),

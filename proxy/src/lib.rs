@@ -12,6 +12,7 @@
 
 mod http;
 mod pipeline;
+mod tokens;
 
 use arc_swap::ArcSwap;
 use pipeline::{Job, Pipeline, RouteTable, Routes};
@@ -164,7 +165,10 @@ pub async fn run_with(config: Config, env: NodeEnv, shutdown: Shutdown) -> Resul
     );
     let app = http::router(Arc::new(http::HttpState {
         hop: service.hop(),
-        secret: pc.auth_secret.clone().map(String::into_bytes),
+        tokens: pc
+            .auth_secret
+            .clone()
+            .map(|s| tokens::PublisherTokens::new(s.into_bytes())),
         insecure_dev_auth: pc.insecure_dev_auth,
         pipeline: pipeline.clone(),
         routes: routes.clone(),

@@ -525,6 +525,38 @@ async fn publisher_http(c: &Cluster, proxy: &str, prober: &mut Client) {
         none.publish_room(ROOM, "x", 1, None).await,
         Err(ClientError::Unauthorized)
     ));
+    // the proxy remembers good publisher tokens; one it accepted is refused once it expires
+    let empty_room = "/v1/rooms/12345/messages";
+    let expiring = Publisher::new(
+        &purl,
+        Some(pixiu_protocol::auth::issue(
+            SECRET.as_bytes(),
+            0,
+            None,
+            true,
+            1,
+        )),
+    );
+    let (s, body) = expiring
+        .raw_post(empty_room, valid.clone(), json)
+        .await
+        .unwrap();
+    assert_eq!(s, 202, "a publisher token before it expires: {body}");
+    assert_eventually(
+        "a remembered publisher token is refused after it expired",
+        Duration::from_secs(20),
+        || {
+            let (expiring, valid) = (&expiring, valid.clone());
+            async move {
+                match expiring.raw_post(empty_room, valid, json).await {
+                    Ok((401, body)) if body.contains("unauthorized") => Ok(()),
+                    Ok((s, body)) => Err(format!("expected 401, got {s} {body}")),
+                    Err(e) => Err(format!("{e}")),
+                }
+            }
+        },
+    )
+    .await;
 
     assert!(read_metric(proxy, &dropped("http", "bad_request")).await >= base_http_bad + 5.0);
     assert!(read_metric(proxy, &dropped("http", "too_large")).await >= base_http_large + 2.0);
