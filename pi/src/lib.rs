@@ -65,12 +65,14 @@
 //!
 //! # Retention
 //!
-//! [`PiIndex::expire_older_than`] drops, for each user having ids appended at or before a
-//! cutoff time, every id up to the largest such id (one [`Op::Expire`] per user, at most a
-//! given number per call; call again until it answers 0). It scans the index from the start
-//! and reads every entry's value: a call costs up to one read per entry of the partition
-//! (less when it stops early at its `max_ops`), so it is meant for an infrequent background
-//! sweep, not for a request path.
+//! [`PiIndex::expire_older_than`] drops, for each user whose list starts with ids appended at
+//! or before a cutoff time, that run of ids, up to the first one appended after the cutoff
+//! (one [`Op::Expire`] per user). No id appended after the cutoff is dropped; an old id behind
+//! a younger one (ids from different Xiu partitions can arrive out of time order) stays until
+//! the younger one is old too. A call visits a bounded number of users from a given uid and
+//! says where to go on ([`Sweep::next`]), so a sweep of a whole partition is many short calls
+//! and whoever holds the index between them (the service's lock) is free again after each: it
+//! reads each user's old run and the id after it, never the whole index at once.
 //!
 //! # Snapshots
 //!
@@ -195,6 +197,17 @@ mod snapshot;
 
 use keys::*;
 pub use snapshot::{Snapshot, SnapshotChunk};
+
+/// What one call of [`PiIndex::expire_older_than`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Users with ids visited.
+    pub visited: usize,
+    /// Of them, users whose old ids were dropped (one [`Op::Expire`] each).
+    pub expired: usize,
+    /// The uid to go on from, `None` once the last user was visited.
+    pub next: Option<u64>,
+}
 
 /// The MsgId index and operation log of one Pi partition.
 pub struct PiIndex {
@@ -475,60 +488,82 @@ impl PiIndex {
         Ok(Some(id))
     }
 
-    /// Retention (see the crate's "Retention"): for each user, in uid order, having ids
-    /// appended at or before `cutoff_ts` (unix milliseconds), drops every id up to the largest
-    /// such id with one [`Op::Expire`] — ids above it stay even when older. At most `max_ops`
-    /// users per call, written in one batch; returns how many ops were written (0 once no id
-    /// is that old). Scans the index from its start reading every value: up to one read per
-    /// entry of the partition per call.
-    pub fn expire_older_than(&mut self, cutoff_ts: u64, max_ops: usize) -> Result<usize, PiError> {
+    /// Retention (see the crate's "Retention"): visits up to `max_users` users with ids, in uid
+    /// order from `from_uid`, and for each whose list starts with ids appended at or before
+    /// `cutoff_ts` (unix milliseconds) drops that run, up to the first id appended after the
+    /// cutoff, with one [`Op::Expire`]; all of them in one batch. Reads per user only that run
+    /// and the id after it, so a call costs about `max_users` short scans plus what it drops.
+    pub fn expire_older_than(
+        &mut self,
+        cutoff_ts: u64,
+        from_uid: u64,
+        max_users: usize,
+    ) -> Result<Sweep, PiError> {
         self.check_usable()?;
-        if max_ops == 0 {
-            return Ok(0);
-        }
-        // (uid, largest id of uid appended at or before the cutoff)
         let mut found: Vec<(u64, MsgId)> = Vec::new();
-        let mut uid_now = None;
-        let mut upto_now = None;
-        for item in self.db.scan_prefix(&[INDEX_PREFIX]) {
+        let mut uid = from_uid;
+        let mut visited = 0;
+        let next = loop {
+            if visited >= max_users {
+                break Some(uid);
+            }
+            let Some((user, old)) = self.old_run(uid, cutoff_ts)? else {
+                break None;
+            };
+            visited += 1;
+            if let Some(upto) = old {
+                found.push((user, upto));
+            }
+            match user.checked_add(1) {
+                Some(n) => uid = n,
+                None => break None,
+            }
+        };
+        if !found.is_empty() {
+            // One batch: each op touches only its own user's ids.
+            let mut batch = WriteBatch::default();
+            let mut last = self.last_log;
+            for &(uid, upto) in &found {
+                last = LogId(last.0 + 1);
+                self.stage(
+                    &mut batch,
+                    LogEntry {
+                        id: last,
+                        op: Op::Expire { uid, upto },
+                    },
+                )?;
+            }
+            self.commit(batch, last, true)?;
+        }
+        Ok(Sweep {
+            visited,
+            expired: found.len(),
+            next,
+        })
+    }
+
+    /// The first user at or after `from` having ids, and the last id of the run at the start
+    /// of its list appended at or before `cutoff_ts` (`None` when its first id is younger).
+    fn old_run(&self, from: u64, cutoff_ts: u64) -> Result<Option<(u64, Option<MsgId>)>, PiError> {
+        let mut user = None;
+        let mut upto = None;
+        for item in self
+            .db
+            .scan_from(&user_prefix(INDEX_PREFIX, from), &[INDEX_PREFIX])
+        {
             let (k, v) = item?;
             let (uid, id) = entry_of_index_key(&k).ok_or_else(|| corrupt_key("index key", &k))?;
-            let ts = decode_ts(uid, id, &v)?;
-            if uid_now != Some(uid) {
-                if let (Some(prev), Some(upto)) = (uid_now, upto_now.take()) {
-                    found.push((prev, upto));
-                    if found.len() >= max_ops {
-                        break;
-                    }
-                }
-                uid_now = Some(uid);
+            match user {
+                None => user = Some(uid),
+                Some(u) if u != uid => break,
+                Some(_) => {}
             }
-            if ts <= cutoff_ts {
-                // Ids come in increasing order: the last one seen is the largest.
-                upto_now = Some(id);
+            if decode_ts(uid, id, &v)? > cutoff_ts {
+                break;
             }
+            upto = Some(id);
         }
-        if let (Some(uid), Some(upto)) = (uid_now, upto_now) {
-            found.push((uid, upto));
-        }
-        if found.is_empty() {
-            return Ok(0);
-        }
-        // One batch: each op touches only its own user's ids.
-        let mut batch = WriteBatch::default();
-        let mut last = self.last_log;
-        for &(uid, upto) in &found {
-            last = LogId(last.0 + 1);
-            self.stage(
-                &mut batch,
-                LogEntry {
-                    id: last,
-                    op: Op::Expire { uid, upto },
-                },
-            )?;
-        }
-        self.commit(batch, last, true)?;
-        Ok(found.len())
+        Ok(user.map(|u| (u, upto)))
     }
 
     fn load_cursor(&self, uid: u64, device: u64) -> Result<Option<MsgId>, PiError> {

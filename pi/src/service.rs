@@ -480,6 +480,10 @@ async fn pull_once(node: &Arc<Node>, from: SocketAddr, wait: Duration) -> Result
     }
 }
 
+/// Users one retention step visits while it holds the index: a sweep of the partition is
+/// many such steps, so an append or a read waits for one step at most, never for the sweep.
+const SWEEP_USERS: usize = 1_000;
+
 /// Retention and log trimming, on the leader.
 async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_millis(node.cfg.maintenance_interval_ms));
@@ -491,34 +495,74 @@ async fn maintenance(node: Arc<Node>, shutdown: Shutdown) {
         if !node.leading() {
             continue;
         }
-        let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
+        retention(&node, &shutdown).await;
         let done = with_index(&node, move |node, idx| {
-            let expired = idx.expire_older_than(cutoff, 100_000);
             let last = idx.last_log_id().0;
             if last > node.cfg.log_keep {
                 if let Err(e) = idx.trim_log(LogId(last - node.cfg.log_keep)) {
                     tracing::error!("trimming the log: {e}");
                 }
             }
-            Ok((expired, idx.last_log_id().0))
+            Ok(idx.last_log_id().0)
         })
         .await;
-        let (expired, last) = match done {
-            Ok(done) => done,
+        match done {
+            Ok(last) => node.head.set(last),
+            Err(e) => tracing::error!("maintenance: {e}"),
+        }
+    }
+}
+
+/// One retention sweep of the partition, [`SWEEP_USERS`] users a step, each step under the
+/// index lock and the lock free between them. Ends early on shutdown or leadership lost.
+async fn retention(node: &Arc<Node>, shutdown: &Shutdown) {
+    let cutoff = pixiu_protocol::now_ms().saturating_sub(node.cfg.retention_ms);
+    let began = std::time::Instant::now();
+    let (mut from, mut visited, mut expired, mut steps) = (Some(0), 0, 0, 0u64);
+    // bounded: every step visits SWEEP_USERS users with ids, or is the last
+    while let Some(uid) = from {
+        if shutdown.is_cancelled() || !node.leading() {
+            return;
+        }
+        let step = with_index(node, move |_, idx| {
+            let sweep = idx.expire_older_than(cutoff, uid, SWEEP_USERS)?;
+            Ok((sweep, idx.last_log_id().0))
+        })
+        .await;
+        let (sweep, last) = match step {
+            Ok(step) => step,
             Err(e) => {
-                tracing::error!("maintenance: {e}");
-                continue;
+                tracing::error!("retention: {e}");
+                return;
             }
         };
-        match expired {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(users = n, "expired entries past retention");
-                node.metrics.add_out("retention_expired", n as u64);
-            }
-            Err(e) => tracing::error!("retention: {e}"),
+        steps += 1;
+        visited += sweep.visited;
+        expired += sweep.expired;
+        from = sweep.next;
+        if sweep.expired > 0 {
+            node.metrics
+                .add_out("retention_expired", sweep.expired as u64);
+            // followers pull the expiry now, not at the next append
+            node.head.set(last);
         }
-        node.head.set(last);
+    }
+    let took_ms = began.elapsed().as_millis() as u64;
+    if expired > 0 {
+        tracing::info!(
+            users = expired,
+            visited,
+            steps,
+            took_ms,
+            "expired entries past retention"
+        );
+    } else {
+        tracing::debug!(
+            visited,
+            steps,
+            took_ms,
+            "retention sweep: nothing past retention"
+        );
     }
 }
 

@@ -745,7 +745,7 @@ fn follower_replay_gives_identical_cursors_and_devices() {
             leader.forget_device(c % 4, 9).unwrap();
         }
         if c == 40 {
-            leader.expire_older_than(TS + 10, 2).unwrap();
+            leader.expire_older_than(TS + 10, 0, 2).unwrap();
             // Appended again below the min cursor: dropped with the next cursor change.
             leader.append(0, p(1), TS + 100).unwrap();
         }
@@ -875,7 +875,8 @@ fn snapshot_and_restore_carry_cursors() {
 fn expire_older_than_mixed_timestamps() {
     let dir = tempfile::tempdir().unwrap();
     let mut pi = PiIndex::open(dir.path(), opts()).unwrap();
-    // uid 1: the largest old id is p(3); p(2), newer, goes with it, p(4) stays.
+    // uid 1: the run at the start appended by the cutoff is p(1); p(2) is younger, so it and
+    // the old p(3) behind it stay.
     pi.append(1, p(1), 100).unwrap();
     pi.append(1, p(2), 300).unwrap();
     pi.append(1, p(3), 150).unwrap();
@@ -890,16 +891,34 @@ fn expire_older_than_mixed_timestamps() {
     pi.append(4, p(2), 60).unwrap();
     pi.append(u64::MAX, p(1), 0).unwrap();
     let before = pi.last_log_id();
-    assert_eq!(pi.expire_older_than(200, 0).unwrap(), 0);
-    assert_eq!(pi.expire_older_than(200, 2).unwrap(), 2);
-    assert_eq!(pi.read(1, START, 10).unwrap(), vec![p(4)]);
+    let sweep = |visited, expired, next| Sweep {
+        visited,
+        expired,
+        next,
+    };
+    assert_eq!(
+        pi.expire_older_than(200, 0, 0).unwrap(),
+        sweep(0, 0, Some(0))
+    );
+    // users 1 and 2; the next step begins after user 2
+    assert_eq!(
+        pi.expire_older_than(200, 0, 2).unwrap(),
+        sweep(2, 1, Some(3))
+    );
+    assert_eq!(pi.read(1, START, 10).unwrap(), vec![p(2), p(3), p(4)]);
+    assert_eq!(pi.read(3, START, 10).unwrap().len(), 2, "not visited yet");
+    assert_eq!(
+        pi.expire_older_than(200, 3, 2).unwrap(),
+        sweep(2, 2, Some(5))
+    );
     assert_eq!(pi.read(3, START, 10).unwrap(), vec![p(6)]);
-    assert_eq!(pi.read(4, START, 10).unwrap().len(), 2, "beyond max_ops");
-    assert_eq!(pi.expire_older_than(200, 2).unwrap(), 2);
-    assert_eq!(pi.expire_older_than(200, 2).unwrap(), 0, "nothing old left");
     assert_eq!(pi.read(4, START, 10).unwrap(), vec![]);
+    // the last user: there is no uid after u64::MAX
+    assert_eq!(pi.expire_older_than(200, 5, 2).unwrap(), sweep(1, 1, None));
     assert_eq!(pi.read(u64::MAX, START, 10).unwrap(), vec![]);
     assert_eq!(pi.read(2, START, 10).unwrap(), vec![p(1)]);
+    // a sweep again: nothing old is left at the start of any list
+    assert_eq!(pi.expire_older_than(200, 0, 10).unwrap(), sweep(3, 0, None));
     assert_eq!(
         pi.log_after(before, 10)
             .unwrap()
@@ -907,7 +926,7 @@ fn expire_older_than_mixed_timestamps() {
             .map(|e| e.op)
             .collect::<Vec<_>>(),
         vec![
-            Op::Expire { uid: 1, upto: p(3) },
+            Op::Expire { uid: 1, upto: p(1) },
             Op::Expire { uid: 3, upto: p(5) },
             Op::Expire { uid: 4, upto: p(2) },
             Op::Expire {
@@ -917,8 +936,63 @@ fn expire_older_than_mixed_timestamps() {
         ],
         "one expire per user"
     );
-    assert_eq!(pi.expire_older_than(u64::MAX, 100).unwrap(), 3);
+    // once p(2) is old too, uid 1's old ids behind it go (and uid 3's p(6))
+    assert_eq!(pi.expire_older_than(300, 0, 10).unwrap(), sweep(3, 2, None));
+    assert_eq!(pi.read(1, START, 10).unwrap(), vec![p(4)]);
+    assert_eq!(pi.read(3, START, 10).unwrap(), vec![]);
+    assert_eq!(
+        pi.expire_older_than(u64::MAX, 0, 100).unwrap(),
+        sweep(2, 2, None)
+    );
     assert_eq!(state(&pi).0, vec![]);
+    assert_eq!(
+        pi.expire_older_than(u64::MAX, 0, 100).unwrap(),
+        sweep(0, 0, None)
+    );
+}
+
+/// A sweep resumed step by step visits every user once and ends, whatever the step size,
+/// and ids appended between two steps are judged by their own append time.
+#[test]
+fn retention_steps_resume_where_they_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pi = PiIndex::open(dir.path(), opts()).unwrap();
+    for uid in 0..25u64 {
+        pi.append(uid * 3, p(1), 100).unwrap();
+        pi.append(uid * 3, p(2), 1_000).unwrap();
+    }
+    for step in [1, 4, 7, 25, 100] {
+        let (mut from, mut visited, mut expired, mut calls) = (Some(0), 0, 0, 0);
+        while let Some(uid) = from {
+            let s = pi.expire_older_than(100, uid, step).unwrap();
+            assert!(s.visited <= step);
+            visited += s.visited;
+            expired += s.expired;
+            from = s.next;
+            calls += 1;
+            assert!(calls <= 30, "a sweep ends");
+            if calls == 2 && step == 1 {
+                // young ids of a user already visited, and of one not yet
+                pi.append(0, p(3), 50).unwrap();
+                pi.append(74, p(3), 2_000).unwrap();
+            }
+        }
+        assert_eq!(visited, 26, "step {step}");
+        assert_eq!(expired, if step == 1 { 25 } else { 0 }, "step {step}");
+    }
+    for uid in 0..25u64 {
+        let want = match uid {
+            0 => vec![p(2), p(3)],
+            _ => vec![p(2)],
+        };
+        assert_eq!(
+            pi.read(uid * 3, START, 10).unwrap(),
+            want,
+            "uid {}",
+            uid * 3
+        );
+    }
+    assert_eq!(pi.read(74, START, 10).unwrap(), vec![p(3)]);
 }
 
 #[test]
@@ -942,8 +1016,11 @@ fn corrupt_values_are_errors_not_panics() {
     assert_eq!(pi.cursor(2, 7).unwrap(), None, "other users readable");
 
     pi.db.put(index_key(2, p(1)), [9u8]).unwrap();
-    assert!(corrupt(pi.expire_older_than(u64::MAX, 10).map(|_| ())));
-    let e = pi.expire_older_than(u64::MAX, 10).unwrap_err().to_string();
+    assert!(corrupt(pi.expire_older_than(u64::MAX, 0, 10).map(|_| ())));
+    let e = pi
+        .expire_older_than(u64::MAX, 0, 10)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("append time"), "{e}");
 }
 

@@ -104,6 +104,24 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// `text` without its terminal escape sequences (`ESC [ ... letter`).
+pub fn strip_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 /// A folder for one test's files and logs. Deleted when dropped, unless the test is
 /// panicking: then it is kept and its path printed, so the logs can be read.
 pub struct TestDir {
@@ -278,6 +296,11 @@ impl Proc {
         std::fs::read(&self.log_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()))
+    }
+
+    /// [`Proc::log`] without terminal colours, for matching what a line says.
+    pub fn plain_log(&self) -> String {
+        strip_colours(&self.log())
     }
 
     /// Starts the same command line again, killing the old process first if it still runs.

@@ -10,9 +10,10 @@
 //!   `POST /v1/users/messages/batch` requests of `PIXIU_BENCH_BATCH` (64; 0 skips the step)
 //!   messages, one after another: acknowledged messages per second and send-to-201 latency
 //!   of a request;
-//! - offered load: `PIXIU_BENCH_OFFERED` msg/s (10,000) for 5 s to those offline users, each
-//!   send on its own (open loop, not waiting for the one before): how many were acknowledged
-//!   per second and the send-to-201 latency;
+//! - offered load: `PIXIU_BENCH_OFFERED` msg/s (10,000) for `PIXIU_BENCH_OFFERED_SECS` (5) to
+//!   those offline users, each send on its own (open loop, not waiting for the one before):
+//!   how many were acknowledged per second and the send-to-201 latency, also per half second
+//!   of sending (a stall shows as a run of high ones);
 //! - latency: 200 receivers online (one device each, acking every message); at a steady rate,
 //!   send-to-delivery time p50/p99 (the publish instant is in the body; the receiving device
 //!   records when the `inbox` frame arrives); every 10th of those messages is sent with
@@ -27,7 +28,7 @@
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
 //! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_BATCH (64), PIXIU_BENCH_BATCH_PUBLISHERS (32),
 //! PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
-//! 0 skips that step), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step publishes with
+//! 0 skips that step), PIXIU_BENCH_OFFERED_SECS (5), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step publishes with
 //! the client library instead of lean connections).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -149,8 +150,9 @@ async fn bench(min_insync: &str, messages: u64, rate: u64, secs: u64, offered: u
     if batch > 0 {
         batch_throughput(&c, min_insync, messages, batch).await;
     }
+    let offered_secs = env_or("PIXIU_BENCH_OFFERED_SECS", 5).max(1);
     if offered > 0 {
-        offered_load(&c, min_insync, offered, 5).await;
+        offered_load(&c, min_insync, offered, offered_secs).await;
     }
 
     let start = Instant::now();
@@ -318,6 +320,7 @@ async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
     let conns = Arc::new(std::sync::Mutex::new(conns));
     let free = Arc::new(tokio::sync::Semaphore::new(OFFERED_CONNS));
     let total = rate * secs;
+    let started_unix_ms = pixiu_protocol::now_ms();
     let t0 = tokio::time::Instant::now();
     let mut sends = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -334,9 +337,15 @@ async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
     }
     let offered_for = t0.elapsed();
     let mut acks = Vec::new();
-    for s in sends {
+    // send-to-201 times by the half second in which they were sent, to tell a steady tail
+    // from a stall
+    let mut windows = vec![Vec::new(); (secs * 2) as usize];
+    for (i, s) in sends.into_iter().enumerate() {
         if let Some(took) = s.await.unwrap() {
             acks.push(took);
+            if let Some(w) = windows.get_mut(i * 2 / rate as usize) {
+                w.push(took);
+            }
         }
     }
     let all_done = t0.elapsed();
@@ -350,6 +359,18 @@ async fn offered_load(c: &Cluster, min_insync: &str, rate: u64, secs: u64) {
         percentile(&acks, 0.5).as_secs_f64() * 1000.0,
         percentile(&acks, 0.99).as_secs_f64() * 1000.0,
         acks.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+    let by_window: Vec<String> = windows
+        .iter_mut()
+        .map(|w| {
+            w.sort();
+            format!("{:.0}", percentile(w, 0.99).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    println!(
+        "min_insync={min_insync}: offered step began at unix {:.3} s; p99 ms per half second sent: {}",
+        started_unix_ms as f64 / 1000.0,
+        by_window.join(" "),
     );
 }
 

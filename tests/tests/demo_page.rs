@@ -85,21 +85,7 @@ impl Standalone {
         let log = self.proc.log();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        let mut plain = String::with_capacity(tail.len());
-        let mut chars = tail.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                // ESC [ ... letter
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                plain.push(c);
-            }
-        }
-        plain
+        pixiu_testkit::strip_colours(&tail)
     }
 }
 

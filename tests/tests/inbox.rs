@@ -1139,3 +1139,106 @@ async fn a_xiu_indexes_through_a_pi_that_does_not_know_pi_write() {
         "PiWrite was never tried"
     );
 }
+
+/// Pi retention over real processes: with `retention_ms` 3 s on the leader, the ids of 1,100
+/// offline users are expired by a sweep in two steps (one step visits 1,000 users, holding the
+/// index for that long only); the follower, which
+/// never sweeps (and is configured to keep ids for 7 days), drops them too, through the log,
+/// and once it leads, a user who comes online gets only a message sent after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pi_retention_expires_old_ids_in_steps_and_the_follower_follows() {
+    const USERS: u64 = 1_100;
+    const FIRST: u64 = 5_000;
+    let mut c = Cluster::start("inbox-pi-retention", 1, 1).await;
+    c.spawn_store("xiu0", "xiu", 0, &["--min-insync", "0"]);
+    c.wait_healthy("xiu0").await;
+    let short = c.config_file(
+        "pi-short",
+        "retention_ms = 3000\nmaintenance_interval_ms = 200\n",
+    );
+    let mut leader_args: Vec<&str> = short.iter().map(String::as_str).collect();
+    leader_args.extend(["--min-insync", "0"]);
+    c.spawn_store("pi0", "pi", 0, &leader_args);
+    c.wait_healthy("pi0").await;
+    c.spawn_store("pi1", "pi", 0, &["--min-insync", "0"]);
+    c.wait_healthy("pi1").await;
+    spawn_front(&mut c).await;
+
+    let publisher = c.publisher("proxy0");
+    let users: Vec<u64> = (FIRST..FIRST + USERS).collect();
+    for chunk in users.chunks(550) {
+        let items: Vec<_> = chunk.iter().map(|u| item(*u, "old", None)).collect();
+        let results = publisher.send_batch(&items).await.unwrap();
+        assert_eq!(stored_ids(&results).len(), chunk.len());
+    }
+    let metric = |stage: &str| format!("pixiu_messages_out_total{{role=\"pi\",stage=\"{stage}\"}}");
+    pixiu_tests::wait_metric_sum(
+        "the leader expired every user's id",
+        &[c.admin("pi0")],
+        &metric("retention_expired"),
+        USERS as f64,
+        Duration::from_secs(30),
+    )
+    .await;
+    // the first sweep that found old ids saw all 1,100 users holding ids: two steps
+    let log = c.node("pi0").proc.plain_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("expired entries past retention") && l.contains("steps=2")),
+        "no sweep in two steps:\n{log}"
+    );
+    // the follower applied every append and every expiry, then takes over
+    pixiu_tests::wait_metric_sum(
+        "the follower replicated the appends and the expiries",
+        &[c.admin("pi1")],
+        &metric("replicated"),
+        (2 * USERS) as f64,
+        Duration::from_secs(30),
+    )
+    .await;
+    c.node("pi0").proc.kill9();
+
+    let (transport, pi1, _inbound) = ask_node(&c, "pi1").await;
+    let ids_on_pi1 = |uid: u64| {
+        let transport = transport.clone();
+        async move {
+            let list = Message::PiList {
+                uid,
+                after: 0,
+                max: 10,
+            };
+            let answer = transport
+                .request(pi1, wire::encode(&list), Duration::from_secs(8))
+                .await
+                .map_err(|e| e.to_string())?;
+            match wire::decode(&answer) {
+                Ok(Message::PiIds { ids, .. }) => Ok(ids),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    assert_eventually("pi1 leads", Duration::from_secs(40), || async {
+        ids_on_pi1(FIRST).await.map(|_| ())
+    })
+    .await;
+    for &uid in &users {
+        match ids_on_pi1(uid).await {
+            Ok(ids) => assert!(ids.is_empty(), "uid {uid} still has {ids:?}"),
+            Err(e) => panic!("reading uid {uid} on pi1: {e}"),
+        }
+    }
+    let swept = pixiu_tests::metric(&c.admin("pi1"), &metric("retention_expired"))
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        swept, 0.0,
+        "pi1 keeps ids for 7 days: the expiries came through the log"
+    );
+
+    // online afterwards: only what was sent after the expiry arrives
+    let uid = FIRST + 7;
+    let mut dev = c.device("gw0", uid, "phone").await;
+    let fresh = publisher.send_user(uid, "fresh", 1, None).await.unwrap();
+    let got = collect_inbox(&mut dev, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![(fresh, "fresh".to_string())], "{}", c.logs());
+}
