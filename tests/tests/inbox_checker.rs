@@ -397,21 +397,28 @@ async fn run(name: &str, faults: &[Fault]) -> Report {
     for (uid, id, _) in &acked {
         want.entry(*uid).or_default().insert(*id);
     }
-    let missing = |logs: &HashMap<(u64, &'static str), DeviceLog>| -> usize {
-        let mut n = 0;
+    // per receiver and device, the acknowledged ids it has not had
+    let missing_ids = |logs: &HashMap<(u64, &'static str), DeviceLog>| {
+        let mut gone = Vec::new();
         for uid in FIRST_UID..FIRST_UID + RECEIVERS {
             for dev in DEVICES {
                 let got: BTreeSet<u64> = logs
                     .get(&(uid, dev))
                     .map(|l| l.frames.iter().map(|(id, _)| *id).collect())
                     .unwrap_or_default();
-                n += want
+                let ids: Vec<u64> = want
                     .get(&uid)
-                    .map(|w| w.difference(&got).count())
-                    .unwrap_or(0);
+                    .map(|w| w.difference(&got).copied().collect())
+                    .unwrap_or_default();
+                if !ids.is_empty() {
+                    gone.push((uid, dev, ids));
+                }
             }
         }
-        n
+        gone
+    };
+    let missing = |logs: &HashMap<(u64, &'static str), DeviceLog>| -> usize {
+        missing_ids(logs).iter().map(|(_, _, ids)| ids.len()).sum()
     };
     for _ in 0..1200 {
         if missing(&logs.lock().unwrap()) == 0 {
@@ -427,6 +434,14 @@ async fn run(name: &str, faults: &[Fault]) -> Report {
     // check
     let logs = std::mem::take(&mut *logs.lock().unwrap());
     let lost = missing(&logs);
+    // which ones, to look for in the nodes' logs printed below (ids as partition:kind:counter)
+    for (uid, dev, ids) in missing_ids(&logs) {
+        let ids: Vec<String> = ids
+            .iter()
+            .map(|id| pixiu_protocol::inbox::MsgId(*id).to_string())
+            .collect();
+        eprintln!("{name}: lost for uid {uid} ({dev}): {}", ids.join(" "));
+    }
     let mut body_of: HashMap<u64, String> = HashMap::new();
     let mut reused = 0;
     for (_, id, body) in &acked {
