@@ -27,9 +27,9 @@
 //! Run: `cargo build --release --workspace --bins && cargo bench -p pixiu-tests --bench inbox`
 //! Knobs (env): PIXIU_BENCH_MESSAGES (5000), PIXIU_BENCH_RATE (500/s), PIXIU_BENCH_STEADY_SECS (10),
 //! PIXIU_BENCH_PUBLISHERS (32), PIXIU_BENCH_BATCH (64), PIXIU_BENCH_BATCH_PUBLISHERS (32),
-//! PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000;
-//! 0 skips that step), PIXIU_BENCH_OFFERED_SECS (5), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step publishes with
-//! the client library instead of lean connections).
+//! PIXIU_BENCH_MIN_INSYNC (`0,1`), PIXIU_BENCH_OFFERED (10000; 0 skips that step),
+//! PIXIU_BENCH_OFFERED_SECS (5), PIXIU_BENCH_GENERATOR (`reqwest`: the throughput step
+//! publishes with the client library instead of lean connections).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pixiu_protocol::client::ServerFrame;
