@@ -10,7 +10,8 @@
 //! - [`PiIndex::set_cursor`] records what one device of a user acknowledged, and drops what
 //!   every known device of the user acknowledged; [`PiIndex::forget_device`] removes a device
 //!   (see "Devices and cursors" below).
-//! - [`PiIndex::expire_older_than`] is the retention sweep (see "Retention" below).
+//! - [`PiIndex::expire_older_than`] is one bounded step of the retention sweep (see
+//!   "Retention" below).
 //! - Every change is one [`LogEntry`] with a [`LogId`], written in the same `WriteBatch` as the
 //!   index change. LogIds strictly increase across restarts by construction: the last one is
 //!   recorded in each batch, and [`PiIndex::open`] resumes from the larger of that record and
