@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 impl PiIndex {
     /// Merges the entries and cursors of one chunk of the parent's snapshot whose users
     /// satisfy `owns`: ids are appended with their append times (ids already here are left),
-    /// cursors only move forward. Returns how many changes were made.
+    /// cursors only move forward, each user's lowest first (so no id a device has not
+    /// acknowledged is dropped). Returns how many changes were made.
     pub fn adopt_chunk(
         &mut self,
         chunk: &SnapshotChunk,
@@ -25,8 +26,19 @@ impl PiIndex {
         for (ts, items) in by_ts {
             changes += self.append_many(&items, ts)?.iter().flatten().count();
         }
-        for (uid, device, cursor) in chunk.cursors.iter().filter(|c| owns(c.0)) {
-            changes += usize::from(self.set_cursor(*uid, *device, *cursor)?.1.is_some());
+        // Each cursor change drops the user's ids up to the smallest cursor of the devices
+        // known here at that moment. In device order, a device ahead of another not yet
+        // adopted would drop the ids the one behind still has to get; lowest first, every
+        // change keeps what the devices not yet adopted have not acknowledged.
+        let mut cursors: Vec<(u64, u64, MsgId)> = chunk
+            .cursors
+            .iter()
+            .filter(|c| owns(c.0))
+            .copied()
+            .collect();
+        cursors.sort_unstable_by_key(|&(uid, device, cursor)| (uid, cursor, device));
+        for (uid, device, cursor) in cursors {
+            changes += usize::from(self.set_cursor(uid, device, cursor)?.1.is_some());
         }
         Ok(changes)
     }

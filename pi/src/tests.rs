@@ -1095,6 +1095,68 @@ fn a_child_adopts_its_users_and_the_parent_drops_them() {
     );
 }
 
+/// A user's devices at different cursors: the child must keep every id above the smallest
+/// one, whichever device comes first in the snapshot. (Adopting the cursors in device order
+/// once set the first device's cursor while the other was still unknown here, which dropped
+/// the ids between the two: the device behind never got them from the child.)
+#[test]
+fn a_child_keeps_the_ids_a_device_behind_the_others_has_not_acknowledged() {
+    let (pdir, cdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut parent = PiIndex::open(pdir.path(), opts()).unwrap();
+    let everyone = |_: u64| true;
+    for c in 1..=10 {
+        parent.append(1, p(c), TS).unwrap();
+        parent.append(2, p(c), TS).unwrap();
+    }
+    // both devices known (a read registers a device at 0), then user 1's device that sorts
+    // first moves ahead; user 2's that sorts last
+    for (uid, device) in [(1, 100), (1, 200), (2, 100), (2, 200)] {
+        parent.set_cursor(uid, device, p(0)).unwrap();
+    }
+    parent.set_cursor(1, 100, p(8)).unwrap();
+    parent.set_cursor(1, 200, p(3)).unwrap();
+    parent.set_cursor(2, 100, p(3)).unwrap();
+    parent.set_cursor(2, 200, p(8)).unwrap();
+    let want: Vec<MsgId> = (4..=10).map(p).collect();
+    assert_eq!(parent.read(1, START, 100).unwrap(), want);
+    assert_eq!(parent.read(2, START, 100).unwrap(), want);
+    for size in [1, 3, 100] {
+        let cdir = tempfile::tempdir().unwrap();
+        let mut child = PiIndex::open(cdir.path(), opts()).unwrap();
+        for chunk in parent.snapshot().unwrap().chunks(size) {
+            child.adopt_chunk(&chunk, everyone).unwrap();
+        }
+        for uid in [1, 2] {
+            assert_eq!(
+                child.read(uid, START, 100).unwrap(),
+                want,
+                "user {uid}, chunks of {size}"
+            );
+            assert_eq!(child.devices(uid).unwrap().len(), 2);
+        }
+        // its followers replay the same
+        let fdir = tempfile::tempdir().unwrap();
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        follower
+            .apply_log(&child.log_after(LogId(0), 1000).unwrap())
+            .unwrap();
+        assert_eq!(follower.read(1, START, 100).unwrap(), want);
+    }
+    // merged into a child that already knows one device further back, and one ahead
+    let mut child = PiIndex::open(cdir.path(), opts()).unwrap();
+    for c in 1..=10 {
+        child.append(1, p(c), TS).unwrap();
+    }
+    child.set_cursor(1, 100, p(1)).unwrap();
+    child.set_cursor(1, 300, p(9)).unwrap();
+    for chunk in parent.snapshot().unwrap().chunks(4) {
+        child.adopt_chunk(&chunk, everyone).unwrap();
+    }
+    assert_eq!(child.read(1, START, 100).unwrap(), want);
+    assert_eq!(child.cursor(1, 100).unwrap(), Some(p(8)));
+    assert_eq!(child.cursor(1, 200).unwrap(), Some(p(3)));
+}
+
 #[test]
 fn a_cursor_change_drops_the_ids_between_the_old_and_new_smallest_cursor() {
     let dir = tempfile::tempdir().unwrap();

@@ -1242,3 +1242,105 @@ async fn pi_retention_expires_old_ids_in_steps_and_the_follower_follows() {
     let got = collect_inbox(&mut dev, 1, Duration::from_secs(10)).await;
     assert_eq!(got, vec![(fresh, "fresh".to_string())], "{}", c.logs());
 }
+
+/// A Pi doubling while one device of a user is ahead of the other (it acknowledged messages
+/// that the other, offline, has not had): the new partition copies the user's ids and both
+/// cursors from its parent's snapshot and must keep every id the device behind has not
+/// acknowledged. It once adopted the cursors device by device, so the cursor of the device
+/// that sorts first dropped the ids up to it while the other was still unknown there; the
+/// device behind then never got them (the checker saw it as an acknowledged message lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_behind_the_others_gets_its_messages_from_the_new_pi_partition() {
+    use pixiu_protocol::inbox::device_key;
+    let mut c = inbox_cluster("inbox-pi-behind", 1, 1, &["--min-insync", "0"]).await;
+    // the device ahead is the one that sorts first in Pi (cursor keys are by device key)
+    let (ahead, behind) = match device_key("phone") < device_key("laptop") {
+        true => ("phone", "laptop"),
+        false => ("laptop", "phone"),
+    };
+    let uid = 5; // odd: moves to pi partition 1 of 2
+    let publisher = c.publisher("proxy0");
+    let mut first = c.device("gw0", uid, ahead).await;
+    let mut second = c.device("gw0", uid, behind).await;
+    // both devices known to Pi: both get m0
+    publisher.send_user(uid, "m0", 1, None).await.unwrap();
+    assert_eq!(
+        collect_inbox(&mut first, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        collect_inbox(&mut second, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    second.close().await;
+    let mut sent = Vec::new();
+    for k in 1..=5 {
+        let body = format!("m{k}");
+        sent.push((
+            publisher.send_user(uid, &body, 1, None).await.unwrap(),
+            body,
+        ));
+    }
+    assert_eq!(
+        collect_inbox(&mut first, 5, Duration::from_secs(10)).await,
+        sent
+    );
+    // the parent holds the cursor of the device ahead at the last id (the one behind is at m0)
+    let last = sent.last().map(|(id, _)| *id).unwrap();
+    let (transport, addr, _inbound) = ask_node(&c, "pi0").await;
+    assert_eventually(
+        "the device ahead's cursor in pi",
+        Duration::from_secs(10),
+        || {
+            let transport = transport.clone();
+            let read = Message::PiRead {
+                uid,
+                device: device_key(ahead),
+                after: Some(u64::MAX),
+                max: 1,
+            };
+            async move {
+                let answer = transport
+                    .request(addr, wire::encode(&read), Duration::from_secs(5))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match wire::decode(&answer) {
+                    Ok(Message::PiIds { cursor, .. }) if cursor == last => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    // the new partition copies its users from the parent; the flip
+    c.spawn_store("pi-p1", "pi", 1, &["--min-insync", "0"]);
+    c.wait_healthy("pi-p1").await;
+    let out = c.ctl(&["scale-out", "pi", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    // the device behind comes back: the new partition serves it everything after m0
+    let mut second = c.device("gw0", uid, behind).await;
+    let got = collect_inbox(&mut second, 5, Duration::from_secs(15)).await;
+    assert_eq!(
+        got,
+        sent,
+        "the device behind, after the doubling\n{}",
+        c.logs()
+    );
+    let reads = metric(
+        &c.admin("pi-p1"),
+        r#"pixiu_messages_in_total{role="pi",stage="read"}"#,
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(reads > 0.0, "the new partition served the reads");
+}

@@ -38,6 +38,18 @@ enum Fault {
     Double(&'static str),
     /// The same, with a kill -9 of the leader of partition 0 just after the flip.
     DoubleKillingParent(&'static str),
+    /// The same, with a kill -9 of the leader of partition 0 before the flip, while its child
+    /// copies its users (Pi: the child must copy the new leader's snapshot again, whose log
+    /// positions past what it replicated name other changes than the dead leader's).
+    DoubleKillingParentBeforeFlip(&'static str),
+}
+
+/// When [`double`] kills the leader of partition 0.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    Never,
+    BeforeFlip,
+    AfterFlip,
 }
 
 #[derive(Default, Debug)]
@@ -131,8 +143,9 @@ async fn inject(c: &Arc<tokio::sync::Mutex<Cluster>>, fault: Fault) {
         }
         Fault::Broker => kill_and_restart(c, "broker0", false).await,
         Fault::Gateway => kill_and_restart(c, "gw0", false).await,
-        Fault::Double(role) => double(c, role, false).await,
-        Fault::DoubleKillingParent(role) => double(c, role, true).await,
+        Fault::Double(role) => double(c, role, Kill::Never).await,
+        Fault::DoubleKillingParent(role) => double(c, role, Kill::AfterFlip).await,
+        Fault::DoubleKillingParentBeforeFlip(role) => double(c, role, Kill::BeforeFlip).await,
         Fault::RestartEveryRole => {
             for name in [
                 "xiu0", "pi0", "router0", "broker1", "gw1", "proxy0", "xiu1", "pi1",
@@ -144,7 +157,7 @@ async fn inject(c: &Arc<tokio::sync::Mutex<Cluster>>, fault: Fault) {
 }
 
 /// Double `role` (xiu or pi) under the load of the run.
-async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_parent: bool) {
+async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill: Kill) {
     let mut g = c.lock().await;
     let n = g.status()["partition_num"][role].as_u64().unwrap() as u32;
     let dropped = r#"pixiu_messages_out_total{role="pi",stage="users_dropped"}"#;
@@ -167,9 +180,38 @@ async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_p
     for (_, name) in &names {
         g.wait_healthy(name).await;
     }
+    if kill == Kill::BeforeFlip {
+        let parent = leader(&g, role);
+        let children: Vec<String> = names
+            .iter()
+            .filter(|(p, _)| *p == n)
+            .map(|(_, name)| name.clone())
+            .collect();
+        drop(g);
+        kill_and_restart(c, &parent, false).await;
+        g = c.lock().await;
+        if role == "pi" {
+            // the child of partition 0 notices its parent's new leader and copies it again
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let recopied = "the parent's leader changed: copying its snapshot again";
+            while !children
+                .iter()
+                .any(|name| g.node(name).proc.plain_log().contains(recopied))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no child of pi partition 0 copied the new parent leader's snapshot\n{}",
+                    g.logs()
+                );
+                drop(g);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                g = c.lock().await;
+            }
+        }
+    }
     eprintln!("fault: scale-out {role} from {n} to {}", 2 * n);
     let tool = g.ctl_spawn(&["scale-out", role, "--timeout", "60"]);
-    if kill_parent {
+    if kill == Kill::AfterFlip {
         let flipped = async {
             while g.status()["partition_num"][role].as_u64() != Some(u64::from(2 * n)) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -205,7 +247,7 @@ async fn double(c: &Arc<tokio::sync::Mutex<Cluster>>, role: &'static str, kill_p
         let what = format!("{role} partition {p} {stage} messages");
         pixiu_tests::wait_metric_sum(&what, &admins, &query, 1.0, Duration::from_secs(30)).await;
     }
-    if role == "pi" && !kill_parent {
+    if role == "pi" && kill == Kill::Never {
         // the parents drop the users they no longer own once the doubling is recorded done
         // (not checked after a kill: the killed leader may have dropped them, and its
         // counter died with it)
@@ -553,6 +595,7 @@ async fn checker_doubles_while_the_parent_leader_dies() {
             &[
                 Fault::DoubleKillingParent("xiu"),
                 Fault::DoubleKillingParent("pi"),
+                Fault::DoubleKillingParentBeforeFlip("pi"),
             ],
         )
         .await,

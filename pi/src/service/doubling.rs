@@ -52,19 +52,40 @@ pub(super) async fn adopt(
 ) -> Adopted {
     let me = node.cfg.partition;
     let owns = move |uid: u64| owns_user(uid, me, to);
-    // the parent's LogId this copy holds its users up to (None: copy the snapshot first)
+    // the parent's LogId this copy holds its users up to (None: copy the snapshot first),
+    // and the parent leader (registry id) whose log that LogId is a position in
     let mut at: Option<u64> = None;
+    let mut copied_from: Option<u64> = None;
     loop {
         if shutdown.is_cancelled() || place(&node.pis.borrow(), me, node.me()) != Place::Leader {
             return Adopted::Stopped;
         }
-        let Some(leader) = node.pis.borrow().leader_addr(parent) else {
+        let parent_leader = node
+            .pis
+            .borrow()
+            .leader(parent)
+            .and_then(|m| Some((m.id, m.addr()?)));
+        let Some((leader_id, leader)) = parent_leader else {
             tracing::debug!(parent, "the parent partition has no leader");
             if !rest(shutdown, None, Duration::from_millis(200)).await {
                 return Adopted::Stopped;
             }
             continue;
         };
+        if at.is_some() && copied_from != Some(leader_id) {
+            // A new parent leader's log agrees with the old one's only up to what it had
+            // replicated; past that the same LogIds name other changes (the old leader's
+            // unreplicated tail is gone, the new one writes its own). Following it from a
+            // position in the old log could skip its changes for these users: copy its
+            // snapshot again and merge, as a follower does when its leader changes.
+            tracing::warn!(
+                parent,
+                leader = leader_id,
+                "the parent's leader changed: copying its snapshot again"
+            );
+            at = None;
+        }
+        copied_from = Some(leader_id);
         let step = match at {
             None => copy_snapshot(node, leader, owns).await.map(|upto| {
                 at = Some(upto);
