@@ -857,6 +857,12 @@ async fn serve_pull(
     }
 }
 
+/// A snapshot of the index, read with the index lock held only while its view is taken.
+async fn take_snapshot(node: &Arc<Node>) -> Result<Snapshot, PiError> {
+    let node = node.clone();
+    pixiu_storage::blocking(move || PiIndex::snapshot_released(node.index())).await?
+}
+
 async fn serve_snapshot(node: &Arc<Node>, upto: Option<u64>, after: Option<(u64, u64)>) -> Message {
     if !node.leading() {
         return unavailable("not the leader of this pi partition");
@@ -868,7 +874,7 @@ async fn serve_snapshot(node: &Arc<Node>, upto: Option<u64>, after: Option<(u64,
         .clone();
     let snap = match (cached, upto) {
         (Some(s), Some(u)) if s.upto().0 == u => s,
-        _ => match with_index(node, |_, idx| idx.snapshot()).await {
+        _ => match take_snapshot(node).await {
             Ok(s) => {
                 let s = Arc::new(s);
                 *node.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = Some(s.clone());

@@ -16,26 +16,24 @@ impl PiIndex {
     pub fn snapshot(&self) -> Result<Snapshot, PiError> {
         self.check_usable()?;
         // Writes take `&mut self`, so `last_log` is the LogId of the view read below.
-        let upto = self.last_log;
-        let snap = self.db.snapshot();
-        let mut entries = Vec::new();
-        for item in snap.scan_prefix(&[INDEX_PREFIX]) {
-            let (k, v) = item?;
-            let (uid, id) = entry_of_index_key(&k).ok_or_else(|| corrupt_key("index key", &k))?;
-            entries.push((uid, id, decode_ts(uid, id, &v)?));
-        }
-        let mut cursors = Vec::new();
-        for item in snap.scan_prefix(&[CURSOR_PREFIX]) {
-            let (k, v) = item?;
-            let (uid, device) =
-                device_of_cursor_key(&k).ok_or_else(|| corrupt_key("cursor key", &k))?;
-            cursors.push((uid, device, decode_cursor(uid, device, &v)?));
-        }
-        Ok(Snapshot {
-            upto,
-            entries,
-            cursors,
-        })
+        read_snapshot(self.last_log, &self.db.snapshot())
+    }
+
+    /// The same copy as [`PiIndex::snapshot`], holding `index` (the guard of the lock the
+    /// index lives under) only while the view is taken, not while every entry is read: at a
+    /// million entries the read takes about 0.1 s, which every append and read of the
+    /// partition used to wait out whenever a follower or a new partition copied a snapshot.
+    pub fn snapshot_released<G>(index: G) -> Result<Snapshot, PiError>
+    where
+        G: std::ops::Deref<Target = PiIndex>,
+    {
+        index.check_usable()?;
+        // as in `snapshot`: no write can come between these two lines while `index` is held
+        let upto = index.last_log;
+        let reader = index.db.reader();
+        let view = reader.snapshot();
+        drop(index);
+        read_snapshot(upto, &view)
     }
 
     /// Starts replacing this index with a leader's snapshot at `upto`: writes the
@@ -121,6 +119,28 @@ impl PiIndex {
         tracing::info!(partition = self.partition, %upto, "pi restore finished");
         Ok(upto)
     }
+}
+
+/// Every index entry and cursor seen through `view`, which shows the index as of `upto`.
+fn read_snapshot(upto: LogId, view: &pixiu_storage::Snapshot<'_>) -> Result<Snapshot, PiError> {
+    let mut entries = Vec::new();
+    for item in view.scan_prefix(&[INDEX_PREFIX]) {
+        let (k, v) = item?;
+        let (uid, id) = entry_of_index_key(&k).ok_or_else(|| corrupt_key("index key", &k))?;
+        entries.push((uid, id, decode_ts(uid, id, &v)?));
+    }
+    let mut cursors = Vec::new();
+    for item in view.scan_prefix(&[CURSOR_PREFIX]) {
+        let (k, v) = item?;
+        let (uid, device) =
+            device_of_cursor_key(&k).ok_or_else(|| corrupt_key("cursor key", &k))?;
+        cursors.push((uid, device, decode_cursor(uid, device, &v)?));
+    }
+    Ok(Snapshot {
+        upto,
+        entries,
+        cursors,
+    })
 }
 
 /// A consistent copy of an index ([`PiIndex::snapshot`]): every `(uid, MsgId, append time)`

@@ -288,6 +288,82 @@ fn all_reads(pi: &PiIndex) -> Vec<Vec<MsgId>> {
         .collect()
 }
 
+/// A snapshot read after the index lock is released (`snapshot_released`): appends go on
+/// while it is read, and the copy is still exactly the index at its LogId (a follower
+/// restored from it and fed the log after it ends equal to the leader).
+#[test]
+fn a_snapshot_is_read_outside_the_lock_and_is_exact_at_its_log_id() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::{Arc, Mutex};
+    let ldir = tempfile::tempdir().unwrap();
+    let leader = PiIndex::open(ldir.path(), opts()).unwrap();
+    let leader = Arc::new(Mutex::new(leader));
+    {
+        let mut l = leader.lock().unwrap();
+        for chunk in 0..50u64 {
+            let items: Vec<(u64, MsgId)> = (0..1_000)
+                .map(|k| (k % 97, p(chunk * 1_000 + k + 1)))
+                .collect();
+            l.append_many(&items, TS).unwrap();
+        }
+        l.set_cursor(3, 7, p(0)).unwrap();
+    }
+    // a writer appends (and moves a cursor) as fast as the lock lets it
+    let (appended, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let writer = {
+        let (leader, appended, stop) = (leader.clone(), appended.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = 1_000_000;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && c < 1_200_000 {
+                c += 1;
+                let mut l = leader.lock().unwrap();
+                l.append(c % 97, p(c), TS + 1).unwrap();
+                if c % 10 == 0 {
+                    l.set_cursor(3, 7, p(c - 5)).unwrap();
+                }
+                // counted under the lock: nothing is counted while a reader holds it
+                appended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(l);
+            }
+        })
+    };
+    let mut during = Vec::new();
+    let mut snaps = Vec::new();
+    for _ in 0..3 {
+        let guard = leader.lock().unwrap();
+        let before = appended.load(std::sync::atomic::Ordering::SeqCst);
+        let snap = PiIndex::snapshot_released(guard).unwrap();
+        during.push(appended.load(std::sync::atomic::Ordering::SeqCst) - before);
+        snaps.push(snap);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(
+        during.iter().any(|n| *n > 0),
+        "appends went on while snapshots were read: {during:?}"
+    );
+    let leader = leader.lock().unwrap();
+    for snap in snaps {
+        let fdir = tempfile::tempdir().unwrap();
+        let mut follower = PiIndex::open(fdir.path(), opts()).unwrap();
+        follower.restore_begin(snap.upto()).unwrap();
+        for chunk in snap.chunks(10_000) {
+            follower.restore_chunk(&chunk).unwrap();
+        }
+        follower.restore_finish().unwrap();
+        let mut at = follower.last_log_id();
+        while at < leader.last_log_id() {
+            let log = leader.log_after(at, 5_000).unwrap();
+            follower.apply_log(&log).unwrap();
+            at = follower.last_log_id();
+        }
+        assert_eq!(state(&follower), state(&leader));
+    }
+}
+
 #[test]
 fn follower_restores_from_chunks_then_follows_the_log() {
     let ldir = tempfile::tempdir().unwrap();

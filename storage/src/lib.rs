@@ -7,6 +7,7 @@
 //! [`blocking`], which runs them on tokio's blocking pool instead of an async worker.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use rocksdb::WriteBatch;
 
@@ -65,7 +66,7 @@ pub type Entry = (Box<[u8]>, Box<[u8]>);
 
 /// An open database.
 pub struct Db {
-    db: rocksdb::DB,
+    db: Arc<rocksdb::DB>,
     durability: Durability,
     path: PathBuf,
 }
@@ -89,7 +90,7 @@ impl Db {
             source,
         })?;
         Ok(Db {
-            db,
+            db: Arc::new(db),
             durability: options.durability,
             path: path.to_path_buf(),
         })
@@ -181,6 +182,29 @@ impl Db {
     }
 
     /// A consistent view: scans through it see the database as it was when it was taken.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            snap: self.db.snapshot(),
+        }
+    }
+
+    /// A handle that takes snapshots of this database without borrowing the `Db`, so that
+    /// whoever guards the `Db` (a lock) need only hold it while a view is taken, not while
+    /// it is read. Keep it briefly: the database stays open while a handle lives.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            db: self.db.clone(),
+        }
+    }
+}
+
+/// See [`Db::reader`].
+pub struct Reader {
+    db: Arc<rocksdb::DB>,
+}
+
+impl Reader {
+    /// The same as [`Db::snapshot`].
     pub fn snapshot(&self) -> Snapshot<'_> {
         Snapshot {
             snap: self.db.snapshot(),
