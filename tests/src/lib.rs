@@ -341,6 +341,20 @@ impl Cluster {
             .expect("running pixiu-ctl")
     }
 
+    /// [`Cluster::ctl`], failing the test (with the tool's stderr and the cluster's logs) unless
+    /// the tool exited 0.
+    pub fn ctl_ok(&self, args: &[&str]) -> std::process::Output {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "pixiu-ctl {}: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        out
+    }
+
     /// `pixiu-ctl ARGS --zk .. --cluster test` started in the background (stderr piped), for
     /// a test that acts while the tool waits.
     pub fn ctl_spawn(&self, args: &[&str]) -> std::process::Child {

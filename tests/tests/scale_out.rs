@@ -299,13 +299,7 @@ async fn a_new_partition_that_cannot_load_times_out_and_changes_nothing() {
     }
 
     // with the parent back, the child loads and a rerun doubles
-    let out = c.ctl(&["scale-out", "router", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
+    c.ctl_ok(&["scale-out", "router", "--timeout", "60"]);
     assert_eq!(partition_num(&c, "router"), 2);
 }
 
@@ -437,13 +431,7 @@ async fn inbox_devices_move_to_their_new_broker_losing_nothing() {
 
     c.spawn_broker_with("broker-1", 1, &broker);
     c.wait_healthy("broker-1").await;
-    let out = c.ctl(&["scale-out", "broker", "--timeout", "60"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
+    c.ctl_ok(&["scale-out", "broker", "--timeout", "60"]);
     // the odd users' devices now live on broker 1, the even ones' on broker 0
     for node in ["broker-0", "broker-1"] {
         wait_queue(&c, node, "inbox_devices", 4.0).await;
